@@ -1,0 +1,365 @@
+"""RabbitMQ on pika: connections, topology, retry/dead-letter, reconnecting consumer.
+
+Reconnect discipline follows pika's asynchronous-consumer example, on a
+``BlockingConnection`` (one connection per consumer thread): any connection
+or channel loss ends the session, the loop waits a capped exponential
+backoff with jitter and starts over, re-declaring its topology. Nothing is
+acked before its effect is durable, so a lost connection means the broker
+redelivers the message in hand.
+
+What the daemons publish (retries, dead letters, announcements) goes out on
+a channel in confirm mode, so a publish that returns was accepted by the
+broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+
+from .config import AmqpConfig
+from .errors import Permanent, PublisherError
+from .logs import redact
+
+log = logging.getLogger(__name__)
+
+#: Errors that mean "the connection or channel is gone": reconnect.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.AMQPChannelError,
+    pika.exceptions.StreamLostError,
+    pika.exceptions.ConnectionClosedByBroker,
+    ConnectionError,
+    OSError,
+)
+
+ATTEMPTS_HEADER = "x-attempts"
+
+
+def connection_parameters(cfg: AmqpConfig, name: str) -> pika.ConnectionParameters:
+    """Connection parameters with TLS (CA verification on by default) and heartbeats."""
+    password = cfg.password.get() if cfg.password else ""
+    ssl_options = None
+    if cfg.tls:
+        ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+        if cfg.cert_file:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+        if not cfg.verify:
+            log.warning("AMQP TLS certificate verification is DISABLED (amqp.verify: false)")
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ssl_options = pika.SSLOptions(ctx, server_hostname=cfg.host)
+    return pika.ConnectionParameters(
+        host=cfg.host,
+        port=cfg.port,
+        virtual_host=cfg.vhost,
+        credentials=pika.PlainCredentials(cfg.user, password),
+        heartbeat=cfg.heartbeat,
+        connection_attempts=cfg.connection_attempts,
+        retry_delay=1,
+        socket_timeout=cfg.socket_timeout,
+        blocked_connection_timeout=max(30.0, cfg.socket_timeout * 3),
+        ssl_options=ssl_options,
+        client_properties={"connection_name": name},
+    )
+
+
+def connect(cfg: AmqpConfig, name: str) -> pika.BlockingConnection:
+    """Open one blocking connection (raises a CONNECTION_ERRORS member on failure)."""
+    return pika.BlockingConnection(connection_parameters(cfg, name))
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial, self.maximum = initial, maximum
+        self.failures = 0
+
+    def next(self) -> float:
+        """Delay before the next attempt; grows with each call."""
+        self.failures += 1
+        cap = min(self.maximum, self.initial * 2 ** (self.failures - 1))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+# --------------------------------------------------------------------- topology
+
+
+def declare_common(ch: BlockingChannel, cfg: AmqpConfig) -> None:
+    """Exchanges and the dead-letter queue every daemon relies on (idempotent)."""
+    ch.exchange_declare(cfg.notification_exchange, exchange_type="topic", durable=True)
+    ch.exchange_declare(cfg.control_exchange, exchange_type="topic", durable=True)
+    ch.exchange_declare(cfg.dead_letter_exchange, exchange_type="topic", durable=True)
+    ch.queue_declare(cfg.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    ch.queue_bind(cfg.dead_letter_queue, cfg.dead_letter_exchange, routing_key="#")
+
+
+def work_queue_arguments(cfg: AmqpConfig, queue: str, single_active: bool) -> dict[str, Any]:
+    """Arguments of a durable quorum work queue with poison-message protection."""
+    args: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": cfg.delivery_limit,
+        "x-dead-letter-exchange": cfg.dead_letter_exchange,
+        "x-dead-letter-routing-key": queue,
+    }
+    if single_active:
+        args["x-single-active-consumer"] = True
+    return args
+
+
+def queue_exists(conn: pika.BlockingConnection, queue: str) -> bool:
+    """Passive declare on a throw-away channel (a 404 closes the channel)."""
+    ch = conn.channel()
+    try:
+        ch.queue_declare(queue, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return False
+        raise
+    finally:
+        if ch.is_open:
+            ch.close()
+
+
+def retry_queue_name(queue: str, delay: int) -> str:
+    return f"{queue}.retry.{delay}s"
+
+
+def declare_retry_queues(ch: BlockingChannel, cfg: AmqpConfig, queue: str) -> None:
+    """One delay queue per backoff step: messages expire back into ``queue``.
+
+    Fixed-TTL queues keep FIFO order, so per-message expiry never blocks
+    behind a longer delay; the retried message does not block the messages
+    behind it in the work queue either.
+    """
+    for delay in cfg.retry_delays:
+        ch.queue_declare(
+            retry_queue_name(queue, delay),
+            durable=True,
+            arguments={
+                "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue,
+            },
+        )
+
+
+def delete_retry_queues(ch: BlockingChannel, cfg: AmqpConfig, queue: str) -> None:
+    for delay in cfg.retry_delays:
+        ch.queue_delete(retry_queue_name(queue, delay))
+
+
+# --------------------------------------------------------------------- deliveries
+
+
+@dataclass
+class Delivery:
+    """One received message and what the handler needs to know about it."""
+
+    queue: str
+    method: Basic.Deliver
+    properties: BasicProperties
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attempts(self) -> int:
+        """How many times it failed before (our header) or was redelivered (quorum)."""
+        ours = int(self.headers.get(ATTEMPTS_HEADER, 0) or 0)
+        redelivered = int(self.headers.get("x-delivery-count", 0) or 0)
+        return max(ours, redelivered)
+
+
+def publish_confirmed(ch: BlockingChannel, exchange: str, routing_key: str, body: bytes,
+                      headers: dict[str, Any] | None = None,
+                      content_type: str = "application/octet-stream") -> None:
+    """Publish a persistent message on a confirm-mode channel; raises on nack."""
+    ch.basic_publish(
+        exchange=exchange,
+        routing_key=routing_key,
+        body=body,
+        properties=BasicProperties(delivery_mode=2, headers=headers or None,
+                                   content_type=content_type),
+        mandatory=True,
+    )
+
+
+def dead_letter(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, reason: str,
+                repository: str = "", daemon: str = "") -> None:
+    """Copy the message to the dead-letter exchange with the reason in headers."""
+    headers = dict(d.headers)
+    headers.update({
+        "x-original-queue": d.queue,
+        "x-error": redact(reason)[:1000],
+        "x-repository": repository,
+        "x-failed-at": int(time.time()),
+        "x-daemon": daemon,
+        ATTEMPTS_HEADER: d.attempts + 1,
+    })
+    publish_confirmed(ch, cfg.dead_letter_exchange, d.queue, d.body, headers,
+                      d.properties.content_type or "application/octet-stream")
+
+
+def retry_later(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, reason: str) -> int:
+    """Send the message to the delay queue of its next attempt; returns the delay."""
+    attempt = d.attempts + 1
+    delay = cfg.retry_delays[min(attempt, len(cfg.retry_delays)) - 1]
+    headers = dict(d.headers)
+    headers.update({ATTEMPTS_HEADER: attempt, "x-last-error": redact(reason)[:1000]})
+    headers.pop("x-delivery-count", None)
+    publish_confirmed(ch, "", retry_queue_name(d.queue, delay), d.body, headers,
+                      d.properties.content_type or "application/octet-stream")
+    return delay
+
+
+Handler = Callable[[Delivery], None]
+
+
+def settle(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, handler: Handler,
+           max_attempts: int, daemon: str, on_dead_letter: Callable[[str], None] | None = None
+           ) -> str:
+    """Run ``handler`` and settle the delivery; returns ``ok``/``retry``/``dead``.
+
+    Ack only after success, or after the retry / dead-letter copy was
+    confirmed by the broker. Connection errors propagate (no ack: the
+    broker redelivers).
+    """
+    try:
+        handler(d)
+    except CONNECTION_ERRORS:
+        raise
+    except Permanent as exc:
+        _reject(ch, cfg, d, exc, daemon, on_dead_letter, "rejected")
+        return "dead"
+    except Exception as exc:
+        if not isinstance(exc, PublisherError):
+            log.exception("queue=%s unexpected error, will retry: %s", d.queue, exc)
+        if d.attempts + 1 >= max_attempts:
+            _reject(ch, cfg, d, exc, daemon, on_dead_letter,
+                    f"gave up after {d.attempts + 1} attempts")
+            return "dead"
+        delay = retry_later(ch, cfg, d, str(exc))
+        repo = getattr(exc, "repository", "") or "-"
+        log.warning("repository=%s queue=%s outcome=retry in=%ss attempt=%d reason=%s",
+                    repo, d.queue, delay, d.attempts + 1, exc)
+        ch.basic_ack(d.method.delivery_tag)
+        return "retry"
+    ch.basic_ack(d.method.delivery_tag)
+    return "ok"
+
+
+def _reject(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, exc: Exception, daemon: str,
+            on_dead_letter: Callable[[str], None] | None, what: str) -> None:
+    repo = getattr(exc, "repository", "") or "-"
+    dead_letter(ch, cfg, d, str(exc), repo if repo != "-" else "", daemon)
+    log.error("repository=%s queue=%s outcome=dead-lettered (%s) reason=%s; "
+              "inspect with 'cvmfs-publisher dlq list', fix, then 'cvmfs-publisher dlq replay'",
+              repo, d.queue, what, exc)
+    ch.basic_ack(d.method.delivery_tag)
+    if on_dead_letter:
+        on_dead_letter(repo)
+
+
+# --------------------------------------------------------------------- consumer loop
+
+
+class StopRequested(Exception):
+    """Raised inside the loop when SIGTERM/SIGINT asked us to stop."""
+
+
+class ReconnectingConsumer:
+    """Run ``session(connection)`` forever, reconnecting after any connection loss.
+
+    ``session`` declares its topology, starts consuming and returns; the
+    loop then drives I/O with ``process_data_events`` and calls ``tick``
+    between events (timers, status). ``stop()`` (or SIGTERM/SIGINT after
+    :meth:`install_signal_handlers`) lets the message in hand finish, then
+    closes the connection: unacked messages go back to the queue.
+    """
+
+    def __init__(self, cfg: AmqpConfig, name: str,
+                 session: Callable[[pika.BlockingConnection], None],
+                 tick: Callable[[], None] | None = None,
+                 on_state: Callable[[bool], None] | None = None,
+                 tick_interval: float = 0.5) -> None:
+        self.cfg = cfg
+        self.name = name
+        self.session = session
+        self.tick = tick or (lambda: None)
+        self.on_state = on_state or (lambda connected: None)
+        self.tick_interval = tick_interval
+        self.backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
+        self.connection: pika.BlockingConnection | None = None
+        self._stop = threading.Event()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.stop())
+
+    def stop(self) -> None:
+        """Ask the loop to end after the message in hand (safe from signal handlers)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """Loop until :meth:`stop`; never raises for connection problems."""
+        while not self._stop.is_set():
+            try:
+                self.connection = connect(self.cfg, self.name)
+                self.session(self.connection)
+                self.on_state(True)
+                log.info("connected to amqp %s:%s as %s", self.cfg.host, self.cfg.port, self.name)
+                self.backoff.reset()
+                while not self._stop.is_set():
+                    self.connection.process_data_events(time_limit=self.tick_interval)
+                    self.tick()
+            except CONNECTION_ERRORS as exc:
+                self.on_state(False)
+                if self._stop.is_set():
+                    break
+                delay = self.backoff.next()
+                log.warning("amqp connection lost (%s: %s); reconnecting in %.1fs",
+                            type(exc).__name__, redact(str(exc)) or "no detail", delay)
+                self._close()
+                self._stop.wait(delay)
+                continue
+            finally:
+                if self._stop.is_set():
+                    self._close()
+        self.on_state(False)
+        log.info("%s stopped", self.name)
+
+    def _close(self) -> None:
+        conn, self.connection = self.connection, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except Exception as exc:  # closing a dead connection: nothing to do
+                log.debug("closing amqp connection: %s", exc)
+
+
+def delivery_from(queue: str, method: Basic.Deliver, props: BasicProperties,
+                  body: bytes) -> Delivery:
+    """Build a :class:`Delivery` from pika's callback arguments."""
+    return Delivery(queue, method, props, body, dict(props.headers or {}))
+

@@ -1,0 +1,414 @@
+"""One YAML configuration for the three daemons, validated at start-up.
+
+Why a hand-written schema: the dependency budget is fixed (no pydantic), and
+operators need one error line that names the bad key, e.g.
+``config error: amqp.port: expected an integer, got 'abc'``.
+
+Rules:
+- unknown keys, wrong types and missing required values are errors;
+- ``CVMFS_PUBLISHER_<SECTION>__<KEY>`` environment variables override single
+  keys (``CVMFS_PUBLISHER_AMQP__HOST=rabbit``);
+- secrets (see :data:`SECRETS`) are never read from the YAML itself: give
+  ``<key>_file`` (a path, e.g. a Docker secret) or the environment variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "CVMFS_PUBLISHER_"
+DEFAULT_CONFIG_PATH = "/etc/cvmfs-publisher/publisher.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key."""
+
+
+class Secret:
+    """A secret value that never prints itself (repr/str are masked)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        """The clear value; use it only where it is sent to a service."""
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+@dataclass
+class LogConfig:
+    """Where logs go (also printed on stdout for ``docker logs``)."""
+
+    dir: str = "/var/log/publisher"
+    level: str = "INFO"
+    max_bytes: int = 10 * 1024 * 1024
+    backups: int = 5
+    stdout: bool = True
+
+
+@dataclass
+class StatusConfig:
+    """Where each daemon writes its JSON status document."""
+
+    dir: str = "/var/lib/cvmfs-publisher"
+    interval: float = 5.0
+
+
+@dataclass
+class AmqpConfig:
+    """RabbitMQ connection and topology names."""
+
+    host: str = "localhost"
+    port: int = 5671
+    vhost: str = "/"
+    user: str = "guest"
+    password: Secret | None = None
+    tls: bool = True
+    verify: bool = True
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    heartbeat: int = 60
+    connection_attempts: int = 1
+    socket_timeout: float = 10.0
+    reconnect_initial: float = 1.0
+    reconnect_max: float = 30.0
+    management_url: str = ""
+    publisher_queue: str = "publisher_queue"
+    notification_exchange: str = "notification"
+    control_exchange: str = "cvmfs.control"
+    dead_letter_exchange: str = "cvmfs.dlx"
+    dead_letter_queue: str = "cvmfs.dead-letter"
+    delivery_limit: int = 5
+    retry_delays: list[int] = field(default_factory=lambda: [5, 30, 120, 600])
+
+
+@dataclass
+class VaultConfig:
+    """Vault / OpenBao with AppRole login (only publisher-consumer uses it)."""
+
+    url: str = ""
+    mount: str = "secrets"
+    approle_mount: str = "approle"
+    role_id: Secret | None = None
+    secret_id: Secret | None = None
+    secret_id_wrapped: bool = False
+    verify: bool = True
+    ca_file: str = ""
+    timeout: float = 10.0
+    namespace: str = ""
+
+
+@dataclass
+class S3Config:
+    """Ceph RGW S3 + SNS endpoint."""
+
+    endpoint_url: str = ""
+    region: str = "default"
+    access_key: Secret | None = None
+    secret_key: Secret | None = None
+    verify: bool = True
+    ca_file: str = ""
+    path_style: bool = True
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_attempts: int = 3
+    prefix: str = "cvmfs/"
+    decode_keys: bool = False
+
+
+@dataclass
+class RgwConfig:
+    """How the RGW topic pushes bucket events into RabbitMQ."""
+
+    push_endpoint: str = ""
+    push_user: str = ""
+    push_password: Secret | None = None
+    amqp_ack_level: str = "broker"
+    persistent: bool = True
+    verify_ssl: bool = True
+    forwarded_https: bool = False
+    notification_id: str = "cvmfs-publisher"
+    create_buckets: bool = False
+
+
+@dataclass
+class CvmfsConfig:
+    """cvmfs_server and the paths it uses (configurable for tests)."""
+
+    server_command: str = "/usr/bin/cvmfs_server"
+    domain: str = "infn.it"
+    stratum0_url: str = ""
+    gateway_url: str = ""
+    owner: str = "root"
+    keys_dir: str = "/etc/cvmfs/keys-shared"
+    repositories_dir: str = "/etc/cvmfs/repositories.d"
+    spool_dir: str = "/var/spool/cvmfs"
+    mount_dir: str = "/cvmfs"
+    staging_dir: str = "/data/cvmfs"
+    command_timeout: float = 3600.0
+    tarball_dir: str = "software"
+
+
+@dataclass
+class PublisherConfig:
+    """publisher-consumer behaviour."""
+
+    max_attempts: int = 5
+    max_message_bytes: int = 65536
+
+
+@dataclass
+class ConsumersConfig:
+    """cvmfs-repo-consumers behaviour."""
+
+    downloads: int = 4
+    refresh_interval: float = 60.0
+    max_attempts: int = 10
+
+
+@dataclass
+class SyncConfig:
+    """cvmfs-repo-sync behaviour."""
+
+    quiet_seconds: float = 2.0
+    max_delay_seconds: float = 30.0
+    poll_interval: float = 0.5
+    backoff_initial: float = 5.0
+    backoff_max: float = 300.0
+    transaction_retries: int = 10
+
+
+@dataclass
+class Config:
+    """The whole configuration."""
+
+    log: LogConfig = field(default_factory=LogConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+    amqp: AmqpConfig = field(default_factory=AmqpConfig)
+    vault: VaultConfig = field(default_factory=VaultConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    rgw: RgwConfig = field(default_factory=RgwConfig)
+    cvmfs: CvmfsConfig = field(default_factory=CvmfsConfig)
+    publisher: PublisherConfig = field(default_factory=PublisherConfig)
+    consumers: ConsumersConfig = field(default_factory=ConsumersConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+
+
+#: Keys that hold secrets: ``section.key``.
+SECRETS = frozenset(
+    f"{s.name}.{f.name}"
+    for s in dataclasses.fields(Config)
+    for f in dataclasses.fields(s.default_factory())  # type: ignore[misc]
+    if "Secret" in str(f.type)
+)
+
+#: Keys required per daemon (checked by :func:`require`).
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "publisher-consumer": (
+        "amqp.password", "vault.url", "vault.role_id", "vault.secret_id",
+        "s3.endpoint_url", "s3.access_key", "s3.secret_key", "rgw.push_endpoint",
+        "cvmfs.stratum0_url", "cvmfs.gateway_url", "amqp.management_url",
+    ),
+    "cvmfs-repo-consumers": (
+        "amqp.password", "amqp.management_url", "s3.endpoint_url", "s3.access_key",
+        "s3.secret_key",
+    ),
+    "cvmfs-repo-sync": ("cvmfs.stratum0_url", "cvmfs.gateway_url"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(key: str, tp: Any, value: Any, from_env: bool) -> Any:
+    """Check ``value`` against type ``tp``; environment strings are parsed first."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, args[0], value, from_env)
+    if tp is Secret:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string secret")
+        return Secret(value)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if from_env and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item_tp, v, from_env) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if from_env and isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
+        if from_env and isinstance(value, str):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _read_secret_file(key: str, path: str) -> Secret:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return Secret(fh.read().strip())
+    except OSError as exc:
+        raise ConfigError(f"{key}_file: cannot read {path}: {exc.strerror}") from None
+
+
+def _build_section(name: str, cls: type, raw: Any, env: dict[str, str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key.endswith("_file") and f"{name}.{key[:-5]}" in SECRETS:
+            if not isinstance(value, str):
+                raise ConfigError(f"{full}: expected a path")
+            if value:
+                values[key[:-5]] = _read_secret_file(f"{name}.{key[:-5]}", value)
+            continue
+        if key not in fields:
+            raise ConfigError(f"{full}: unknown key")
+        if full in SECRETS:
+            raise ConfigError(
+                f"{full}: secrets are not accepted inline; use {key}_file or "
+                f"the environment variable {env_name(full)}"
+            )
+        values[key] = _coerce(full, hints[key], value, from_env=False)
+    for key in fields:
+        full = f"{name}.{key}"
+        ev = env.get(env_name(full))
+        if ev is not None:
+            values[key] = _coerce(full, hints[key], ev, from_env=True)
+        elif full in SECRETS and env.get(env_name(full) + "_FILE"):
+            values[key] = _read_secret_file(full, env[env_name(full) + "_FILE"])
+    return cls(**values)
+
+
+def env_name(key: str) -> str:
+    """``amqp.host`` -> ``CVMFS_PUBLISHER_AMQP__HOST``."""
+    section, _, name = key.partition(".")
+    return f"{ENV_PREFIX}{section.upper()}__{name.upper()}"
+
+
+def from_mapping(raw: Any, env: dict[str, str] | None = None) -> Config:
+    """Validate a parsed YAML document (plus environment overrides)."""
+    env = dict(os.environ if env is None else env)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("top level: expected a mapping of sections")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for key in raw:
+        if key not in sections:
+            raise ConfigError(f"{key}: unknown section")
+    built = {
+        name: _build_section(name, f.default_factory, raw.get(name), env)  # type: ignore[misc]
+        for name, f in sections.items()
+    }
+    cfg = Config(**built)
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if cfg.amqp.port <= 0 or cfg.amqp.port > 65535:
+        raise ConfigError(f"amqp.port: {cfg.amqp.port} is not a TCP port")
+    if cfg.rgw.amqp_ack_level not in ("none", "broker", "routable"):
+        raise ConfigError("rgw.amqp_ack_level: expected none, broker or routable")
+    if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("log.level: expected DEBUG, INFO, WARNING or ERROR")
+    if not cfg.amqp.retry_delays or any(d <= 0 for d in cfg.amqp.retry_delays):
+        raise ConfigError("amqp.retry_delays: expected a non-empty list of positive seconds")
+    if cfg.sync.quiet_seconds < 0 or cfg.sync.max_delay_seconds < cfg.sync.quiet_seconds:
+        raise ConfigError("sync.max_delay_seconds: must be >= sync.quiet_seconds >= 0")
+    if not cfg.s3.prefix.endswith("/"):
+        raise ConfigError("s3.prefix: must end with '/'")
+    domain = cfg.cvmfs.domain
+    if not domain or domain.startswith(".") or domain.endswith("."):
+        raise ConfigError("cvmfs.domain: expected a DNS domain such as infn.it")
+
+
+def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read and validate the YAML file at ``path`` (default from the environment)."""
+    env = dict(os.environ if env is None else env)
+    path = path or env.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return from_mapping(raw, env)
+
+
+def get(cfg: Config, key: str) -> Any:
+    """Value of ``section.key``."""
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def require(cfg: Config, daemon: str) -> None:
+    """Fail with the first missing key that ``daemon`` needs."""
+    for key in REQUIRED.get(daemon, ()):
+        value = get(cfg, key)
+        if value is None or value == "" or (isinstance(value, Secret) and not value):
+            hint = f" (set {key}_file or {env_name(key)})" if key in SECRETS else ""
+            raise ConfigError(f"{key}: required by {daemon} but not set{hint}")
+
+
+def secret_values(cfg: Config) -> list[str]:
+    """Every secret's clear value: the log redaction filter masks them."""
+    out = []
+    for key in SECRETS:
+        value = get(cfg, key)
+        if isinstance(value, Secret) and value.get():
+            out.append(value.get())
+    return out

@@ -1,0 +1,1 @@
+"""The three daemons: thin compositions of the package's modules."""

@@ -1,0 +1,170 @@
+"""A throw-away one-node Ceph with RGW on loopback (Debian's ceph packages).
+
+One monitor, one memstore OSD (data in RAM), one radosgw (beast) on
+127.0.0.1; no cephx, no mgr, no systemd. About 2 s to an answering RGW.
+Ported from the measured ``shared/ceph/start-ceph.sh``; the ports are free
+ones so a second stack (a developer's demo) does not collide with tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .common import free_port, kill_process, wait_for
+
+PACKAGES = ["ceph-mon", "ceph-osd", "radosgw", "ceph-common"]
+
+CONF = """[global]
+fsid = {fsid}
+mon host = [v2:127.0.0.1:{mon2},v1:127.0.0.1:{mon1}]
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
+auth cluster required = none
+auth service required = none
+auth client required = none
+run dir = {dir}/run
+admin socket = {dir}/run/$name.asok
+log file = {dir}/log/$name.log
+pid file = {dir}/run/$name.pid
+keyring = {dir}/keyring
+mon data avail crit = 1
+mon data avail warn = 2
+mon allow pool size one = true
+mon allow pool delete = true
+mon max pg per osd = 1000
+mon warn on pool no redundancy = false
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+osd crush chooseleaf type = 0
+
+[mon]
+mon data = {dir}/$name
+mon cluster log file = {dir}/log/$cluster.$channel.log
+paxos propose interval = 0.1
+
+[osd]
+osd data = {dir}/$name
+osd objectstore = memstore
+memstore device bytes = {memstore_bytes}
+osd crush initial weight = 1
+
+[client.rgw]
+ms mon client mode = crc
+rgw frontends = beast endpoint=127.0.0.1:{rgw}
+rgw data = {dir}/rgw
+rgw trust forwarded https = true
+"""
+
+
+@dataclass
+class Ceph:
+    """A running cluster; ``endpoint`` is the RGW S3/SNS URL."""
+
+    workdir: Path
+    rgw_port: int = 0
+    memstore_bytes: int = 4 << 30
+    access_key: str = field(default_factory=lambda: "AK" + uuid.uuid4().hex[:18].upper())
+    secret_key: str = field(default_factory=lambda: "SK" + uuid.uuid4().hex)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.rgw_port}"
+
+    @property
+    def conf(self) -> Path:
+        return self.workdir / "ceph.conf"
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "CEPH_CONF": str(self.conf)}
+
+    def _run(self, *argv: str, timeout: float = 60) -> str:
+        res = subprocess.run(list(argv), env=self._env(), capture_output=True, text=True,
+                             timeout=timeout, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:3])} failed ({res.returncode}): "
+                               f"{res.stderr.strip()[-500:]}")
+        return res.stdout
+
+    def _spawn(self, name: str, *argv: str) -> None:
+        logf = open(self.workdir / "log" / f"{name}.out", "ab")
+        self.procs[name] = subprocess.Popen(list(argv), env=self._env(), stdout=logf,
+                                            stderr=subprocess.STDOUT, cwd=self.workdir)
+        logf.close()
+
+    def start(self, timeout: float = 60.0) -> Ceph:
+        missing = [b for b in ("ceph-mon", "ceph-osd", "radosgw", "monmaptool")
+                   if not shutil.which(b)]
+        if missing:
+            raise RuntimeError(f"Ceph binaries missing ({', '.join(missing)}): "
+                               f"apt-get install -y {' '.join(PACKAGES)}")
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        for d in ("run", "log", "mon.a", "osd.0", "rgw"):
+            (self.workdir / d).mkdir(parents=True)
+        self.rgw_port = self.rgw_port or free_port()
+        mon1, mon2 = free_port(), free_port()
+        fsid = str(uuid.uuid4())
+        self.conf.write_text(CONF.format(fsid=fsid, mon1=mon1, mon2=mon2, dir=self.workdir,
+                                         rgw=self.rgw_port, memstore_bytes=self.memstore_bytes))
+        monmap = str(self.workdir / "monmap")
+        self._run("monmaptool", "--create", "--clobber", "--fsid", fsid, "--addv", "a",
+                  f"[v2:127.0.0.1:{mon2},v1:127.0.0.1:{mon1}]", monmap)
+        self._run("ceph-mon", "--mkfs", "-i", "a", "--monmap", monmap)
+        self._spawn("mon.a", "ceph-mon", "-i", "a", "-f")
+        osd_uuid = str(uuid.uuid4())
+        osd_id = self._run("ceph", "osd", "new", osd_uuid, timeout=timeout).strip()
+        self._run("ceph-osd", "-i", osd_id, "--mkfs", "--osd-uuid", osd_uuid)
+        self._spawn("osd", "ceph-osd", "-i", osd_id, "-f")
+        wait_for("ceph osd", lambda: f"osd.{osd_id} up" in self._run("ceph", "osd", "dump"),
+                 timeout, self.workdir / "log" / "osd.out", interval=0.2)
+        self.start_rgw(timeout)
+        self._run("radosgw-admin", "user", "create", "--uid=tester", "--display-name=Tester",
+                  f"--access-key={self.access_key}", f"--secret-key={self.secret_key}")
+        return self
+
+    def start_rgw(self, timeout: float = 60.0) -> None:
+        self._spawn("rgw", "radosgw", "-n", "client.rgw", "-f")
+        wait_for("radosgw", self._rgw_answers, timeout, self.workdir / "log" / "rgw.out",
+                 alive=self.rgw_alive)
+
+    def _rgw_answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.endpoint + "/", timeout=1):  # noqa: S310
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
+    def rgw_alive(self) -> bool:
+        p = self.procs.get("rgw")
+        return p is not None and p.poll() is None
+
+    def stop_rgw(self) -> None:
+        """Kill radosgw (SIGKILL: a crash, as far as clients can tell)."""
+        p = self.procs.pop("rgw", None)
+        if p is not None:
+            kill_process(p, signal.SIGKILL)
+
+    def stop(self) -> None:
+        for name in ("rgw", "osd", "mon.a"):
+            p = self.procs.pop(name, None)
+            if p is not None:
+                kill_process(p, signal.SIGKILL)
+        time.sleep(0.1)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_ceph(workdir: Path, rgw_port: int = 0) -> Ceph:
+    return Ceph(workdir, rgw_port=rgw_port).start()

@@ -1,0 +1,71 @@
+"""Small helpers shared by the devstack service launchers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, log_file: Path | None = None,
+             alive: Callable[[], bool] | None = None, interval: float = 0.1) -> None:
+    """Poll ``check`` until true; raise with the log's tail on timeout or death."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if alive is not None and not alive():
+            raise RuntimeError(f"{what} died during start-up{_tail(log_file)}")
+        time.sleep(interval)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f}s{_tail(log_file)}")
+
+
+def _tail(log_file: Path | None, lines: int = 15) -> str:
+    if not log_file or not log_file.exists():
+        return ""
+    text = log_file.read_text(errors="replace").splitlines()[-lines:]
+    return f" (log {log_file}):\n" + "\n".join(text)
+
+
+def kill_process(proc: subprocess.Popen | int, sig: int = signal.SIGTERM,
+                 timeout: float = 10.0) -> None:
+    """Signal a process (Popen or pid) and wait until it is gone or a zombie."""
+    pid = proc.pid if isinstance(proc, subprocess.Popen) else proc
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    if isinstance(proc, subprocess.Popen):
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except (OSError, IndexError):
+            return
+        if state == "Z":
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

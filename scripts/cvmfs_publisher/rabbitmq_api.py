@@ -1,0 +1,98 @@
+"""The RabbitMQ management HTTP API, for what AMQP cannot tell.
+
+Used to list the repository queues bound to the ``notification`` exchange
+(the broker is the registry: a restart or a second host needs no other),
+to read queue depths for the status document, and to apply a policy to a
+queue that an older deployment declared without our arguments.
+Standard library only (urllib); TLS verification on by default.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from .config import AmqpConfig
+from .errors import Permanent, Transient
+
+log = logging.getLogger(__name__)
+
+
+class ManagementAPI:
+    """A small client of ``/api`` on the management plugin."""
+
+    def __init__(self, cfg: AmqpConfig, timeout: float = 10.0) -> None:
+        if not cfg.management_url:
+            raise Permanent("amqp.management_url is not configured")
+        self.base = cfg.management_url.rstrip("/")
+        self.vhost = urllib.parse.quote(cfg.vhost, safe="")
+        password = cfg.password.get() if cfg.password else ""
+        token = base64.b64encode(f"{cfg.user}:{password}".encode()).decode()
+        self._auth = f"Basic {token}"
+        self.timeout = timeout
+        self._ctx: ssl.SSLContext | None = None
+        if self.base.startswith("https"):
+            self._ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+            if not cfg.verify:
+                log.warning("RabbitMQ management API TLS verification DISABLED (amqp.verify)")
+                self._ctx.check_hostname = False
+                self._ctx.verify_mode = ssl.CERT_NONE
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(  # noqa: S310 - URL scheme comes from configuration
+            self.base + path, data=data, method=method,
+            headers={"Authorization": self._auth, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._ctx) as resp:  # noqa: S310
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            if exc.code >= 500:
+                raise Transient(f"RabbitMQ management API {method} {path}: "
+                                f"HTTP {exc.code}") from None
+            raise Permanent(f"RabbitMQ management API {method} {path}: "
+                            f"HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise Transient(f"RabbitMQ management API unreachable: {reason}") from None
+        return json.loads(raw) if raw else {}
+
+    def queues_bound_to(self, exchange: str) -> dict[str, str]:
+        """``{queue: routing_key}`` for every queue bound to ``exchange``."""
+        ex = urllib.parse.quote(exchange, safe="")
+        path = f"/api/exchanges/{self.vhost}/{ex}/bindings/source"
+        out: dict[str, str] = {}
+        for b in self._call("GET", path) or []:
+            if b.get("destination_type") == "queue":
+                out[b["destination"]] = b.get("routing_key", "")
+        return out
+
+    def queue(self, name: str) -> dict[str, Any] | None:
+        """Queue details (``messages``, ``consumers``, ``arguments``...) or None."""
+        return self._call("GET", f"/api/queues/{self.vhost}/{urllib.parse.quote(name, safe='')}")
+
+    def queue_depth(self, name: str) -> int:
+        q = self.queue(name)
+        return int(q.get("messages", 0) or 0) if q else 0
+
+    def put_policy(self, name: str, pattern: str, definition: dict[str, Any],
+                   apply_to: str = "queues", priority: int = 10) -> None:
+        """Create or replace a policy (idempotent)."""
+        self._call("PUT", f"/api/policies/{self.vhost}/{urllib.parse.quote(name, safe='')}",
+                   {"pattern": pattern, "definition": definition, "apply-to": apply_to,
+                    "priority": priority})
+
+    def delete_policy(self, name: str) -> None:
+        self._call("DELETE", f"/api/policies/{self.vhost}/{urllib.parse.quote(name, safe='')}")
+
+    def policy(self, name: str) -> dict[str, Any] | None:
+        return self._call("GET", f"/api/policies/{self.vhost}/{urllib.parse.quote(name, safe='')}")

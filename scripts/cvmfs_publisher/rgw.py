@@ -1,0 +1,232 @@
+"""Ceph RGW through boto3: S3 objects, SNS topics and bucket notifications.
+
+RGW quirks respected here (measured, ``shared/ceph/README.md``):
+- botocore's new checksum defaults confuse older RGW: ``when_required``;
+- credentials in ``push-endpoint`` are refused over plain HTTP unless RGW
+  trusts ``X-Forwarded-Proto: https`` (``rgw.forwarded_https``);
+- ``PutBucketNotificationConfiguration`` *merges* by Id, so we always use
+  one fixed Id, and removal is RGW's own ``DELETE /<bucket>?notification=<id>``;
+- the topic ARN is taken from CreateTopic's answer, never built by hand;
+- SNS errors come back as S3-style XML (``Unknown``): we log the status code.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config as BotoConfig
+
+from .config import RgwConfig, S3Config
+from .errors import Permanent, Transient
+
+log = logging.getLogger(__name__)
+
+NOTIFICATION_EVENTS = ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]
+
+_NETWORK = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ProxyConnectionError,
+)
+
+
+def classify(exc: Exception, what: str, repository: str = "") -> Exception:
+    """Map a boto3 exception to Transient / Permanent with a safe message."""
+    if isinstance(exc, _NETWORK):
+        return Transient(f"RGW unreachable during {what}: {type(exc).__name__}", repository)
+    if isinstance(exc, botocore.exceptions.ClientError):
+        meta = exc.response.get("ResponseMetadata", {})
+        status = int(meta.get("HTTPStatusCode", 0) or 0)
+        code = exc.response.get("Error", {}).get("Code", "Unknown")
+        if status >= 500 or status in (0, 408, 429) or code in ("SlowDown", "RequestTimeout"):
+            return Transient(f"RGW error during {what}: HTTP {status} {code}", repository)
+        return Permanent(f"RGW refused {what}: HTTP {status} {code}", repository)
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return Transient(f"RGW client error during {what}: {type(exc).__name__}", repository)
+    return exc
+
+
+class RGW:
+    """S3 and SNS clients on one RGW endpoint."""
+
+    def __init__(self, s3cfg: S3Config, rgwcfg: RgwConfig | None = None,
+                 max_pool_connections: int = 10) -> None:
+        if not s3cfg.endpoint_url:
+            raise Permanent("s3.endpoint_url is not configured")
+        self.s3cfg = s3cfg
+        self.rgwcfg = rgwcfg or RgwConfig()
+        verify: bool | str = s3cfg.ca_file or True
+        if not s3cfg.verify:
+            log.warning("S3 TLS certificate verification is DISABLED by configuration (s3.verify)")
+            verify = False
+        boto_cfg = BotoConfig(
+            s3={"addressing_style": "path" if s3cfg.path_style else "auto"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            connect_timeout=s3cfg.connect_timeout,
+            read_timeout=s3cfg.read_timeout,
+            retries={"max_attempts": s3cfg.max_attempts, "mode": "standard"},
+            max_pool_connections=max_pool_connections,
+        )
+        self._session = boto3.session.Session(
+            aws_access_key_id=s3cfg.access_key.get() if s3cfg.access_key else None,
+            aws_secret_access_key=s3cfg.secret_key.get() if s3cfg.secret_key else None,
+            region_name=s3cfg.region,
+        )
+        kw: dict[str, Any] = {"endpoint_url": s3cfg.endpoint_url, "verify": verify,
+                              "config": boto_cfg}
+        self.s3 = self._session.client("s3", **kw)
+        self.sns = self._session.client("sns", **kw)
+        if self.rgwcfg.forwarded_https:
+            self.sns.meta.events.register("before-sign.sns.CreateTopic", _forwarded_https)
+
+    # -- topics ------------------------------------------------------------------------
+
+    def push_endpoint(self) -> str:
+        """The AMQP URL RGW pushes to, with credentials when configured."""
+        url = self.rgwcfg.push_endpoint
+        if not self.rgwcfg.push_user:
+            return url
+        parts = urllib.parse.urlsplit(url)
+        password = self.rgwcfg.push_password.get() if self.rgwcfg.push_password else ""
+        cred = urllib.parse.quote(self.rgwcfg.push_user, safe="")
+        if password:
+            cred += ":" + urllib.parse.quote(password, safe="")
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{cred}@{parts.hostname}"
+                                                      + (f":{parts.port}" if parts.port else "")))
+
+    def topic_attributes(self, exchange: str) -> dict[str, str]:
+        return {
+            "push-endpoint": self.push_endpoint(),
+            "amqp-exchange": exchange,
+            "amqp-ack-level": self.rgwcfg.amqp_ack_level,
+            "persistent": "true" if self.rgwcfg.persistent else "false",
+            "verify-ssl": "true" if self.rgwcfg.verify_ssl else "false",
+        }
+
+    def create_topic(self, name: str, exchange: str, repository: str = "") -> str:
+        """Create (or update: CreateTopic is idempotent on RGW) and return the ARN."""
+        try:
+            resp = self.sns.create_topic(Name=name, Attributes=self.topic_attributes(exchange))
+        except Exception as exc:
+            raise classify(exc, f"CreateTopic {name}", repository) from None
+        arn = resp.get("TopicArn")
+        if not arn:
+            raise Transient(f"RGW CreateTopic {name} answered without a TopicArn", repository)
+        return arn
+
+    def find_topic(self, name: str) -> str | None:
+        """ARN of the topic called ``name``, if any (paginated ListTopics)."""
+        token = None
+        while True:
+            try:
+                resp = self.sns.list_topics(**({"NextToken": token} if token else {}))
+            except Exception as exc:
+                raise classify(exc, "ListTopics") from None
+            for t in resp.get("Topics", []):
+                arn = t.get("TopicArn", "")
+                if arn.rsplit(":", 1)[-1] == name:
+                    return arn
+            token = resp.get("NextToken")
+            if not token:
+                return None
+
+    def get_topic_attributes(self, arn: str) -> dict[str, str]:
+        try:
+            return self.sns.get_topic_attributes(TopicArn=arn)["Attributes"]
+        except Exception as exc:
+            raise classify(exc, "GetTopicAttributes") from None
+
+    def delete_topic(self, name: str, repository: str = "") -> bool:
+        """Delete the topic if it exists; True when something was deleted."""
+        arn = self.find_topic(name)
+        if not arn:
+            return False
+        try:
+            self.sns.delete_topic(TopicArn=arn)
+        except Exception as exc:
+            raise classify(exc, f"DeleteTopic {name}", repository) from None
+        return True
+
+    # -- buckets and notifications ----------------------------------------------------------
+
+    def bucket_exists(self, bucket: str, repository: str = "") -> bool:
+        try:
+            self.s3.head_bucket(Bucket=bucket)
+            return True
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            raise classify(exc, f"HeadBucket {bucket}", repository) from None
+        except Exception as exc:
+            raise classify(exc, f"HeadBucket {bucket}", repository) from None
+
+    def ensure_bucket(self, bucket: str, repository: str = "") -> None:
+        """The bucket must exist; created only when ``rgw.create_buckets`` says so."""
+        if self.bucket_exists(bucket, repository):
+            return
+        if not self.rgwcfg.create_buckets:
+            raise Permanent(f"bucket {bucket} does not exist: create it (or set "
+                            "rgw.create_buckets) and replay the message", repository)
+        try:
+            self.s3.create_bucket(Bucket=bucket)
+        except Exception as exc:
+            raise classify(exc, f"CreateBucket {bucket}", repository) from None
+        log.info("repository=%s bucket=%s outcome=bucket-created", repository, bucket)
+
+    def get_notifications(self, bucket: str) -> list[dict[str, Any]]:
+        try:
+            resp = self.s3.get_bucket_notification_configuration(Bucket=bucket)
+        except Exception as exc:
+            raise classify(exc, f"GetBucketNotificationConfiguration {bucket}") from None
+        return resp.get("TopicConfigurations", [])
+
+    def put_notification(self, bucket: str, topic_arn: str, prefix: str,
+                         repository: str = "") -> None:
+        """One notification (fixed Id, so RGW's merge-by-Id makes this idempotent)."""
+        conf = {"TopicConfigurations": [{
+            "Id": self.rgwcfg.notification_id,
+            "TopicArn": topic_arn,
+            "Events": NOTIFICATION_EVENTS,
+            "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": prefix}]}},
+        }]}
+        try:
+            self.s3.put_bucket_notification_configuration(Bucket=bucket,
+                                                          NotificationConfiguration=conf)
+        except Exception as exc:
+            raise classify(exc, f"PutBucketNotificationConfiguration {bucket}",
+                           repository) from None
+
+    def delete_notification(self, bucket: str, repository: str = "") -> None:
+        """RGW's ``DELETE /<bucket>?notification=<id>``, SigV4-signed by hand."""
+        url = f"{self.s3cfg.endpoint_url.rstrip('/')}/{urllib.parse.quote(bucket)}" \
+              f"?notification={urllib.parse.quote(self.rgwcfg.notification_id)}"
+        creds = self._session.get_credentials().get_frozen_credentials()
+        req = AWSRequest(method="DELETE", url=url)
+        S3SigV4Auth(creds, "s3", self.s3cfg.region).add_auth(req)
+        http = self.s3._endpoint.http_session  # the same TLS settings as the S3 client
+        try:
+            resp = http.send(req.prepare())
+        except Exception as exc:
+            raise classify(exc, f"DeleteBucketNotification {bucket}", repository) from None
+        if resp.status_code == 404:
+            return
+        if resp.status_code >= 500:
+            raise Transient(f"RGW error deleting notification of {bucket}: "
+                            f"HTTP {resp.status_code}", repository)
+        if resp.status_code >= 300:
+            raise Permanent(f"RGW refused deleting notification of {bucket}: "
+                            f"HTTP {resp.status_code}", repository)
+
+
+def _forwarded_https(request: AWSRequest, **_: Any) -> None:
+    """RGW accepts credentials in push-endpoint only over (forwarded) HTTPS."""
+    request.headers["X-Forwarded-Proto"] = "https"

@@ -1,0 +1,175 @@
+"""The JSON status document each daemon keeps for Zabbix and the admin CLI.
+
+One file per daemon (``<status_dir>/<daemon>.json``), replaced atomically
+(write to a temporary file, fsync, rename) so a reader never sees half a
+document. Readers are the Zabbix agent's ``UserParameter`` scripts, the
+container HEALTHCHECK and ``cvmfs-publisher status``.
+
+Layout (all times are Unix timestamps, float seconds)::
+
+    {
+      "daemon": "cvmfs-repo-sync",
+      "version": "0.1.0",
+      "pid": 1234,
+      "hostname": "publisher-1",
+      "started": 1764130000.0,
+      "updated": 1764130042.5,
+      "healthy": true,
+      "broker_connected": true,
+      "dead_lettered": 0,
+      "repositories": {
+        "alice-personalrepo.infn.it": {
+          "pending": 0, "queue_depth": 0,
+          "last_event": 1764130040.0,
+          "last_publish": 1764130041.0, "last_publish_duration": 0.6,
+          "last_result": "ok", "consecutive_failures": 0, "backoff": 0.0,
+          "errors": 0, "last_error": "", "dead_lettered": 0
+        }
+      }
+    }
+
+Never put a secret in here: values come from counters and our own messages,
+which the logging redaction rules also apply to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+#: Per-repository fields and their initial values; every daemon fills the ones it knows.
+REPO_DEFAULTS: dict[str, Any] = {
+    "pending": 0,
+    "queue_depth": 0,
+    "last_event": 0.0,
+    "last_publish": 0.0,
+    "last_publish_duration": 0.0,
+    "last_result": "",
+    "consecutive_failures": 0,
+    "backoff": 0.0,
+    "errors": 0,
+    "last_error": "",
+    "dead_lettered": 0,
+}
+
+
+def atomic_write_json(path: Path, document: Any) -> None:
+    """Replace ``path`` with ``document`` as JSON, atomically and durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(document, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class StatusDocument:
+    """Thread-safe in-memory status, flushed to disk at most every ``min_interval`` s.
+
+    Daemons call :meth:`repo` / :meth:`set` from any thread and :meth:`flush`
+    from their main loop (or ``force=True`` after something operators must
+    see at once, such as a failure).
+    """
+
+    def __init__(self, path: Path, daemon: str, min_interval: float = 1.0) -> None:
+        self.path = Path(path)
+        self.daemon = daemon
+        self.min_interval = min_interval
+        self._lock = threading.Lock()
+        self._last_flush = 0.0
+        self._dirty = True
+        self._doc: dict[str, Any] = {
+            "daemon": daemon,
+            "version": __version__,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "started": time.time(),
+            "updated": 0.0,
+            "healthy": True,
+            "broker_connected": False,
+            "dead_lettered": 0,
+            "repositories": {},
+        }
+
+    def set(self, **fields: Any) -> None:
+        """Set daemon-level fields (``healthy``, ``broker_connected``, ...)."""
+        with self._lock:
+            self._doc.update(fields)
+            self._dirty = True
+
+    def repo(self, name: str, **fields: Any) -> None:
+        """Create or update one repository's entry."""
+        with self._lock:
+            entry = self._doc["repositories"].setdefault(name, dict(REPO_DEFAULTS))
+            entry.update(fields)
+            self._dirty = True
+
+    def incr(self, name: str, field: str, by: int = 1) -> None:
+        """Add ``by`` to a repository counter (and to the daemon total for dead letters)."""
+        with self._lock:
+            entry = self._doc["repositories"].setdefault(name, dict(REPO_DEFAULTS))
+            entry[field] = entry.get(field, 0) + by
+            if field == "dead_lettered":
+                self._doc["dead_lettered"] += by
+            self._dirty = True
+
+    def incr_daemon(self, field: str, by: int = 1) -> None:
+        """Add ``by`` to a daemon-level counter."""
+        with self._lock:
+            self._doc[field] = self._doc.get(field, 0) + by
+            self._dirty = True
+
+    def drop_repo(self, name: str) -> None:
+        """Forget a repository (deprovisioned)."""
+        with self._lock:
+            self._doc["repositories"].pop(name, None)
+            self._dirty = True
+
+    def snapshot(self) -> dict[str, Any]:
+        """A deep copy of the current document."""
+        with self._lock:
+            return json.loads(json.dumps(self._doc))
+
+    def flush(self, force: bool = False) -> None:
+        """Write the document if it changed (or ``force``), rate-limited.
+
+        The ``updated`` stamp is refreshed on every write, and at least every
+        ``min_interval`` seconds even without changes, so that a stale
+        document means a stuck daemon.
+        """
+        now = time.time()
+        if not force and now - self._last_flush < self.min_interval:
+            return
+        with self._lock:
+            self._doc["updated"] = now
+            doc = json.loads(json.dumps(self._doc))
+            self._dirty = False
+        atomic_write_json(self.path, doc)
+        self._last_flush = now
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    """Read a status document; raises ``FileNotFoundError`` or ``ValueError``."""
+    with open(path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    if not isinstance(doc, dict) or "daemon" not in doc:
+        raise ValueError(f"{path}: not a cvmfs-publisher status document")
+    return doc
