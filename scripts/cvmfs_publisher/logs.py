@@ -77,8 +77,9 @@ def setup(daemon: str, log_dir: str | None, level: str = "INFO", *, max_bytes: i
     _FILTER.add(secrets)
     root = logging.getLogger()
     for h in list(root.handlers):
-        root.removeHandler(h)
-        h.close()
+        if getattr(h, "_cvmfs_publisher", False):  # ours from an earlier setup()
+            root.removeHandler(h)
+            h.close()
     root.setLevel(level.upper())
     fmt = logging.Formatter(FORMAT)
     handlers: list[logging.Handler] = []
@@ -98,6 +99,7 @@ def setup(daemon: str, log_dir: str | None, level: str = "INFO", *, max_bytes: i
     for h in handlers:
         h.setFormatter(fmt)
         h.addFilter(_FILTER)
+        h._cvmfs_publisher = True  # type: ignore[attr-defined]
         root.addHandler(h)
     # Libraries are chatty at INFO (pika logs every connection step).
     for noisy in ("pika", "botocore", "boto3", "urllib3", "hvac"):

@@ -143,15 +143,25 @@ class Provisioner:
             if "x-dead-letter-exchange" not in args or "x-delivery-limit" not in args:
                 # RabbitMQ refuses a re-declaration with other arguments: a policy
                 # adds dead-lettering and the delivery limit to the existing queue.
+                # A policy with a key the queue type does not know (delivery-limit
+                # on a classic queue) is not applied at all, so set it by type.
                 name = f"cvmfs-repo-{label}"
-                if not self.mgmt.policy(name):
-                    self.mgmt.put_policy(name, f"^{re.escape(label)}$", {
-                        "dead-letter-exchange": a.dead_letter_exchange,
-                        "dead-letter-routing-key": label,
-                        "delivery-limit": a.delivery_limit,
-                    })
+                definition: dict[str, object] = {
+                    "dead-letter-exchange": a.dead_letter_exchange,
+                    "dead-letter-routing-key": label,
+                }
+                quorum = args.get("x-queue-type") == "quorum" or info.get("type") == "quorum"
+                if quorum:
+                    definition["delivery-limit"] = a.delivery_limit
+                current = self.mgmt.policy(name)
+                if not current or current.get("definition") != definition:
+                    self.mgmt.put_policy(name, f"^{re.escape(label)}$", definition)
                     log.info("queue=%s existed without dead-letter arguments: policy %s "
                              "applied", label, name)
+                    if not quorum:
+                        log.warning("queue=%s is a classic queue (declared by an older "
+                                    "deployment): no delivery limit and no single active "
+                                    "consumer; delete it and provision again to migrate", label)
                     changed = True
         else:
             ch.queue_declare(label, durable=True,

@@ -70,8 +70,10 @@ class VaultClient:
         raw = self.cfg.secret_id.get()
         if self.cfg.secret_id_wrapped:
             try:
-                resp = hvac.Client(url=self.cfg.url, verify=self._client.session.verify,
-                                   timeout=self.cfg.timeout).sys.unwrap(token=raw)
+                # the wrapping token authenticates its own unwrap call
+                resp = hvac.Client(url=self.cfg.url, token=raw, verify=self._client.session.verify,
+                                   timeout=self.cfg.timeout,
+                                   namespace=self.cfg.namespace or None).sys.unwrap()
             except _NETWORK as exc:
                 raise Transient(f"Vault unreachable while unwrapping secret_id: "
                                 f"{type(exc).__name__}") from None

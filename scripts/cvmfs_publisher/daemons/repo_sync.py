@@ -1,0 +1,333 @@
+"""cvmfs-repo-sync: publishes the changes staged by cvmfs-repo-consumers.
+
+Every ``sync.poll_interval`` it looks at each repository's staging area
+(``staging.repositories``) and publishes a repository when changes are
+pending and either nothing was staged for ``sync.quiet_seconds`` (a burst
+is over: one publish for the whole burst) or the oldest pending change has
+waited ``sync.max_delay_seconds`` (a never-ending trickle still gets
+published). The work itself is :class:`cvmfs_publisher.publish.BatchPublisher`.
+
+Repositories are independent: each publish runs in a small thread pool, one
+at a time per repository, and a failing repository backs off alone (capped
+exponential backoff) while the others keep publishing. At start-up every
+repository is first recovered: a transaction left open by a crash is
+aborted and a leftover ``batch/`` is applied again before anything new.
+
+SIGTERM/SIGINT: no new publish starts; the ones in hand finish (published or
+aborted); exit 0.
+
+Why this daemon never calls ``Staging.sweep``: it would delete the
+downloads in progress of the consumers, which run at the same time in
+another container; sweeping is the consumers' start-up business.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import runtime, staging
+from ..amqp import Backoff
+from ..config import Config
+from ..cvmfs import CvmfsServer
+from ..names import InvalidName, validate_repository
+from ..publish import BatchPublisher, Outcome, PublishError
+from ..status import StatusDocument
+
+NAME = "cvmfs-repo-sync"
+log = logging.getLogger(NAME)
+
+#: Publishes running at once (each is mostly waiting for cvmfs_server).
+WORKERS = 4
+
+
+class PendingTimes:
+    """(oldest first_time, newest time) of one repository's pending entries.
+
+    Why not ``Staging.timing()`` on every poll: it parses every pending entry,
+    and after a reconcile there may be 100,000 of them, twice a second. Here
+    the directory is listed only when it changed (its inode or mtime), and an
+    entry file is parsed only when it is new (an entry is replaced by rename,
+    so a new version is a new inode).
+    """
+
+    def __init__(self, pending_dir: Path) -> None:
+        self.dir = pending_dir
+        self._key: tuple[int, int] | None = None
+        self._files: dict[str, tuple[int, float, float]] = {}
+        self._value: tuple[float, float] | None = None
+
+    def get(self) -> tuple[float, float] | None:
+        try:
+            st = os.stat(self.dir)
+        except FileNotFoundError:
+            self._key, self._files, self._value = None, {}, None
+            return None
+        key = (st.st_ino, st.st_mtime_ns)
+        if key == self._key:
+            return self._value
+        files: dict[str, tuple[int, float, float]] = {}
+        try:
+            with os.scandir(self.dir) as it:
+                for d in it:
+                    if not d.name.endswith(".json"):
+                        continue
+                    try:
+                        ino = d.inode()
+                        old = self._files.get(d.name)
+                        if old is not None and old[0] == ino:
+                            files[d.name] = old
+                            continue
+                        with open(d.path, "rb") as fh:
+                            e = staging.Entry.from_dict(json.loads(fh.read()))
+                        files[d.name] = (ino, e.first_time or e.time, e.time)
+                    except (FileNotFoundError, ValueError):
+                        continue  # replaced or taken meanwhile, or not an entry
+        except FileNotFoundError:
+            files = {}
+        self._files = files
+        self._value = ((min(v[1] for v in files.values()), max(v[2] for v in files.values()))
+                       if files else None)
+        # A change within the file system's timestamp granularity after this
+        # listing would leave the mtime as it is: trust the key only once it is old.
+        self._key = key if time.time() - st.st_mtime > 0.1 else None
+        return self._value
+
+    @property
+    def count(self) -> int:
+        return len(self._files)
+
+
+@dataclass
+class RepoState:
+    """The daemon's memory of one repository."""
+
+    name: str
+    backoff: Backoff
+    times: PendingTimes
+    recovered: bool = False
+    next_attempt: float = 0.0
+    future: Future | None = None
+    failures: int = 0
+    publishes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class RepoSync:
+    """The scheduling loop; :meth:`tick` is one poll (tests drive it with a fake clock).
+
+    ``inline=True`` runs publishes in the calling thread (deterministic tests).
+    """
+
+    def __init__(self, cfg: Config, status: StatusDocument, server: CvmfsServer | None = None,
+                 clock: Callable[[], float] = time.time, inline: bool = False,
+                 workers: int = WORKERS) -> None:
+        self.cfg = cfg
+        self.status = status
+        self.clock = clock
+        self._stop = threading.Event()
+        self.publisher = BatchPublisher(cfg, server, stop=self._stop,
+                                        on_problem=self._problem)
+        self.executor = None if inline else ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="publish")
+        self.repos: dict[str, RepoState] = {}
+        self._refused: set[str] = set()
+
+    # -- control -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to end after the publishes in hand (safe from a signal handler)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.stop())
+
+    def run(self) -> None:
+        """Poll until :meth:`stop`; never raises for a repository's problem."""
+        self.status.set(healthy=True)
+        self.status.flush(force=True)
+        log.info("polling %s every %.2fs (quiet %.1fs, max delay %.1fs)",
+                 self.cfg.cvmfs.staging_dir, self.cfg.sync.poll_interval,
+                 self.cfg.sync.quiet_seconds, self.cfg.sync.max_delay_seconds)
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # a bug must not stop every repository
+                log.exception("poll failed")
+            self.status.flush()
+            self._stop.wait(self.cfg.sync.poll_interval)
+        log.info("stopping: waiting for the publishes in hand")
+        self.close()
+        self.status.set(healthy=False)
+        self.status.flush(force=True)
+        log.info("stopped")
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+
+    # -- scheduling --------------------------------------------------------------------
+
+    def _state(self, repo: str) -> RepoState | None:
+        state = self.repos.get(repo)
+        if state is not None:
+            return state
+        if repo in self._refused:
+            return None
+        try:
+            validate_repository(repo, self.cfg.cvmfs.domain)
+        except InvalidName as exc:
+            self._refused.add(repo)
+            log.error("repository=%r step=poll error=%s outcome=ignored: staging directory "
+                      "%s is not a repository's", repo, exc, self.cfg.cvmfs.staging_dir)
+            return None
+        st = staging.Staging(self.cfg.cvmfs.staging_dir, repo)
+        state = RepoState(repo, Backoff(self.cfg.sync.backoff_initial, self.cfg.sync.backoff_max),
+                          PendingTimes(st.pending))
+        self.repos[repo] = state
+        return state
+
+    def pending(self, state: RepoState) -> int:
+        """Changes not yet published: pending entries plus the batch in flight."""
+        state.times.get()
+        batch = staging.Staging(self.cfg.cvmfs.staging_dir, state.name).batch_dir
+        try:
+            in_batch = sum(1 for n in os.listdir(batch) if n.endswith(".json"))
+        except FileNotFoundError:
+            in_batch = 0
+        return state.times.count + in_batch
+
+    def due(self, state: RepoState, now: float) -> tuple[bool, str]:
+        """Should ``state``'s repository be published now, and why."""
+        if not state.recovered:
+            return True, "start-up recovery"
+        st = staging.Staging(self.cfg.cvmfs.staging_dir, state.name)
+        if st.has_batch():
+            return True, "leftover batch"
+        timing = state.times.get()
+        if timing is None:
+            return False, ""
+        oldest, newest = timing
+        if now - newest >= self.cfg.sync.quiet_seconds:
+            return True, "quiet"
+        if now - oldest >= self.cfg.sync.max_delay_seconds:
+            return True, "max delay"
+        return False, ""
+
+    def tick(self, now: float | None = None) -> list[str]:
+        """One poll: start the publishes that are due; returns their repositories."""
+        now = self.clock() if now is None else now
+        started = []
+        for repo in staging.repositories(self.cfg.cvmfs.staging_dir):
+            if self._stop.is_set():
+                break
+            state = self._state(repo)
+            if state is None:
+                continue
+            with state.lock:
+                busy = state.future is not None and not state.future.done()
+            if busy:
+                self.status.repo(repo, pending=self.pending(state))
+                continue
+            due, why = self.due(state, now)
+            self.status.repo(repo, pending=self.pending(state))
+            if not due or now < state.next_attempt:
+                continue
+            started.append(repo)
+            log.debug("repository=%s publishing (%s)", repo, why)
+            if self.executor is None:
+                self._job(state, now)
+            else:
+                with state.lock:
+                    state.future = self.executor.submit(self._job, state, now)
+        return started
+
+    # -- one publish -------------------------------------------------------------------
+
+    def _job(self, state: RepoState, now: float) -> None:
+        repo = state.name
+        t0 = time.monotonic()
+        recovering = not state.recovered
+        try:
+            outcome = self.publisher.publish(repo, take_pending=not recovering)
+        except PublishError as exc:
+            self._failed(state, now, exc.step, exc.rc, exc.detail)
+            return
+        except Exception as exc:  # a bug or an unusable staging area: back off, say why
+            log.exception("repository=%s step=publish unexpected error", repo)
+            self._failed(state, now, "internal", -1, f"{type(exc).__name__}: {exc}")
+            return
+        state.recovered = True
+        if outcome is None:
+            if state.failures:
+                self._succeeded(state, None, time.monotonic() - t0)
+            return
+        self._succeeded(state, outcome, time.monotonic() - t0)
+
+    def _succeeded(self, state: RepoState, outcome: Outcome | None, took: float) -> None:
+        repo = state.name
+        with state.lock:
+            state.failures = 0
+            state.backoff.reset()
+            state.next_attempt = 0.0
+        fields: dict[str, object] = {"consecutive_failures": 0, "backoff": 0.0,
+                                     "last_error": ""}
+        if outcome is not None:
+            state.publishes += outcome.publishes
+            log.info("repository=%s step=publish outcome=%s %s", repo,
+                     "published" if outcome.publishes else "nothing-to-publish",
+                     outcome.summary())
+            fields.update(last_result="ok" if not outcome.skipped else "ok-with-skipped",
+                          publishes=state.publishes)
+            if outcome.publishes:
+                fields.update(last_publish=time.time(), last_publish_duration=round(took, 3))
+            if outcome.skipped:
+                fields["last_error"] = "; ".join(outcome.errors)[:300]
+                self.status.incr(repo, "errors", outcome.skipped)
+        self.status.repo(repo, **fields)
+        self.status.flush(force=True)
+
+    def _failed(self, state: RepoState, now: float, step: str, rc: int, detail: str) -> None:
+        repo = state.name
+        with state.lock:
+            state.failures += 1
+            delay = state.backoff.next()
+            state.next_attempt = now + delay
+            failures = state.failures
+        log.error("repository=%s step=%s rc=%s error=%s outcome=retry in %.1fs "
+                  "(failure %d in a row; the batch stays staged)", repo, step, rc,
+                  detail, delay, failures)
+        self.status.repo(repo, last_result="failed", consecutive_failures=failures,
+                         backoff=round(delay, 3),
+                         last_error=f"step={step} rc={rc} {detail}"[:300])
+        self.status.incr(repo, "errors")
+        self.status.flush(force=True)
+
+    def _problem(self, repo: str, text: str) -> None:
+        self.status.repo(repo, last_result="aborting", last_error=text[:300])
+        self.status.flush(force=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    rt = runtime.start(NAME, "Publish staged changes into CVMFS repositories", argv)
+    daemon = RepoSync(rt.cfg, rt.status)
+    daemon.install_signal_handlers()
+    daemon.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,541 @@
+"""Reconcile: bring a repository back in line with its bucket (operator command).
+
+For a new repository whose bucket already holds data, after events were
+lost, or after an outage. It replaces the old "wipe and re-download" script:
+only the differences are downloaded and staged, and the sync daemon
+publishes them like any other change (so its locking, coalescing and crash
+safety apply, and an unchanged file staged "just in case" costs a download
+but no revision: the publisher skips changes already in place).
+
+How (streaming, so 100,000 files take minutes, not hours):
+1. list the bucket's ``cvmfs/`` prefix page by page (ListObjectsV2: key,
+   size, ETag; no per-object HEAD) and map each key to its repository path
+   with :func:`cvmfs_publisher.keys.map_key` (the consumers' rule);
+2. walk the published tree ``<mount_dir>/<repo>`` with ``os.scandir``,
+   never following a symlink, descending only into directories the bucket
+   needs (an extra directory is one deletion, not one per file);
+3. compare: type, then size, then, only for same-size files, the content
+   hash (the ETag is the MD5 of a single-part upload; multipart ETags are
+   checked for the usual part sizes; when it cannot be decided the object is
+   staged, which is safe);
+4. stage every difference with :class:`cvmfs_publisher.staging.Staging`:
+   deletions directly, other changes after a GET streamed to disk, whose
+   metadata and first bytes decide file mode or symlink
+   (:func:`cvmfs_publisher.modes.decide`, the consumers' rule).
+
+Kept although absent from the bucket: the directories that tarball
+ingestion owns (``<tarball_dir>/<tarball path>`` of every tarball in the
+bucket; their content comes from the tarball, not from keys), any
+``.cvmfs*`` entry (catalog markers; keys may never create one), and the
+``new_repository`` placeholder that ``mkfs`` puts at the root of a new
+repository (it is CernVM-FS's, not the user's; nothing is gained by
+publishing its removal).
+
+Not compared without ``check_modes``: the mode of same-content files (it is
+in object metadata, which a listing does not return; checking it costs one
+HEAD per file). Files whose mode is neither 0644 nor 0755 are always
+restaged. Tarball content is not compared (that means reading every
+tarball): a tarball whose directory exists is taken as ingested unless
+``reingest`` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import keys as keymap
+from . import modes
+from .config import Config
+from .errors import Permanent, PublisherError
+from .names import label_of, validate_repository
+from .rgw import RGW, classify
+from .staging import Entry, Staging
+
+log = logging.getLogger("cvmfs-publisher.reconcile")
+
+#: Root entries that mkfs creates and the bucket never holds.
+KEEP_AT_ROOT = frozenset({"new_repository"})
+_MIB = 1 << 20
+_COMMON_PART_SIZES = (5, 8, 10, 15, 16, 25, 32, 50, 64, 100, 128, 256, 512)
+_CHUNK = 1 << 20
+_HEAD_BYTES = 4096
+
+
+class ReconcileError(PublisherError):
+    """Reconcile cannot run (repository not mounted, bucket unreachable...)."""
+
+
+@dataclass
+class Wanted:
+    """What the bucket says one repository path should be."""
+
+    kind: str  # keys.FILE / keys.SYMLINK_RCLONE / keys.TARBALL
+    key: str
+    size: int
+    etag: str
+    modified: float
+
+
+@dataclass
+class Change:
+    """One difference, staged as one entry."""
+
+    op: str  # put | delete | ingest (symlink or file is decided at download)
+    path: str
+    reason: str
+    key: str = ""
+    size: int = 0
+
+    def line(self) -> str:
+        mark = {"put": "+" if self.reason == "missing" else "~", "delete": "-",
+                "ingest": "+" if self.reason == "missing" else "~"}.get(self.op, "?")
+        src = f"  <- {self.key}" if self.key else ""
+        return f"{mark} {self.op:<7} {self.path}  ({self.reason}){src}"
+
+
+@dataclass
+class Plan:
+    """The differences found, and what was done about them (printable)."""
+
+    repository: str
+    bucket: str
+    prefix: str
+    dry_run: bool
+    objects: int = 0
+    ignored: int = 0
+    tree_entries: int = 0
+    hashed: int = 0
+    in_sync: int = 0
+    kept: int = 0
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    staged: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.changes:
+            name = "add" if c.reason == "missing" else "delete" if c.op == "delete" else "update"
+            out[name] = out.get(name, 0) + 1
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def render(self, limit: int | None = None) -> str:
+        """The plan as text: a header, one line per change (at most ``limit``)."""
+        c = self.counts()
+        head = [
+            f"reconcile {self.repository} with s3://{self.bucket}/{self.prefix}"
+            f"{' (dry run: nothing staged)' if self.dry_run else ''}",
+            f"  listed {self.objects} objects ({self.ignored} not published), walked "
+            f"{self.tree_entries} repository entries, hashed {self.hashed} files, "
+            f"in {self.seconds:.1f}s",
+            f"  in sync: {self.in_sync}; to add: {c.get('add', 0)}, to update: "
+            f"{c.get('update', 0)}, to delete: {c.get('delete', 0)}; kept (CVMFS's own, "
+            f"tarball directories): {self.kept}; keys refused: {len(self.skipped)}",
+        ]
+        if not self.dry_run:
+            head.append(f"  staged: {self.staged}, failed: {len(self.failed)}"
+                        + ("; the sync daemon publishes them" if self.staged else ""))
+        lines = [ch.line() for ch in sorted(self.changes, key=lambda x: x.path)]
+        lines += [f"! refused {key}  ({why})" for key, why in self.skipped]
+        lines += [f"! failed  {path}  ({why})" for path, why in self.failed]
+        if limit is not None and len(lines) > limit:
+            lines = [*lines[:limit], f"... and {len(lines) - limit} more"]
+        return "\n".join(head + lines)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def list_bucket(s3: Any, bucket: str, prefix: str, tarball_dir: str,
+                plan: Plan) -> dict[str, Wanted]:
+    """Stream the bucket listing into ``{repository path: Wanted}``."""
+    wanted: dict[str, Wanted] = {}
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix,
+                                   PaginationConfig={"PageSize": 1000}):
+        for obj in page.get("Contents", []) or []:
+            plan.objects += 1
+            key = obj["Key"]
+            try:
+                target = keymap.map_key(key, prefix, tarball_dir)
+            except keymap.UnsafeKey as exc:
+                plan.skipped.append((key, str(exc)))
+                continue
+            if target is None:
+                plan.ignored += 1
+                continue
+            w = Wanted(target.kind, target.key, int(obj.get("Size", 0)),
+                       str(obj.get("ETag", "")).strip('"'),
+                       obj["LastModified"].timestamp() if obj.get("LastModified") else 0.0)
+            old = wanted.get(target.path)
+            if old is not None:
+                # Two keys for one path (x.tar and x.tgz, x and x.rclonelink): newest wins.
+                loser = old if w.modified >= old.modified else w
+                plan.skipped.append((loser.key, f"same repository path {target.path!r} as "
+                                     "a newer object"))
+                if loser is w:
+                    continue
+            wanted[target.path] = w
+    return wanted
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    idx = path.find("/")
+    while idx != -1:
+        yield path[:idx]
+        idx = path.find("/", idx + 1)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def _md5_file(path: str) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    h = hashlib.md5(usedforsecurity=False)
+    try:
+        while chunk := os.read(fd, _CHUNK):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _multipart_etag(path: str, part_size: int) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    digests = []
+    try:
+        while True:
+            h = hashlib.md5(usedforsecurity=False)
+            left = part_size
+            while left:
+                chunk = os.read(fd, min(_CHUNK, left))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+            if left == part_size:
+                break
+            digests.append(h.digest())
+            if left:
+                break
+    finally:
+        os.close(fd)
+    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
+
+
+def content_matches(path: str, size: int, etag: str) -> bool:
+    """Does the file at ``path`` (``size`` bytes) have this S3 ETag?
+
+    A single-part ETag is the MD5 of the content. A multipart one is the MD5
+    of the parts' MD5s, ``-<parts>``; the part size is not in the listing, so
+    the usual ones that give that many parts are tried. False when it cannot
+    be decided: the caller then stages the object, which is always safe.
+    """
+    etag = etag.lower()
+    if len(etag) == 32 and "-" not in etag:
+        return _md5_file(path) == etag
+    digest, sep, count = etag.partition("-")
+    if not sep or not count.isdigit() or len(digest) != 32:
+        return False
+    n = int(count)
+    if n < 1:
+        return False
+    if n == 1:
+        candidates = [max(size, 1)]
+    else:
+        low = -(-size // n)  # the smallest part size giving n parts
+        candidates = [low if low % _MIB == 0 else (low // _MIB + 1) * _MIB]
+        candidates += [m * _MIB for m in _COMMON_PART_SIZES]
+    tried = 0
+    for ps in dict.fromkeys(candidates):
+        if ps <= 0 or -(-size // ps) != n:
+            continue
+        tried += 1
+        if _multipart_etag(path, ps) == etag:
+            return True
+        if tried >= 4:
+            break
+    return False
+
+
+# --------------------------------------------------------------------------- diff
+
+
+@dataclass
+class _Walk:
+    root: Path
+    wanted: dict[str, Wanted]
+    wanted_dirs: set[str]
+    plan: Plan
+    quick: bool
+    reingest: bool
+    to_hash: list[tuple[str, Wanted]] = field(default_factory=list)
+
+
+def _walk(w: _Walk) -> None:
+    """Compare the tree with the bucket, directory by directory (no symlink following).
+
+    Iterative (a stack, not recursion): a path may have 2,000 components.
+    """
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        _walk_dir(w, rel_dir, stack)
+
+
+def _walk_dir(w: _Walk, rel_dir: str, stack: list[str]) -> None:
+    path = w.root / rel_dir if rel_dir else w.root
+    try:
+        it = os.scandir(path)
+    except OSError as exc:
+        w.plan.failed.append((rel_dir or ".", f"cannot list: {exc.strerror}"))
+        return
+    with it:
+        for d in it:
+            rel = f"{rel_dir}/{d.name}" if rel_dir else d.name
+            w.plan.tree_entries += 1
+            if d.name.startswith(keymap.RESERVED_PREFIX) or (
+                    not rel_dir and d.name in KEEP_AT_ROOT and rel not in w.wanted):
+                w.plan.kept += 1
+                continue
+            try:
+                st = d.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            want = w.wanted.pop(rel, None)
+            if want is not None and want.kind == keymap.TARBALL:
+                # Its content comes from the tarball: never walked, never pruned.
+                if not stat.S_ISDIR(st.st_mode):
+                    w.plan.changes.append(Change("ingest", rel, "not a directory", want.key,
+                                                 want.size))
+                elif w.reingest:
+                    w.plan.changes.append(Change("ingest", rel, "reingest requested",
+                                                 want.key, want.size))
+                else:
+                    w.plan.in_sync += 1
+                    w.plan.kept += 1
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if want is not None:
+                    w.plan.changes.append(Change("put", rel, "a directory where the bucket "
+                                                 "has an object", want.key, want.size))
+                elif rel in w.wanted_dirs:
+                    stack.append(rel)
+                else:
+                    w.plan.changes.append(Change("delete", rel, "directory not in the bucket"))
+                continue
+            if want is None:
+                w.plan.changes.append(Change("delete", rel, "not in the bucket"))
+                continue
+            _compare(w, rel, str(path / d.name), st, want)
+
+
+def _compare(w: _Walk, rel: str, full: str, st: os.stat_result, want: Wanted) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(full).encode("utf-8", "surrogateescape")
+        except OSError:
+            target = b""
+        # A symlink's object body is its target (rclone's .rclonelink, s3fs).
+        same = len(target) == want.size and hashlib.md5(
+            target, usedforsecurity=False).hexdigest() == want.etag.lower()
+        if same:
+            w.plan.in_sync += 1
+        else:
+            w.plan.changes.append(Change("put", rel, "symlink differs", want.key, want.size))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        w.plan.changes.append(Change("put", rel, "not a regular file", want.key, want.size))
+        return
+    if want.kind == keymap.SYMLINK_RCLONE:
+        w.plan.changes.append(Change("put", rel, "a file where the bucket has a symlink",
+                                     want.key, want.size))
+        return
+    if st.st_size != want.size:
+        w.plan.changes.append(Change("put", rel, f"size {st.st_size} != {want.size}",
+                                     want.key, want.size))
+        return
+    if stat.S_IMODE(st.st_mode) not in (0o644, 0o755):
+        w.plan.changes.append(Change("put", rel, f"mode {stat.S_IMODE(st.st_mode):o}",
+                                     want.key, want.size))
+        return
+    if w.quick and want.modified and want.modified < st.st_mtime - 2:
+        w.plan.in_sync += 1  # published after the object's last change
+        return
+    w.to_hash.append((rel, want))
+
+
+def diff(root: Path, wanted: dict[str, Wanted], plan: Plan, *, quick: bool = False,
+         reingest: bool = False, workers: int = 4) -> None:
+    """Fill ``plan.changes`` with what differs between ``root`` and ``wanted``.
+
+    ``wanted`` is consumed (what is left over is missing from the tree).
+    """
+    wanted_dirs: set[str] = set()
+    for path in wanted:
+        for a in _ancestors(path):
+            wanted_dirs.add(a)
+    for path in list(wanted):
+        if path in wanted_dirs and wanted[path].kind != keymap.TARBALL:
+            # S3 allows keys "a" and "a/b"; a file system does not: the directory wins.
+            w = wanted.pop(path)
+            plan.skipped.append((w.key, "other objects use this path as a directory"))
+    walk = _Walk(root, wanted, wanted_dirs, plan, quick, reingest)
+    _walk(walk)
+    # Content hashes, in parallel (I/O bound; hashlib releases the GIL).
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(lambda item: content_matches(str(root / item[0]), item[1].size,
+                                                        item[1].etag), walk.to_hash)
+        for (rel, want), same in zip(walk.to_hash, results, strict=True):
+            plan.hashed += 1
+            if same:
+                plan.in_sync += 1
+            else:
+                plan.changes.append(Change("put", rel, "content differs", want.key, want.size))
+    for path, want in wanted.items():
+        op = "ingest" if want.kind == keymap.TARBALL else "put"
+        plan.changes.append(Change(op, path, "missing", want.key, want.size))
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def _download(s3: Any, bucket: str, st: Staging, ch: Change) -> Entry:
+    """GET the object into staging and build its entry (the consumers' rules)."""
+    started = time.time()
+    try:
+        resp = s3.get_object(Bucket=bucket, Key=ch.key)
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404"):
+            op = "ingest-delete" if ch.op == "ingest" else "delete"
+            return Entry(ch.path, op, key=ch.key, time=started)
+        raise
+    tmp, fh = st.new_download()
+    head = b""
+    size = 0
+    try:
+        with fh:
+            body = resp["Body"]
+            try:
+                for chunk in body.iter_chunks(_CHUNK):
+                    if len(head) < _HEAD_BYTES:
+                        head += chunk[:_HEAD_BYTES - len(head)]
+                    fh.write(chunk)
+                    size += len(chunk)
+            finally:
+                body.close()
+        etag = str(resp.get("ETag", "")).strip('"')
+        if ch.op == "ingest":
+            gz = ch.key.endswith((".tar.gz", ".tgz"))
+            oid = st.commit_object(tmp)
+            return Entry(ch.path, "ingest", object=oid, compression="gzip" if gz else "none",
+                         key=ch.key, size=size, etag=etag, time=started)
+        decision = modes.decide(resp.get("Metadata") or {}, head, ch.key)
+        if decision.kind == modes.SYMLINK:
+            target = modes.valid_symlink_target(Path(tmp).read_bytes()[:modes.MAX_TARGET_BYTES + 1])
+            st.discard_download(tmp)
+            return Entry(ch.path, "symlink", mode=decision.mode, target=target, key=ch.key,
+                         size=size, etag=etag, time=started)
+        oid = st.commit_object(tmp)
+        return Entry(ch.path, "put", mode=decision.mode, object=oid, key=ch.key, size=size,
+                     etag=etag, time=started)
+    except BaseException:
+        st.discard_download(tmp)
+        raise
+
+
+def _stage_one(s3: Any, bucket: str, st: Staging, ch: Change) -> None:
+    entry = (Entry(ch.path, "delete", time=time.time()) if ch.op == "delete"
+             else _download(s3, bucket, st, ch))
+    newer = st.pending_get(ch.path)
+    if newer is not None and newer.time > entry.time:
+        # A consumer staged a fresher state of this path while we downloaded.
+        if entry.object:
+            with contextlib.suppress(FileNotFoundError):
+                st.object_path(entry).unlink()
+        return
+    st.stage(entry)
+
+
+def stage_changes(s3: Any, bucket: str, st: Staging, plan: Plan, workers: int) -> None:
+    """Stage every change of ``plan`` (downloads in parallel); failures are listed."""
+    st.ensure()
+
+    def one(ch: Change) -> tuple[Change, str]:
+        try:
+            _stage_one(s3, bucket, st, ch)
+            return ch, ""
+        except Permanent as exc:
+            return ch, str(exc)
+        except Exception as exc:
+            return ch, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for ch, err in pool.map(one, plan.changes):
+            if err:
+                plan.failed.append((ch.path, err))
+                log.error("repository=%s step=reconcile path=%r key=%r error=%s",
+                          plan.repository, ch.path, ch.key, err)
+            else:
+                plan.staged += 1
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def reconcile(cfg: Config, repo: str, dry_run: bool = False, *, s3: Any = None,
+              quick: bool = False, reingest: bool = False, workers: int | None = None) -> Plan:
+    """Diff ``repo``'s published tree with its bucket and stage the differences.
+
+    ``dry_run``: compute and return the plan only (print it with ``str()``).
+    ``quick``: trust a file published after its object's last modification
+    when the sizes agree (no content hash). ``reingest``: stage every tarball
+    again. ``s3``: a boto3 S3 client (default: from ``cfg.s3``).
+    """
+    t0 = time.monotonic()
+    validate_repository(repo, cfg.cvmfs.domain)
+    bucket = label_of(repo)
+    plan = Plan(repo, bucket, cfg.s3.prefix, dry_run)
+    root = Path(cfg.cvmfs.mount_dir) / repo
+    if not root.is_dir() or root.is_symlink():
+        raise ReconcileError(f"{root} is not a mounted repository: provision it first", repo)
+    if s3 is None:
+        s3 = RGW(cfg.s3, max_pool_connections=max(10, (workers or 0) * 2)).s3
+    n = workers or max(4, cfg.consumers.downloads)
+    try:
+        wanted = list_bucket(s3, bucket, cfg.s3.prefix, cfg.cvmfs.tarball_dir, plan)
+    except Exception as exc:
+        raise classify(exc, f"ListObjectsV2 {bucket}", repo) from None
+    diff(root, wanted, plan, quick=quick, reingest=reingest, workers=n)
+    if not dry_run and plan.changes:
+        stage_changes(s3, bucket, Staging(cfg.cvmfs.staging_dir, repo), plan, n)
+    plan.seconds = time.monotonic() - t0
+    log.info("repository=%s step=reconcile outcome=%s objects=%d changes=%d staged=%d "
+             "failed=%d took=%.1fs", repo, "planned" if dry_run else "staged", plan.objects,
+             len(plan.changes), plan.staged, len(plan.failed), plan.seconds)
+    return plan

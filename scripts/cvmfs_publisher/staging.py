@@ -1,0 +1,309 @@
+"""Staging: the pending changes of one repository, on the shared volume.
+
+Layout under ``<staging_dir>/<repo>/`` (``/data/cvmfs/<repo>``)::
+
+    .lock                 flock(2) file: every mutation and every batch take holds it
+    .seq                  last sequence number given to an entry
+    pending/<h>.json      one entry per repository path (h = sha256 of the path):
+                          the *latest* wanted state of that path
+    objects/<id>          content of staged files and tarballs (referenced by entries)
+    tmp/                  downloads in progress (never referenced; swept at start-up)
+    batch/                the batch the sync daemon is publishing (at most one)
+
+Why this shape:
+- Staging holds pending changes only, never a copy of the repository: a
+  path changed twice before a publish keeps one entry and one object.
+- A crash at any instruction leaves the old or the new state: objects are
+  written to ``tmp/``, fsynced and renamed into ``objects/``; an entry is
+  written to ``tmp/``, fsynced and renamed over ``pending/<h>.json``; the
+  sync daemon takes a batch with one ``rename(pending, batch)`` under the
+  lock. Orphans (objects no entry references) are swept at start-up.
+- ``flock`` on a file in the shared volume works across containers on one
+  host, so the consumers (writers) and the sync daemon (batch taker) can
+  run in different containers.
+
+Entry (JSON)::
+
+    {"path": "tools/bin/run.sh", "op": "put"|"symlink"|"delete"|"ingest"|"ingest-delete",
+     "mode": 493, "object": "<id>", "target": "<symlink target>",
+     "compression": "none"|"gzip", "key": "cvmfs/tools/bin/run.sh", "size": 12,
+     "etag": "...", "seq": 17, "time": 1764130000.0, "first_time": 1764129990.0}
+
+``ingest`` / ``ingest-delete`` entries are keyed by their ingest directory
+(``software/<tarball path without extension>``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+OPS = ("put", "symlink", "delete", "ingest", "ingest-delete")
+
+
+class StagingError(Exception):
+    """Staging is unusable (not a directory, a symlink where a directory should be...)."""
+
+
+@dataclass
+class Entry:
+    """The wanted state of one repository path (or ingest directory)."""
+
+    path: str
+    op: str
+    mode: int = 0o644
+    object: str = ""
+    target: str = ""
+    compression: str = "none"
+    key: str = ""
+    size: int = 0
+    etag: str = ""
+    seq: int = 0
+    time: float = field(default_factory=time.time)
+    first_time: float = 0.0
+
+    @property
+    def is_ingest(self) -> bool:
+        return self.op in ("ingest", "ingest-delete")
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Entry:
+        if doc.get("op") not in OPS or not isinstance(doc.get("path"), str):
+            raise ValueError(f"invalid staging entry: {doc!r:.200}")
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+
+
+def entry_name(path: str) -> str:
+    return hashlib.sha256(path.encode("utf-8")).hexdigest() + ".json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` and fsync it (no rename here)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Staging:
+    """Staging area of one repository."""
+
+    def __init__(self, staging_dir: str | os.PathLike[str], repo: str) -> None:
+        self.repo = repo
+        self.root = Path(staging_dir) / repo
+        self.pending = self.root / "pending"
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.batch_dir = self.root / "batch"
+        self._lock_path = self.root / ".lock"
+        self._seq_path = self.root / ".seq"
+
+    # -- set-up and locking ------------------------------------------------------------
+
+    def ensure(self) -> Staging:
+        """Create the layout (idempotent); refuse symlinks in our own structure."""
+        base = self.root.parent
+        base.mkdir(parents=True, exist_ok=True)
+        for d in (self.root, self.pending, self.objects, self.tmp):
+            if d.is_symlink():
+                raise StagingError(f"{d} is a symlink; refusing to use it")
+            d.mkdir(mode=0o750, exist_ok=True)
+        return self
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive flock on ``.lock`` (blocks; held briefly by every party)."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _next_seq(self) -> int:
+        try:
+            seq = int(self._seq_path.read_text() or 0) + 1
+        except (FileNotFoundError, ValueError):
+            seq = 1
+        tmp = self.tmp / f".seq.{uuid.uuid4().hex}"
+        _write_durable(tmp, str(seq).encode())
+        os.replace(tmp, self._seq_path)
+        return seq
+
+    # -- writers (consumers) ---------------------------------------------------------------
+
+    def new_download(self) -> tuple[Path, IO[bytes]]:
+        """A fresh temporary file in ``tmp/`` for streaming an object into."""
+        path = self.tmp / f"dl-{uuid.uuid4().hex}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        return path, os.fdopen(fd, "wb")
+
+    def commit_object(self, tmp_path: Path) -> str:
+        """fsync a finished download and move it into ``objects/``; returns its id."""
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        oid = uuid.uuid4().hex
+        os.rename(tmp_path, self.objects / oid)
+        _fsync_dir(self.objects)
+        return oid
+
+    def stage(self, entry: Entry) -> Entry:
+        """Make ``entry`` the pending state of its path, atomically and durably.
+
+        Replaces an older pending entry of the same path (and drops that
+        entry's object); an entry already taken into the batch is not
+        touched, so the sync daemon's batch stays consistent.
+        """
+        if entry.op not in OPS:
+            raise ValueError(f"unknown op {entry.op!r}")
+        name = entry_name(entry.path)
+        with self.locked():
+            old = self._read(self.pending / name)
+            entry.seq = self._next_seq()
+            entry.first_time = old.first_time if old else entry.time
+            tmp = self.tmp / f"entry-{uuid.uuid4().hex}"
+            _write_durable(tmp, json.dumps(asdict(entry), sort_keys=True).encode())
+            os.replace(tmp, self.pending / name)
+            _fsync_dir(self.pending)
+            if old and old.object and old.object != entry.object:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.objects / old.object).unlink()
+        return entry
+
+    def discard_download(self, tmp_path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+    # -- readers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _read(path: Path) -> Entry | None:
+        try:
+            return Entry.from_dict(json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return None
+
+    def _entries(self, directory: Path) -> list[Entry]:
+        out = []
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if name.endswith(".json"):
+                e = self._read(directory / name)
+                if e is not None:
+                    out.append(e)
+        return sorted(out, key=lambda e: e.seq)
+
+    def pending_entries(self) -> list[Entry]:
+        """Pending entries in staging order (seq)."""
+        return self._entries(self.pending)
+
+    def pending_count(self) -> int:
+        try:
+            return sum(1 for n in os.listdir(self.pending) if n.endswith(".json"))
+        except FileNotFoundError:
+            return 0
+
+    def pending_get(self, path: str) -> Entry | None:
+        return self._read(self.pending / entry_name(path))
+
+    def object_path(self, entry: Entry) -> Path:
+        return self.objects / entry.object
+
+    # -- the sync daemon's side ------------------------------------------------------------
+
+    def batch_entries(self) -> list[Entry]:
+        """The batch in progress (after a crash: the one to replay)."""
+        return self._entries(self.batch_dir)
+
+    def has_batch(self) -> bool:
+        return self.batch_dir.is_dir()
+
+    def take_batch(self) -> list[Entry]:
+        """Move every pending entry into ``batch/`` in one rename; returns them.
+
+        If a batch already exists (a crash before it was published or
+        cleaned), it is returned unchanged: it must be applied first.
+        """
+        with self.locked():
+            if not self.batch_dir.is_dir():
+                if self.pending_count() == 0:
+                    return []
+                os.rename(self.pending, self.batch_dir)
+                self.pending.mkdir(mode=0o750)
+                _fsync_dir(self.root)
+        return self.batch_entries()
+
+    def finish_batch(self) -> None:
+        """The batch is published: drop its entries and their objects."""
+        with self.locked():
+            live = {e.object for e in self.pending_entries() if e.object}
+            for e in self.batch_entries():
+                if e.object and e.object not in live:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.objects / e.object).unlink()
+            tmp = self.root / f".done-{uuid.uuid4().hex}"
+            if self.batch_dir.is_dir():
+                os.rename(self.batch_dir, tmp)
+                _fsync_dir(self.root)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def sweep(self) -> int:
+        """Remove leftovers of a crash: tmp files and unreferenced objects."""
+        removed = 0
+        with self.locked():
+            for name in os.listdir(self.tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.tmp / name).unlink()
+                    removed += 1
+            for leftover in self.root.glob(".done-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            live = {e.object for e in self.pending_entries() + self.batch_entries() if e.object}
+            for name in os.listdir(self.objects):
+                if name not in live:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.objects / name).unlink()
+                        removed += 1
+        return removed
+
+    def timing(self) -> tuple[float, float] | None:
+        """(oldest first_time, newest time) of pending entries, or None when empty."""
+        entries = self.pending_entries()
+        if not entries:
+            return None
+        return (min(e.first_time or e.time for e in entries), max(e.time for e in entries))
+
+
+def repositories(staging_dir: str | os.PathLike[str]) -> list[str]:
+    """Repositories that have a staging directory."""
+    try:
+        return sorted(d.name for d in Path(staging_dir).iterdir()
+                      if d.is_dir() and not d.is_symlink() and not d.name.startswith("."))
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,450 @@
+"""publisher-consumer end to end on real RabbitMQ, OpenBao and Ceph RGW.
+
+The only double is ``cvmfs_server`` (tests/cvmfs_server_double.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cvmfs_publisher.devstack import rabbitmq as rabbit_mod
+from cvmfs_publisher.names import label_of
+from cvmfs_publisher.rgw import RGW
+from tests.conftest import DOMAIN, REPO_ROOT, Stack, secrets_in_use, unique_label
+from tests.provision.helpers import Amqp, cleanup_amqp, consumers, running, wait_until
+
+KEYS = {
+    "publicKey": "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0B\n-----END PUBLIC KEY-----\n",
+    "certificateKey": "-----BEGIN CERTIFICATE-----\nMIIC+zCCAeOgAwIB\n-----END CERTIFICATE-----\n",
+    "gatewayKey": "plain_text gwkey1 GATEWAYSECRET-0123456789abcdef\n",
+    "masterKey": "-----BEGIN PRIVATE KEY-----\nMASTERKEY-DO-NOT-LEAK\n-----END PRIVATE KEY-----\n",
+}
+
+
+class Scenario:
+    """One repository under test, with its labels and clean-up."""
+
+    def __init__(self, stack: Stack, broker: rabbit_mod.Broker, openbao, ceph,
+                 kind: str = "personal", **overrides: dict) -> None:
+        self.stack = stack
+        self.broker = broker
+        self.label = unique_label("repo-")
+        self.repo = f"{self.label}.{DOMAIN}"
+        self.subject = "0f1e2d3c-" + unique_label("s")
+        self.kind = kind
+        self.cfg = stack.config(**overrides)
+        self.rgw = RGW(self.cfg.s3, self.cfg.rgw)
+        self.keys = dict(KEYS, gatewayKey=f"plain_text gwkey1 {unique_label('GWSECRET')}\n")
+        if kind == "personal":
+            self.vault_path = f"{self.subject}/cvmfs_keys/{self.repo}"
+        else:
+            self.vault_path = f"groups/{self.label}/cvmfs_keys/{self.repo}"
+        openbao.put_keys(self.vault_path, self.keys)
+        self.rgw.s3.create_bucket(Bucket=self.label)
+        self.amqp = Amqp(self.cfg)
+
+    @property
+    def csv(self) -> str:
+        return f"alice,{self.subject},{self.repo},{'P' if self.kind == 'personal' else 'G'}"
+
+    def json(self, action: str = "create") -> str:
+        return json.dumps({"action": action, "user": "alice", "subject": self.subject,
+                           "repository": self.repo, "type": self.kind})
+
+    @property
+    def keys_dir(self) -> Path:
+        return Path(self.cfg.cvmfs.keys_dir)
+
+    @property
+    def double_root(self) -> Path:
+        return Path(self.cfg.cvmfs.repositories_dir).parents[2]
+
+    def calls(self, command: str) -> list[dict]:
+        path = self.double_root / "double" / "calls.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            call = json.loads(line)
+            if call["argv"][1:2] == [command] or call["argv"][0:1] == [command]:
+                out.append(call)
+        return out
+
+    def log_text(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in Path(self.cfg.log.dir).glob("*"))
+
+    def assert_no_secrets(self) -> None:
+        text = self.log_text()
+        status = "".join(p.read_text() for p in Path(self.cfg.status.dir).glob("*.json"))
+        for secret in [*secrets_in_use(self.stack), self.keys["gatewayKey"].split()[-1],
+                       "MASTERKEY-DO-NOT-LEAK"]:
+            assert secret not in text, "a secret leaked into the logs"
+            assert secret not in status, "a secret leaked into the status document"
+
+    def close(self) -> None:
+        self.amqp.close()
+        try:
+            self.rgw.delete_notification(self.label)
+            self.rgw.delete_topic(self.label)
+            for obj in self.rgw.s3.list_objects_v2(Bucket=self.label).get("Contents", []):
+                self.rgw.s3.delete_object(Bucket=self.label, Key=obj["Key"])
+            self.rgw.s3.delete_bucket(Bucket=self.label)
+        except Exception:  # the test may have removed them already
+            pass
+        cleanup_amqp(self.cfg, self.broker, [self.label])
+
+
+@pytest.fixture
+def scenario(stack, broker, openbao, ceph):
+    made: list[Scenario] = []
+
+    def make(**kw) -> Scenario:
+        s = Scenario(stack, broker, openbao, ceph, **kw)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.assert_no_secrets()
+        s.close()
+
+
+def assert_provisioned(s: Scenario, broker: rabbit_mod.Broker) -> None:
+    # keys: .pub/.crt 0444, .gw 0400, masterKey nowhere, directory private
+    for ext, mode in (("pub", 0o444), ("crt", 0o444), ("gw", 0o400)):
+        p = s.keys_dir / f"{s.repo}.{ext}"
+        assert p.stat().st_mode & 0o777 == mode, f"{p} mode"
+    assert (s.keys_dir / f"{s.repo}.gw").read_text() == s.keys["gatewayKey"]
+    assert (s.keys_dir / f"{s.repo}.pub").read_text() == s.keys["publicKey"]
+    assert s.keys_dir.stat().st_mode & 0o777 == 0o700
+    assert not list(s.keys_dir.glob(".*")), "temporary key directory left behind"
+    for path in s.double_root.rglob("*"):
+        if path.is_file() and path.stat().st_size < 1 << 20:
+            assert b"MASTERKEY-DO-NOT-LEAK" not in path.read_bytes(), f"masterKey in {path}"
+    # gateway-mode mkfs with the contract's arguments
+    mkfs = s.calls("mkfs")
+    assert mkfs, "mkfs was not called"
+    assert mkfs[-1]["argv"][1:] == [
+        "mkfs", "-w", f"http://stratum0.test/cvmfs/{s.repo}",
+        "-u", f"gw,/srv/cvmfs/{s.repo}/data/txn,http://gateway.test:4929/api/v1",
+        "-k", str(s.keys_dir), "-o", "root", s.repo]
+    assert (Path(s.cfg.cvmfs.repositories_dir) / s.repo).is_dir()
+    # RGW topic: attributes as DESIGN §2
+    arn = s.rgw.find_topic(s.label)
+    assert arn
+    attrs = s.rgw.get_topic_attributes(arn)
+    endpoint = json.loads(attrs["EndPoint"]) if attrs.get("EndPoint", "").startswith("{") \
+        else attrs
+    assert "amqp://127.0.0.1:5672" in json.dumps(endpoint)
+    assert "notification" in json.dumps(attrs)
+    assert "broker" in json.dumps(attrs)
+    # bucket notification on cvmfs/ for created and removed events
+    confs = s.rgw.get_notifications(s.label)
+    assert len(confs) == 1
+    assert confs[0]["TopicArn"] == arn
+    assert set(confs[0]["Events"]) == {"s3:ObjectCreated:*", "s3:ObjectRemoved:*"}
+    rules = confs[0]["Filter"]["Key"]["FilterRules"]
+    assert {"Name": "prefix", "Value": "cvmfs/"} in rules
+    # the repository's quorum queue, bound with routing key = label
+    q = broker.api("GET", f"/api/queues/%2F/{s.label}")
+    args = q["arguments"]  # type: ignore[index]
+    assert args["x-queue-type"] == "quorum"
+    assert args["x-single-active-consumer"] is True
+    assert args["x-delivery-limit"] == s.cfg.amqp.delivery_limit
+    assert args["x-dead-letter-exchange"] == s.cfg.amqp.dead_letter_exchange
+    bindings = broker.api("GET", "/api/exchanges/%2F/notification/bindings/source")
+    assert {(b["destination"], b["routing_key"]) for b in bindings  # type: ignore[union-attr]
+            if b["destination"] == s.label} == {(s.label, s.label)}
+
+
+def put_and_expect_event(s: Scenario) -> dict:
+    s.rgw.s3.put_object(Bucket=s.label, Key="outside/ignored.txt", Body=b"no event")
+    s.rgw.s3.put_object(Bucket=s.label, Key="cvmfs/x", Body=b"hello")
+
+    bodies = s.amqp.consume(s.label, 20)
+    assert len(bodies) == 1, "expected exactly the cvmfs/ event (none for outside/)"
+    rec = json.loads(bodies[0])["Records"][0]
+    assert rec["s3"]["object"]["key"] == "cvmfs/x"
+    assert rec["s3"]["bucket"]["name"] == s.label
+    return rec
+
+
+def test_personal_repository_end_to_end(scenario, broker) -> None:
+    s = scenario()
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        doc = s.amqp.wait_announcement("created", s.repo)
+        assert doc["queue"] == s.label
+    assert_provisioned(s, broker)
+    put_and_expect_event(s)
+    assert f"repository={s.repo}" in s.log_text()
+
+
+def test_group_repository_from_json(scenario, broker) -> None:
+    s = scenario(kind="group")
+    with running(s.cfg, broker):
+        s.amqp.send(s.json())
+        s.amqp.wait_announcement("created", s.repo)
+    assert_provisioned(s, broker)
+    put_and_expect_event(s)
+
+
+def test_same_message_twice_changes_nothing(scenario, broker) -> None:
+    s = scenario()
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        s.amqp.wait_announcement("created", s.repo)
+        gw_mtime = (s.keys_dir / f"{s.repo}.gw").stat().st_mtime_ns
+        s.amqp.send(f"  alice , {s.subject} , {s.repo} , P  ")
+        s.amqp.wait_announcement("created", s.repo)
+    assert len(s.calls("mkfs")) == 1
+    assert (s.keys_dir / f"{s.repo}.gw").stat().st_mtime_ns == gw_mtime
+    assert len(s.rgw.get_notifications(s.label)) == 1
+    assert "outcome=unchanged" in s.log_text()
+    assert_provisioned(s, broker)
+
+
+def test_delete_undoes_everything(scenario, broker) -> None:
+    s = scenario()
+    staging = Path(s.cfg.cvmfs.staging_dir) / s.repo
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        s.amqp.wait_announcement("created", s.repo)
+        (staging / "pending").mkdir(parents=True)
+        s.amqp.send(s.json("delete"))
+        s.amqp.wait_announcement("deleted", s.repo)
+        # deleting again is harmless
+        s.amqp.send(s.json("delete"))
+        s.amqp.wait_announcement("deleted", s.repo)
+    assert s.rgw.find_topic(s.label) is None
+    assert s.rgw.get_notifications(s.label) == []
+    with pytest.raises(OSError):
+        broker.api("GET", f"/api/queues/%2F/{s.label}")
+    assert not (Path(s.cfg.cvmfs.repositories_dir) / s.repo).exists()
+    assert [c["argv"][1:] for c in s.calls("rmfs")] == [["rmfs", "-f", s.repo]]
+    assert not list(s.keys_dir.glob(f"{s.repo}.*"))
+    assert not staging.exists()
+
+
+def test_mkfs_leftover_is_removed_and_created_again(scenario, broker) -> None:
+    s = scenario()
+    # a failed mkfs leaves repositories.d/<repo> behind (observed on the real tool)
+    leftover = Path(s.cfg.cvmfs.repositories_dir) / s.repo
+    leftover.mkdir(parents=True)
+    (leftover / "server.conf").write_text("# Created by cvmfs_server.\n")
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        s.amqp.wait_announcement("created", s.repo)
+    assert [c["argv"][1:] for c in s.calls("rmfs")] == [["rmfs", "-f", s.repo]]
+    assert_provisioned(s, broker)
+
+
+def test_existing_queue_without_arguments_is_adopted(scenario, broker) -> None:
+    s = scenario()
+    # the seed's deployment declared the queue as a plain classic queue
+    s.amqp.ch.queue_declare(s.label, durable=True)
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        s.amqp.wait_announcement("created", s.repo)
+    policy = broker.api("GET", f"/api/policies/%2F/cvmfs-repo-{s.label}")
+    assert policy["definition"]["dead-letter-exchange"] == s.cfg.amqp.dead_letter_exchange  # type: ignore[index]
+    assert "delivery-limit" not in policy["definition"]  # type: ignore[index] # classic queue
+    assert "is a classic queue" in s.log_text()
+    wait_until("policy applied", lambda: broker.api("GET", f"/api/queues/%2F/{s.label}")
+               .get("effective_policy_definition", {}).get("dead-letter-exchange"), 20)
+    put_and_expect_event(s)
+
+
+BAD_INPUTS = {
+    "garbage bytes": b"\xff\xfe\x00\x81garbage",
+    "wrong field count": b"alice,subject,onlythree.infn.it",
+    "invalid repository name": b"alice,subj,Bad_Name.infn.it,P",
+    "foreign domain": b"alice,subj,alice.example.org,P",
+    "subject with slash": b"alice,../../sys/policy,alice-x.infn.it,P",
+    "subject with dots": b"alice,a..b,alice-x.infn.it,P",
+    "unknown type": b"alice,subj,alice-x.infn.it,X",
+    "json unknown action": json.dumps({"action": "explode", "user": "a", "subject": "s",
+                                       "repository": "a-x.infn.it", "type": "personal"}).encode(),
+    "json not an object": b"[1,2,3]",
+    "one mebibyte": b"a," * (1 << 19),
+    "empty": b"",
+}
+
+
+def test_bad_inputs_are_dead_lettered_and_write_nothing(scenario, broker) -> None:
+    s = scenario()
+    with running(s.cfg, broker):
+        for body in BAD_INPUTS.values():
+            s.amqp.send(body)
+        dead = s.amqp.dead_letters(len(BAD_INPUTS))
+    bodies = {body for _, body in dead}
+    assert bodies == set(BAD_INPUTS.values())
+    for props, _ in dead:
+        assert props.headers["x-error"].startswith("bad publisher message")
+        assert props.headers["x-original-queue"] == s.cfg.amqp.publisher_queue
+    assert s.calls("mkfs") == []
+    assert not s.keys_dir.exists() or not list(s.keys_dir.iterdir())
+    assert s.amqp.queue_depth(s.cfg.amqp.publisher_queue) == 0
+    errors = [ln for ln in s.log_text().splitlines() if "outcome=dead-lettered" in ln]
+    assert len(errors) == len(BAD_INPUTS)
+    status = json.loads((Path(s.cfg.status.dir) / "publisher-consumer.json").read_text())
+    assert status["dead_lettered"] == len(BAD_INPUTS)
+
+
+def test_keys_absent_from_vault_is_permanent(scenario, broker, openbao) -> None:
+    s = scenario()
+    with running(s.cfg, broker):
+        s.amqp.send(f"alice,nobody-{s.subject},{s.repo},P")
+        (props, _), = s.amqp.dead_letters(1)
+    assert "no keys in Vault" in props.headers["x-error"]
+    assert props.headers["x-repository"] == s.repo
+    assert s.calls("mkfs") == []
+    line = next(ln for ln in s.log_text().splitlines() if "dead-lettered" in ln)
+    assert f"repository={s.repo}" in line and "no keys in Vault" in line
+
+
+def test_vault_down_then_back(scenario, broker, openbao) -> None:
+    s = scenario(publisher={"max_attempts": 20})
+    openbao.stop()
+    try:
+        with running(s.cfg, broker):
+            s.amqp.send(s.csv)
+            wait_until("a retry after Vault was unreachable",
+                       lambda: "outcome=retry" in s.log_text() and "Vault unreachable"
+                       in s.log_text(), 20)
+            # another message behind it is not blocked by the retried one
+            s.amqp.send(b"not,a,valid")
+            s.amqp.dead_letters(1)
+            openbao.start()
+            s.amqp.wait_announcement("created", s.repo, timeout=40)
+    finally:
+        if openbao.proc is None:
+            openbao.start()
+    assert_provisioned(s, broker)
+
+
+def test_rgw_down_then_back(scenario, broker, ceph) -> None:
+    s = scenario(publisher={"max_attempts": 20})
+    ceph.stop_rgw()
+    try:
+        with running(s.cfg, broker):
+            s.amqp.send(s.csv)
+            wait_until("a retry after RGW was unreachable",
+                       lambda: "outcome=retry" in s.log_text() and "RGW unreachable"
+                       in s.log_text(), 30)
+            ceph.start_rgw()
+            s.amqp.wait_announcement("created", s.repo, timeout=40)
+    finally:
+        if not ceph.rgw_alive():
+            ceph.start_rgw()
+    assert_provisioned(s, broker)
+
+
+def test_gives_up_after_max_attempts(scenario, broker) -> None:
+    s = scenario(publisher={"max_attempts": 2})
+    faults = s.double_root / "double" / "faults.json"
+    faults.parent.mkdir(parents=True, exist_ok=True)
+    fail = {"rc": 1, "stdout": "", "stderr": "Stratum0 not reachable"}
+    faults.write_text(json.dumps({"mkfs": [fail, fail, fail]}))
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        (props, _), = s.amqp.dead_letters(1, timeout=30)
+    assert "gave up" in s.log_text()
+    assert props.headers["x-attempts"] == 2
+    assert "exited 1" in props.headers["x-error"]
+
+
+def test_broker_connection_killed_mid_message(scenario, broker) -> None:
+    """The ack of a finished provisioning is lost with the connection: redelivered, no harm."""
+    s = scenario()
+    from cvmfs_publisher.daemons.publisher_consumer import PublisherConsumer
+    from cvmfs_publisher.status import StatusDocument
+
+    daemon = PublisherConsumer(s.cfg, StatusDocument(
+        Path(s.cfg.status.dir) / "publisher-consumer.json", "publisher-consumer"))
+    original = daemon.provisioner.create
+    in_handler, killed = threading.Event(), threading.Event()
+    calls = []
+
+    def create(req, conn, ch):
+        calls.append(req)
+        result = original(req, conn, ch)
+        if len(calls) == 1:
+            in_handler.set()
+            killed.wait(20)
+            time.sleep(0.5)
+        return result
+
+    daemon.provisioner.create = create  # type: ignore[method-assign]
+    with running(s.cfg, broker, daemon):
+        s.amqp.send(s.csv)
+        assert in_handler.wait(30)
+        assert rabbit_mod.close_connections(broker, "publisher-consumer") == 1
+        killed.set()
+        wait_until("redelivery after reconnect", lambda: len(calls) >= 2, 30)
+        wait_until("queue drained", lambda: s.amqp.queue_depth(
+            s.cfg.amqp.publisher_queue) == 0 and "outcome=unchanged" in s.log_text(), 30)
+    assert "amqp connection lost" in s.log_text()
+    assert len(s.calls("mkfs")) == 1
+    assert s.amqp.get(s.cfg.amqp.dead_letter_queue) is None
+    assert_provisioned(s, broker)
+
+
+def test_wrapped_secret_id(scenario, broker, openbao, tmp_path) -> None:
+    wrapped = tmp_path / "wrapped_secret_id"
+    wrapped.write_text(openbao.wrapped_secret_id())
+    s = scenario(vault={"secret_id_file": str(wrapped), "secret_id_wrapped": True})
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        s.amqp.wait_announcement("created", s.repo)
+    assert wrapped.read_text() not in s.log_text()
+    assert_provisioned(s, broker)
+
+
+def test_daemon_process_sigterm_and_config_errors(scenario, broker, tmp_path) -> None:
+    s = scenario()
+    cfg_file = s.stack.write(**{"amqp": {"publisher_queue": s.cfg.amqp.publisher_queue,
+                                         "control_exchange": s.cfg.amqp.control_exchange,
+                                         "dead_letter_exchange": s.cfg.amqp.dead_letter_exchange,
+                                         "dead_letter_queue": s.cfg.amqp.dead_letter_queue}})
+    env = s.stack.subprocess_env()
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts/publisher_consumer.py"),
+                             "--config", str(cfg_file)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until("consumer up", lambda: consumers(broker, s.cfg.amqp.publisher_queue), 30)
+        s.amqp.send(s.csv)
+        s.amqp.wait_announcement("created", s.repo)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read().decode()  # type: ignore[union-attr]
+    assert "publisher-consumer stopped" in (Path(s.cfg.log.dir) / "publisher-consumer.log"
+                                            ).read_text()
+    assert out == ""  # log.stdout is false in tests: nothing else is printed
+    # configuration errors: one line naming the key, exit 78
+    bad = tmp_path / "bad.yaml"
+    for text, key in (("amqp:\n  hots: x\n", "amqp.hots"), ("amqp:\n  port: abc\n", "amqp.port"),
+                      ("amqp:\n  password: inline\n", "amqp.password"),
+                      ("log:\n  dir: /tmp\n", "amqp.password")):
+        bad.write_text(text)
+        res = subprocess.run([sys.executable, "-m", "cvmfs_publisher.daemons.publisher_consumer",
+                              "--config", str(bad)], env={**env, "CVMFS_PUBLISHER_CONFIG": ""},
+                             capture_output=True, text=True, timeout=30, check=False)
+        assert res.returncode == 78, res.stderr
+        assert key in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_label_helper() -> None:
+    assert label_of("alice-personalrepo.infn.it") == "alice-personalrepo"
+    assert os.sep == "/"

@@ -1,0 +1,166 @@
+"""Unit tests of the foundation: configuration, names, messages, log redaction."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cvmfs_publisher import config, logs
+from cvmfs_publisher.messages import BadMessage, parse_announcement, parse_request
+from cvmfs_publisher.names import InvalidName, validate_repository, vault_path
+from cvmfs_publisher.status import StatusDocument, read_status
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "publisher.example.yaml"
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def test_example_config_is_valid_and_complete(tmp_path: Path) -> None:
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    for section in raw.values():
+        for key in list(section):
+            if key.endswith("_file") and section[key].startswith("/run/secrets/"):
+                (tmp_path / key).write_text("x")
+                section[key] = str(tmp_path / key)
+    cfg = config.from_mapping(raw, env={})
+    assert cfg.amqp.publisher_queue == "publisher_queue"
+    assert cfg.amqp.tls is True and cfg.vault.verify is True and cfg.s3.verify is True
+    # every key of the schema appears in the example (it is the reference)
+    text = EXAMPLE.read_text()
+    for section in config.Config.__dataclass_fields__:
+        sub = getattr(cfg, section)
+        for key in sub.__dataclass_fields__:
+            name = f"{key}_file" if f"{section}.{key}" in config.SECRETS else key
+            assert f"{name}:" in text, f"{section}.{name} missing from the example"
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"amqp": {"hots": "x"}}, "amqp.hots: unknown key"),
+    ({"amqpp": {}}, "amqpp: unknown section"),
+    ({"amqp": {"port": "abc"}}, "amqp.port: expected an integer"),
+    ({"amqp": {"port": 70000}}, "amqp.port"),
+    ({"amqp": {"tls": "yes"}}, "amqp.tls: expected true or false"),
+    ({"amqp": {"retry_delays": "5"}}, "amqp.retry_delays: expected a list"),
+    ({"amqp": {"password": "inline"}}, "amqp.password: secrets are not accepted inline"),
+    ({"s3": {"secret_key": "inline"}}, "s3.secret_key: secrets are not accepted inline"),
+    ({"vault": {"secret_id_file": "/nonexistent/x"}}, "vault.secret_id_file: cannot read"),
+    ({"sync": {"quiet_seconds": 10, "max_delay_seconds": 5}}, "sync.max_delay_seconds"),
+    ({"log": {"level": "LOUD"}}, "log.level"),
+    ([1, 2], "top level"),
+])
+def test_config_errors_name_the_key(raw: object, message: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.from_mapping(raw, env={})
+    assert message in str(err.value)
+
+
+def test_env_overrides_and_secret_sources(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cr3t-from-file\n")
+    env = {"CVMFS_PUBLISHER_AMQP__PORT": "5672", "CVMFS_PUBLISHER_AMQP__TLS": "false",
+           "CVMFS_PUBLISHER_AMQP__RETRY_DELAYS": "1,2,3",
+           "CVMFS_PUBLISHER_S3__ACCESS_KEY": "AKENV",
+           "CVMFS_PUBLISHER_S3__SECRET_KEY_FILE": str(secret)}
+    cfg = config.from_mapping({"amqp": {"password_file": str(secret), "port": 1}}, env=env)
+    assert cfg.amqp.port == 5672 and cfg.amqp.tls is False
+    assert cfg.amqp.retry_delays == [1, 2, 3]
+    assert cfg.amqp.password.get() == "s3cr3t-from-file"
+    assert cfg.s3.access_key.get() == "AKENV"
+    assert cfg.s3.secret_key.get() == "s3cr3t-from-file"
+    assert "s3cr3t" not in repr(cfg)
+    with pytest.raises(config.ConfigError, match=r"amqp\.port: expected an integer"):
+        config.from_mapping({}, env={"CVMFS_PUBLISHER_AMQP__PORT": "x"})
+
+
+def test_required_keys_per_daemon() -> None:
+    cfg = config.from_mapping({}, env={})
+    with pytest.raises(config.ConfigError, match=r"amqp\.password: required by publisher-consumer"):
+        config.require(cfg, "publisher-consumer")
+    with pytest.raises(config.ConfigError, match=r"cvmfs.stratum0_url"):
+        config.require(cfg, "cvmfs-repo-sync")
+
+
+# -- names and messages ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["alice-personalrepo.infn.it", "a.infn.it", "x1.y-2.infn.it",
+                                  ("a" * 52) + ".infn.it"])
+def test_valid_repository_names(name: str) -> None:
+    assert validate_repository(name, "infn.it") == name
+
+
+@pytest.mark.parametrize("name", ["", "infn.it", "Alice.infn.it", "a_b.infn.it", "-a.infn.it",
+                                  "a-.infn.it", "a..infn.it", "a.example.org", "a.infn.it.",
+                                  ("a" * 53) + ".infn.it", "a/b.infn.it", "a b.infn.it",
+                                  ("a" * 64) + ".b.infn.it"])
+def test_invalid_repository_names(name: str) -> None:
+    with pytest.raises(InvalidName):
+        validate_repository(name, "infn.it")
+
+
+def test_vault_paths() -> None:
+    assert vault_path("a-x.infn.it", "personal", "sub-1") == "sub-1/cvmfs_keys/a-x.infn.it"
+    assert vault_path("a-x.infn.it", "group", "sub-1") == "groups/a-x/cvmfs_keys/a-x.infn.it"
+    for subject in ("a/b", "..", "a..b", "", "/abs"):
+        with pytest.raises(InvalidName):
+            vault_path("a-x.infn.it", "personal", subject)
+
+
+def test_parse_csv_and_json() -> None:
+    r = parse_request(b" alice , sub-1 , alice-p.infn.it , P \n", "infn.it")
+    assert (r.action, r.user, r.subject, r.repository, r.kind) == (
+        "create", "alice", "sub-1", "alice-p.infn.it", "personal")
+    r = parse_request(json.dumps({"action": "delete", "user": "bob", "subject": "s",
+                                  "repository": "grp.infn.it", "type": "group"}).encode(),
+                      "infn.it")
+    assert (r.action, r.kind) == ("delete", "group")
+
+
+@pytest.mark.parametrize("body", [b"", b"\xff", b"a,b", b"a,b,c,d,e", b"a,s,r.infn.it,Q",
+                                  b"{", b"{}", b'{"action":1}', b"a\x00,s,r.infn.it,P",
+                                  b'{"user":"a","subject":"s","repository":"r.infn.it",'
+                                  b'"type":"personal","extra":1}',
+                                  b"a,s,r.infn.it,P" + b" " * 70000, b"a b,s,r.infn.it,P"])
+def test_bad_messages(body: bytes) -> None:
+    with pytest.raises(BadMessage):
+        parse_request(body, "infn.it")
+
+
+def test_announcements() -> None:
+    assert parse_announcement(b'{"event":"created","repository":"r.infn.it","queue":"r"}')
+    with pytest.raises(BadMessage):
+        parse_announcement(b'{"event":"exploded","repository":"r","queue":"r"}')
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+
+def test_redaction(tmp_path: Path) -> None:
+    log = logs.setup("unit", str(tmp_path), "DEBUG", stdout=False, secrets=["hunter2-secret"])
+    try:
+        raise RuntimeError("login with hunter2-secret failed")
+    except RuntimeError:
+        log.exception("boom amqps://user:pa55word@host:5671/vh token=s.ABCDEFGHIJKLMNOPQRSTUVWX")
+    log.info("secret_id=%s password: %s", "abcd-efgh", "p4ss")
+    for h in logging.getLogger().handlers:
+        h.flush()
+    text = (tmp_path / "unit.log").read_text()
+    for leaked in ("hunter2-secret", "pa55word", "ABCDEFGHIJKLMNOPQRSTUVWX", "abcd-efgh", "p4ss"):
+        assert leaked not in text
+    assert "amqps://user:***@host" in text
+
+
+def test_status_document_atomic(tmp_path: Path) -> None:
+    st = StatusDocument(tmp_path / "d.json", "cvmfs-repo-sync", min_interval=0)
+    st.repo("a.infn.it", pending=3)
+    st.incr("a.infn.it", "dead_lettered")
+    st.flush(force=True)
+    doc = read_status(tmp_path / "d.json")
+    assert doc["repositories"]["a.infn.it"]["pending"] == 3
+    assert doc["dead_lettered"] == 1
+    assert not list(tmp_path.glob(".*tmp"))
