@@ -29,7 +29,7 @@ from cvmfs_publisher.devstack import rabbitmq as rabbit_mod
 
 TESTS = Path(__file__).resolve().parent
 REPO_ROOT = TESTS.parent
-DOUBLE = Path(os.environ.get("CVMFS_TEST_DOUBLE_TMP", TESTS / "cvmfs_server_double.py"))
+DOUBLE = TESTS / "cvmfs_server_double.py"
 DOMAIN = "infn.it"
 
 
