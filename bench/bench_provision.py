@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Provisioning benchmark: 20 repositories through publisher-consumer on the local stack.
+
+Starts OpenBao and a one-node Ceph RGW (cvmfs_publisher.devstack), uses the
+machine's RabbitMQ, the cvmfs_server test double, and the real daemon in a
+thread. Each repository: keys in Vault, a bucket; then its CSV message is
+sent and the time until the ``created`` announcement is measured.
+
+Prints the median and p95 time per repository (target: under 2 s each,
+the double's mkfs included). Figures only, no assertions.
+
+    .venv/bin/python bench/bench_provision.py [--count 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+
+from cvmfs_publisher.devstack.ceph import Ceph  # noqa: E402
+from cvmfs_publisher.devstack.openbao import OpenBao  # noqa: E402
+from cvmfs_publisher.devstack.rabbitmq import ensure_broker  # noqa: E402
+from cvmfs_publisher.rgw import RGW  # noqa: E402
+from tests.conftest import DOMAIN, Stack, make_double, unique_label  # noqa: E402
+from tests.provision.helpers import Amqp, cleanup_amqp, running  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=20)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-provision-"))
+    broker = ensure_broker()
+    bao = OpenBao(work / "openbao").start()
+    ceph = Ceph(work / "ceph").start()
+    try:
+        double = make_double(work / "cvmfs-root")
+        raw = _stack_config(work, broker, bao, ceph, double)
+        cfg = Stack(raw, {}, work).config()
+        rgw = RGW(cfg.s3, cfg.rgw)
+        labels = [unique_label("bench-") for _ in range(args.count)]
+        for label in labels:
+            bao.put_keys(f"subj/cvmfs_keys/{label}.{DOMAIN}", {
+                "publicKey": "pub", "certificateKey": "crt", "gatewayKey": "gw"})
+            rgw.s3.create_bucket(Bucket=label)
+        amqp = Amqp(cfg)
+        times = []
+        with running(cfg, broker):
+            for label in labels:
+                t0 = time.monotonic()
+                amqp.send(f"alice,subj,{label}.{DOMAIN},P")
+                amqp.wait_announcement("created", f"{label}.{DOMAIN}", timeout=60)
+                times.append(time.monotonic() - t0)
+        amqp.close()
+        for label in labels:
+            rgw.delete_notification(label)
+            rgw.delete_topic(label)
+            rgw.s3.delete_bucket(Bucket=label)
+        cleanup_amqp(cfg, broker, labels)
+        times.sort()
+        p95 = times[min(len(times) - 1, round(0.95 * len(times)) - 1)]
+        print(f"provisioned {len(times)} repositories")
+        print(f"per repository: median {statistics.median(times):.3f} s, p95 {p95:.3f} s, "
+              f"max {times[-1]:.3f} s (target < 2 s)")
+    finally:
+        ceph.stop()
+        bao.stop()
+
+
+def _stack_config(work: Path, broker, bao, ceph, double) -> dict:  # noqa: ANN001
+    secrets = work / "secrets"
+    secrets.mkdir()
+    for name, value in {"amqp": broker.password, "role": bao.role_id, "sid": bao.secret_id,
+                        "ak": ceph.access_key, "sk": ceph.secret_key}.items():
+        (secrets / name).write_text(value)
+    return {
+        "log": {"dir": str(work / "log"), "stdout": False},
+        "status": {"dir": str(work / "status")},
+        "amqp": {"host": broker.host, "port": broker.port, "user": broker.user,
+                 "password_file": str(secrets / "amqp"), "tls": False,
+                 "management_url": broker.management_url,
+                 "publisher_queue": unique_label("bench-pq-"),
+                 "control_exchange": unique_label("bench-ctl-"),
+                 "dead_letter_exchange": unique_label("bench-dlx-"),
+                 "dead_letter_queue": unique_label("bench-dlq-")},
+        "vault": {"url": bao.url, "role_id_file": str(secrets / "role"),
+                  "secret_id_file": str(secrets / "sid")},
+        "s3": {"endpoint_url": ceph.endpoint, "access_key_file": str(secrets / "ak"),
+               "secret_key_file": str(secrets / "sk")},
+        "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}", "persistent": False,
+                "verify_ssl": False},
+        "cvmfs": {**double.paths(), "domain": DOMAIN, "stratum0_url": "http://s0.test/cvmfs",
+                  "gateway_url": "http://gw.test:4929/api/v1"},
+    }
+
+
+if __name__ == "__main__":
+    main()
