@@ -1,0 +1,336 @@
+"""``cvmfs-publisher``: the operators' command line.
+
+    cvmfs-publisher status [--json]             is everything published?
+    cvmfs-publisher reconcile REPO [--dry-run]  bring a repository in line with its bucket
+    cvmfs-publisher provision REPO --user U --subject S [--group]
+    cvmfs-publisher deprovision REPO [--user U --subject S] [--group]
+    cvmfs-publisher dlq list [--json]           what was dead-lettered, and why
+    cvmfs-publisher dlq replay [--repo R]       send dead letters back to their queue
+    cvmfs-publisher config check FILE           validate a configuration
+    cvmfs-publisher health --daemon D           container health check
+
+Exit codes: 0 success (for ``status``: everything published and every
+daemon fresh), 1 something needs attention or failed, 2 usage error,
+78 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, amqp, config
+from .errors import PublisherError
+from .health import main as health_main
+from .messages import BadMessage, parse_request
+from .names import InvalidName, validate_repository
+from .rabbitmq_api import ManagementAPI
+from .reconcile import reconcile
+
+EX_CONFIG = 78
+DAEMONS = ("publisher-consumer", "cvmfs-repo-consumers", "cvmfs-repo-sync")
+
+
+def _load(args: argparse.Namespace) -> config.Config:
+    try:
+        return config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+
+
+# ------------------------------------------------------------------------- status
+
+
+def _age(ts: float, now: float) -> str:
+    if not ts:
+        return "never"
+    s = max(0, now - ts)
+    if s < 120:
+        return f"{s:.0f}s ago"
+    if s < 7200:
+        return f"{s / 60:.0f}m ago"
+    return f"{s / 3600:.1f}h ago"
+
+
+def collect_status(cfg: config.Config, with_queues: bool = True) -> dict[str, Any]:
+    """Merge the three daemons' status documents (plus queue depths) per repository."""
+    now = time.time()
+    daemons: dict[str, Any] = {}
+    repos: dict[str, dict[str, Any]] = {}
+    for name in DAEMONS:
+        path = Path(cfg.status.dir) / f"{name}.json"
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            daemons[name] = {"state": "missing", "detail": f"{path}: {exc}"}
+            continue
+        age = now - float(doc.get("updated", 0))
+        fresh = age <= max(60.0, cfg.status.interval * 6)
+        daemons[name] = {"state": "ok" if doc.get("healthy") and fresh else
+                         ("stale" if not fresh else "unhealthy"),
+                         "age": round(age, 1), "dead_lettered": doc.get("dead_lettered", 0),
+                         "broker_connected": doc.get("broker_connected")}
+        for repo, entry in (doc.get("repositories") or {}).items():
+            r = repos.setdefault(repo, {"pending": 0, "queue_depth": None, "last_publish": 0.0,
+                                        "last_result": "", "last_error": "",
+                                        "consecutive_failures": 0})
+            if name == "cvmfs-repo-sync":
+                for k in ("pending", "last_publish", "last_result", "consecutive_failures",
+                          "last_publish_duration", "backoff"):
+                    if k in entry:
+                        r[k] = entry[k]
+            elif name == "cvmfs-repo-consumers":
+                r["staged"] = entry.get("pending", 0)
+            if entry.get("last_error"):
+                r["last_error"] = f"{name}: {entry['last_error']}"
+    if with_queues and cfg.amqp.management_url:
+        try:
+            api = ManagementAPI(cfg.amqp)
+            for repo, r in repos.items():
+                r["queue_depth"] = api.queue_depth(repo.split(".", 1)[0])
+            dlq = api.queue_depth(cfg.amqp.dead_letter_queue)
+        except PublisherError as exc:
+            dlq = None
+            daemons["rabbitmq"] = {"state": "unreachable", "detail": str(exc)}
+    else:
+        dlq = None
+    ok = all(d["state"] == "ok" for d in daemons.values()) and all(
+        not r.get("pending") and not r.get("staged") and not r.get("queue_depth")
+        and r.get("last_result") in ("ok", "") and not r.get("consecutive_failures")
+        for r in repos.values()) and not dlq
+    return {"time": now, "all_published": ok, "daemons": daemons, "dead_letter_queue": dlq,
+            "repositories": repos}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    st = collect_status(cfg, with_queues=not args.no_queues)
+    if args.json:
+        print(json.dumps(st, indent=1, sort_keys=True))
+        return 0 if st["all_published"] else 1
+    now = st["time"]
+    for name, d in st["daemons"].items():
+        extra = f" (status {d['age']:.0f}s old)" if "age" in d else f" ({d.get('detail', '')})"
+        print(f"{name:22} {d['state']}{extra}")
+    if st["dead_letter_queue"]:
+        print(f"dead-letter queue: {st['dead_letter_queue']} message(s): "
+              "see 'cvmfs-publisher dlq list'")
+    print()
+    print(f"{'REPOSITORY':40} {'QUEUE':>5} {'PENDING':>7} {'LAST PUBLISH':>13} {'RESULT':7} "
+          "LAST ERROR")
+    for repo in sorted(st["repositories"]):
+        r = st["repositories"][repo]
+        depth = "-" if r["queue_depth"] is None else str(r["queue_depth"])
+        pending = int(r.get("pending") or 0) + int(r.get("staged") or 0)
+        print(f"{repo:40} {depth:>5} {pending:>7} {_age(r['last_publish'], now):>13} "
+              f"{r['last_result'] or '-':7} {r['last_error'][:60]}")
+    print()
+    print("everything is published" if st["all_published"] else "NOT everything is published")
+    return 0 if st["all_published"] else 1
+
+
+# ------------------------------------------------------------------------- reconcile
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    try:
+        validate_repository(args.repository, cfg.cvmfs.domain)
+    except InvalidName as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        plan = reconcile(cfg, args.repository, dry_run=args.dry_run)
+    except PublisherError as exc:
+        print(f"reconcile {args.repository} failed: {exc}", file=sys.stderr)
+        return 1
+    print(plan.render() if hasattr(plan, "render") else plan)
+    return 0
+
+
+# ------------------------------------------------------------------------- provisioning
+
+
+def _publish(cfg: config.Config, queue: str, body: bytes) -> None:
+    conn = amqp.connect(cfg.amqp, "cvmfs-publisher-cli")
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        amqp.publish_confirmed(ch, "", queue, body, content_type="application/json")
+    finally:
+        conn.close()
+
+
+def cmd_provision(args: argparse.Namespace, action: str) -> int:
+    cfg = _load(args)
+    body = json.dumps({"action": action, "user": args.user, "subject": args.subject,
+                       "repository": args.repository,
+                       "type": "group" if args.group else "personal"}).encode()
+    try:
+        parse_request(body, cfg.cvmfs.domain)  # the daemon would dead-letter it: say so now
+    except BadMessage as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        _publish(cfg, cfg.amqp.publisher_queue, body)
+    except Exception as exc:
+        print(f"error: cannot publish to {cfg.amqp.publisher_queue}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{action} request for {args.repository} queued on {cfg.amqp.publisher_queue}")
+    return 0
+
+
+# ------------------------------------------------------------------------- dead letters
+
+
+def _dead_letters(cfg: config.Config) -> tuple[Any, Any, list[tuple[Any, Any, bytes]]]:
+    """Open a channel and hold every dead letter unacked (closing requeues them)."""
+    conn = amqp.connect(cfg.amqp, "cvmfs-publisher-cli")
+    ch = conn.channel()
+    ch.confirm_delivery()
+    total = ch.queue_declare(cfg.amqp.dead_letter_queue, passive=True).method.message_count
+    got: list[tuple[Any, Any, bytes]] = []
+    if total:
+        ch.basic_qos(prefetch_count=total)
+        tag = ch.basic_consume(cfg.amqp.dead_letter_queue,
+                               lambda c, m, p, b: got.append((m, p, b)))
+        deadline = time.monotonic() + 10
+        while len(got) < total and time.monotonic() < deadline:
+            conn.process_data_events(time_limit=0.2)
+        ch.basic_cancel(tag)
+    return conn, ch, got
+
+
+def _describe(method: Any, props: Any, body: bytes) -> dict[str, Any]:
+    h = dict(props.headers or {})
+    return {"queue": h.get("x-original-queue") or method.routing_key,
+            "repository": h.get("x-repository", ""), "error": h.get("x-error", ""),
+            "attempts": h.get("x-attempts", 0), "failed_at": h.get("x-failed-at", 0),
+            "daemon": h.get("x-daemon", ""),
+            "body": body[:300].decode("utf-8", "replace")}
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    try:
+        conn, ch, msgs = _dead_letters(cfg)
+    except Exception as exc:
+        print(f"error: cannot read {cfg.amqp.dead_letter_queue}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.dlq_command == "list":
+            rows = [_describe(*m) for m in msgs]
+            if args.json:
+                print(json.dumps(rows, indent=1))
+            else:
+                print(f"{len(rows)} message(s) in {cfg.amqp.dead_letter_queue}")
+                for r in rows:
+                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["failed_at"] or 0))
+                    print(f"- {when}Z queue={r['queue']} repository={r['repository'] or '-'} "
+                          f"attempts={r['attempts']} error={r['error']}")
+            return 0
+        replayed = 0
+        for method, props, body in msgs:
+            d = _describe(method, props, body)
+            if args.repo and args.repo not in (d["repository"], d["queue"]) and \
+                    args.repo.split(".", 1)[0] != d["queue"]:
+                continue
+            headers = {k: v for k, v in (props.headers or {}).items()
+                       if not k.startswith("x-") or k == "x-replayed"}
+            headers["x-replayed"] = int(headers.get("x-replayed", 0) or 0) + 1
+            amqp.publish_confirmed(ch, "", d["queue"], body, headers,
+                                   props.content_type or "application/octet-stream")
+            ch.basic_ack(method.delivery_tag)
+            replayed += 1
+            print(f"replayed to {d['queue']}: repository={d['repository'] or '-'}")
+        print(f"{replayed} message(s) replayed")
+        return 0
+    finally:
+        conn.close()  # unacked messages go back to the dead-letter queue
+
+
+# ------------------------------------------------------------------------- config
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config.load(args.file)
+        for daemon in args.daemon or DAEMONS:
+            config.require(cfg, daemon)
+    except config.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"{args.file}: ok")
+    return 0
+
+
+# ------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cvmfs-publisher", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--config", "-c", help="configuration file (default: $CVMFS_PUBLISHER_CONFIG "
+                   f"or {config.DEFAULT_CONFIG_PATH})")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("status", help="state of every repository and daemon")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--no-queues", action="store_true", help="skip the RabbitMQ queue depths")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("reconcile", help="stage every difference between a bucket and its "
+                       "repository")
+    s.add_argument("repository")
+    s.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    s.set_defaults(func=cmd_reconcile)
+
+    for name, action in (("provision", "create"), ("deprovision", "delete")):
+        s = sub.add_parser(name, help=f"queue a '{action}' request on the publisher queue")
+        s.add_argument("repository")
+        s.add_argument("--user", default="admin", help="AAI user (default: admin)")
+        s.add_argument("--subject", default="admin", help="IAM subject (Vault path for "
+                       "personal repositories)")
+        s.add_argument("--group", action="store_true", help="a group repository")
+        s.set_defaults(func=lambda a, act=action: cmd_provision(a, act))
+
+    s = sub.add_parser("dlq", help="dead-lettered messages")
+    dsub = s.add_subparsers(dest="dlq_command", required=True)
+    d = dsub.add_parser("list", help="list dead letters with their reason (nothing consumed)")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("replay", help="send dead letters back to their original queue")
+    d.add_argument("--repo", help="only this repository (name or label)")
+    s.set_defaults(func=cmd_dlq)
+
+    s = sub.add_parser("config", help="configuration tools")
+    csub = s.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("check", help="validate a configuration file")
+    c.add_argument("file")
+    c.add_argument("--daemon", action="append", choices=DAEMONS,
+                   help="check the keys this daemon requires (default: all three)")
+    c.set_defaults(func=cmd_config_check)
+
+    s = sub.add_parser("health", help="container health check (exit 0 healthy, 1 not)",
+                       add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=lambda a: _health(a.rest))
+    return p
+
+
+def _health(rest: list[str]) -> int:
+    return health_main(rest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
