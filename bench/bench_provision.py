@@ -24,12 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
+from tests.provision.helpers import Amqp, cleanup_amqp, running  # noqa: E402
+
 from cvmfs_publisher.devstack.ceph import Ceph  # noqa: E402
 from cvmfs_publisher.devstack.openbao import OpenBao  # noqa: E402
 from cvmfs_publisher.devstack.rabbitmq import ensure_broker  # noqa: E402
+from cvmfs_publisher.devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
 from cvmfs_publisher.rgw import RGW  # noqa: E402
-from tests.conftest import DOMAIN, Stack, make_double, unique_label  # noqa: E402
-from tests.provision.helpers import Amqp, cleanup_amqp, running  # noqa: E402
 
 
 def main() -> None:
@@ -42,8 +43,7 @@ def main() -> None:
     ceph = Ceph(work / "ceph").start()
     try:
         double = make_double(work / "cvmfs-root")
-        raw = _stack_config(work, broker, bao, ceph, double)
-        cfg = Stack(raw, {}, work).config()
+        cfg = build_stack(work, broker, bao, ceph, double).config()
         rgw = RGW(cfg.s3, cfg.rgw)
         labels = [unique_label("bench-") for _ in range(args.count)]
         for label in labels:
@@ -72,33 +72,6 @@ def main() -> None:
     finally:
         ceph.stop()
         bao.stop()
-
-
-def _stack_config(work: Path, broker, bao, ceph, double) -> dict:  # noqa: ANN001
-    secrets = work / "secrets"
-    secrets.mkdir()
-    for name, value in {"amqp": broker.password, "role": bao.role_id, "sid": bao.secret_id,
-                        "ak": ceph.access_key, "sk": ceph.secret_key}.items():
-        (secrets / name).write_text(value)
-    return {
-        "log": {"dir": str(work / "log"), "stdout": False},
-        "status": {"dir": str(work / "status")},
-        "amqp": {"host": broker.host, "port": broker.port, "user": broker.user,
-                 "password_file": str(secrets / "amqp"), "tls": False,
-                 "management_url": broker.management_url,
-                 "publisher_queue": unique_label("bench-pq-"),
-                 "control_exchange": unique_label("bench-ctl-"),
-                 "dead_letter_exchange": unique_label("bench-dlx-"),
-                 "dead_letter_queue": unique_label("bench-dlq-")},
-        "vault": {"url": bao.url, "role_id_file": str(secrets / "role"),
-                  "secret_id_file": str(secrets / "sid")},
-        "s3": {"endpoint_url": ceph.endpoint, "access_key_file": str(secrets / "ak"),
-               "secret_key_file": str(secrets / "sk")},
-        "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}", "persistent": False,
-                "verify_ssl": False},
-        "cvmfs": {**double.paths(), "domain": DOMAIN, "stratum0_url": "http://s0.test/cvmfs",
-                  "gateway_url": "http://gw.test:4929/api/v1"},
-    }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""A whole local stack's configuration: the one place that wires the services together.
+
+The test fixtures, the benchmarks and the local demo all build their
+configuration here, from the running services (``rabbitmq``, ``openbao``,
+``ceph``) and a private root for the ``cvmfs_server`` test double.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import config as config_mod
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DOUBLE = REPO_ROOT / "tests" / "cvmfs_server_double.py"
+DOMAIN = "infn.it"
+
+
+def unique_label(prefix: str = "t") -> str:
+    """A label (bucket, topic, queue) no other test, demo or run uses."""
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class CvmfsDouble:
+    """A private root for the cvmfs_server test double and the paths pointing into it."""
+
+    root: Path
+    command: Path
+
+    def paths(self) -> dict[str, str]:
+        return {
+            "server_command": str(self.command),
+            "repositories_dir": str(self.root / "etc/cvmfs/repositories.d"),
+            "spool_dir": str(self.root / "var/spool/cvmfs"),
+            "mount_dir": str(self.root / "cvmfs"),
+            "keys_dir": str(self.root / "keys-shared"),
+            "staging_dir": str(self.root / "data/cvmfs"),
+        }
+
+
+def make_double(root: Path) -> CvmfsDouble:
+    """A ``cvmfs_server`` executable that runs the test double with its root set."""
+    root.mkdir(parents=True, exist_ok=True)
+    bindir = root / "bin"
+    bindir.mkdir(exist_ok=True)
+    cmd = bindir / "cvmfs_server"
+    cmd.write_text(f'#!/bin/sh\nCVMFS_DOUBLE_ROOT="{root}" exec "{sys.executable}" '
+                   f'"{DOUBLE}" "$@"\n')
+    cmd.chmod(cmd.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP)
+    return CvmfsDouble(root, cmd)
+
+
+@dataclass
+class Stack:
+    """Configuration of a local stack: a YAML mapping whose secrets live in files."""
+
+    raw: dict[str, Any]
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def config(self, **overrides: Any) -> config_mod.Config:
+        return config_mod.from_mapping(merge(self.raw, overrides), env=self.env)
+
+    def write(self, name: str = "publisher.yaml", **overrides: Any) -> Path:
+        """Write a YAML file (secrets as *_file entries) for daemon subprocesses."""
+        path = self.workdir / name
+        path.write_text(yaml.safe_dump(merge(self.raw, overrides)))
+        return path
+
+    def subprocess_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CVMFS_PUBLISHER_")}
+        env.update(self.env)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT / "scripts"), str(REPO_ROOT), env.get("PYTHONPATH", "")])
+        return env
+
+    def secrets(self) -> list[str]:
+        """Every secret value in use (for scans of logs and status files)."""
+        return [Path(v).read_text() for section in self.raw.values()
+                for k, v in section.items() if k.endswith("_file") and "/secrets/" in str(v)]
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in overrides.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDouble) -> Stack:
+    """Configuration for daemons on these services; secrets written to 0600 files."""
+    secrets = workdir / "secrets"
+    secrets.mkdir(parents=True, exist_ok=True)
+    values = {"amqp_password": broker.password, "role_id": bao.role_id,
+              "secret_id": bao.secret_id, "s3_access": ceph.access_key,
+              "s3_secret": ceph.secret_key}
+    for name, value in values.items():
+        (secrets / name).write_text(value)
+        (secrets / name).chmod(0o600)
+    raw = {
+        "log": {"dir": str(workdir / "log"), "level": "DEBUG", "stdout": False},
+        "status": {"dir": str(workdir / "status"), "interval": 0.2},
+        "amqp": {
+            "host": broker.host, "port": broker.port, "user": broker.user,
+            "password_file": str(secrets / "amqp_password"), "tls": False,
+            "management_url": broker.management_url, "heartbeat": 10,
+            "reconnect_initial": 0.2, "reconnect_max": 2.0,
+            "publisher_queue": unique_label("pq-"),
+            "control_exchange": unique_label("ctl-"),
+            "dead_letter_exchange": unique_label("dlx-"),
+            "dead_letter_queue": unique_label("dlq-"),
+            "retry_delays": [1, 2],
+        },
+        "vault": {"url": bao.url, "role_id_file": str(secrets / "role_id"),
+                  "secret_id_file": str(secrets / "secret_id"), "timeout": 3.0},
+        "s3": {"endpoint_url": ceph.endpoint, "access_key_file": str(secrets / "s3_access"),
+               "secret_key_file": str(secrets / "s3_secret"), "max_attempts": 1,
+               "connect_timeout": 2.0, "read_timeout": 10.0},
+        "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}",
+                "amqp_ack_level": "broker", "persistent": False, "verify_ssl": False},
+        "cvmfs": {**double.paths(), "domain": DOMAIN,
+                  "stratum0_url": "http://stratum0.test/cvmfs",
+                  "gateway_url": "http://gateway.test:4929/api/v1",
+                  "command_timeout": 60.0},
+        "publisher": {"max_attempts": 3},
+        "sync": {"quiet_seconds": 0.5, "max_delay_seconds": 5.0, "poll_interval": 0.1,
+                 "backoff_initial": 0.2, "backoff_max": 2.0},
+    }
+    return Stack(raw, workdir)
