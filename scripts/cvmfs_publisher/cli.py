@@ -7,6 +7,7 @@
     cvmfs-publisher dlq list [--json]           what was dead-lettered, and why
     cvmfs-publisher dlq replay [--repo R]       send dead letters back to their queue
     cvmfs-publisher config check FILE           validate a configuration
+    cvmfs-publisher migrate-config parameters.json  convert the seed's configuration
     cvmfs-publisher health --daemon D           container health check
 
 Exit codes: 0 success (for ``status``: everything published and every
@@ -28,6 +29,7 @@ from . import __version__, amqp, config
 from .errors import PublisherError
 from .health import main as health_main
 from .messages import BadMessage, parse_request
+from .migrate import MigrationError, migrate
 from .names import InvalidName, validate_repository
 from .rabbitmq_api import ManagementAPI
 from .reconcile import reconcile
@@ -270,6 +272,18 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    try:
+        written = migrate(Path(args.parameters), Path(args.output), Path(args.secrets_dir),
+                          args.secrets_mount)
+    except (MigrationError, config.ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output} and {len(written)} secret file(s) in {args.secrets_dir} "
+          "(mode 0600); review the file, then run 'cvmfs-publisher config check'")
+    return 0
+
+
 # ------------------------------------------------------------------------- parser
 
 
@@ -315,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--daemon", action="append", choices=DAEMONS,
                    help="check the keys this daemon requires (default: all three)")
     c.set_defaults(func=cmd_config_check)
+
+    s = sub.add_parser("migrate-config", help="convert the seed's parameters.json to YAML")
+    s.add_argument("parameters", help="the seed's parameters.json")
+    s.add_argument("--output", "-o", default="publisher.yaml", help="YAML file to write")
+    s.add_argument("--secrets-dir", default="secrets", help="where to write secret files")
+    s.add_argument("--secrets-mount", help="path of the secrets inside the containers "
+                   "(e.g. /run/secrets); default: the files' own paths")
+    s.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("health", help="container health check (exit 0 healthy, 1 not)",
                        add_help=False)
