@@ -48,7 +48,6 @@ def test_example_config_is_valid_and_complete(tmp_path: Path) -> None:
     ({"amqp": {"retry_delays": "5"}}, "amqp.retry_delays: expected a list"),
     ({"amqp": {"password": "inline"}}, "amqp.password: secrets are not accepted inline"),
     ({"s3": {"secret_key": "inline"}}, "s3.secret_key: secrets are not accepted inline"),
-    ({"vault": {"secret_id_file": "/nonexistent/x"}}, "vault.secret_id_file: cannot read"),
     ({"sync": {"quiet_seconds": 10, "max_delay_seconds": 5}}, "sync.max_delay_seconds"),
     ({"log": {"level": "LOUD"}}, "log.level"),
     ([1, 2], "top level"),
@@ -75,6 +74,27 @@ def test_env_overrides_and_secret_sources(tmp_path: Path) -> None:
     assert "s3cr3t" not in repr(cfg)
     with pytest.raises(config.ConfigError, match=r"amqp\.port: expected an integer"):
         config.from_mapping({}, env={"CVMFS_PUBLISHER_AMQP__PORT": "x"})
+
+
+def test_unreadable_secret_file_matters_only_to_the_daemon_that_needs_it() -> None:
+    cfg = config.from_mapping({"vault": {"secret_id_file": "/nonexistent/x"}}, env={})
+    config.require(config.from_mapping({"cvmfs": {"stratum0_url": "http://s0",
+                                                  "gateway_url": "http://gw"},
+                                        "vault": {"secret_id_file": "/nonexistent/x"}},
+                                       env={}), "cvmfs-repo-sync")
+    with pytest.raises(config.ConfigError) as err:
+        config.require(cfg, "publisher-consumer")
+    assert "amqp.password" in str(err.value)  # the first missing key
+    full = {"amqp": {"password_file": __file__, "management_url": "http://m"},
+            "vault": {"url": "http://v", "role_id_file": __file__,
+                      "secret_id_file": "/nonexistent/x"},
+            "s3": {"endpoint_url": "http://s3", "access_key_file": __file__,
+                   "secret_key_file": __file__},
+            "rgw": {"push_endpoint": "amqps://r"},
+            "cvmfs": {"stratum0_url": "http://s0", "gateway_url": "http://gw"}}
+    with pytest.raises(config.ConfigError) as err:
+        config.require(config.from_mapping(full, env={}), "publisher-consumer")
+    assert "vault.secret_id_file: cannot read /nonexistent/x" in str(err.value)
 
 
 def test_required_keys_per_daemon() -> None:

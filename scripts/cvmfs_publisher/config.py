@@ -53,6 +53,21 @@ class Secret:
     __str__ = __repr__
 
 
+class MissingSecret(Secret):
+    """A ``*_file`` that could not be read: unset, unless the daemon needs it.
+
+    Each container mounts only the secrets its daemon uses, while all three
+    share one YAML file; :func:`require` turns this into an error naming
+    the file for the daemon that does need it.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("")
+        self.reason = reason
+
+
 @dataclass
 class LogConfig:
     """Where logs go (also printed on stdout for ``docker logs``)."""
@@ -292,7 +307,7 @@ def _read_secret_file(key: str, path: str) -> Secret:
         with open(path, encoding="utf-8") as fh:
             return Secret(fh.read().strip())
     except OSError as exc:
-        raise ConfigError(f"{key}_file: cannot read {path}: {exc.strerror}") from None
+        return MissingSecret(f"{key}_file: cannot read {path}: {exc.strerror}")
 
 
 def _build_section(name: str, cls: type, raw: Any, env: dict[str, str]) -> Any:
@@ -399,6 +414,8 @@ def require(cfg: Config, daemon: str) -> None:
     """Fail with the first missing key that ``daemon`` needs."""
     for key in REQUIRED.get(daemon, ()):
         value = get(cfg, key)
+        if isinstance(value, MissingSecret):
+            raise ConfigError(f"{value.reason} (required by {daemon})")
         if value is None or value == "" or (isinstance(value, Secret) and not value):
             hint = f" (set {key}_file or {env_name(key)})" if key in SECRETS else ""
             raise ConfigError(f"{key}: required by {daemon} but not set{hint}")

@@ -120,6 +120,23 @@ class Staging:
 
     # -- set-up and locking ------------------------------------------------------------
 
+    def _adopt(self, path: Path) -> None:
+        """Give what root creates here to the owner of the repository's staging directory.
+
+        In the containers the consumers write staging as an unprivileged user
+        while the sync daemon (root, for cvmfs_server) recreates ``pending/``
+        and may create ``.lock``: those must stay usable by the consumers.
+        """
+        if os.geteuid() != 0:
+            return
+        try:
+            owner = os.stat(self.root)
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+            os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+
     def ensure(self) -> Staging:
         """Create the layout (idempotent); refuse symlinks in our own structure."""
         base = self.root.parent
@@ -127,13 +144,22 @@ class Staging:
         for d in (self.root, self.pending, self.objects, self.tmp):
             if d.is_symlink():
                 raise StagingError(f"{d} is a symlink; refusing to use it")
-            d.mkdir(mode=0o750, exist_ok=True)
+            if not d.is_dir():
+                d.mkdir(mode=0o750)
+                if d is self.root:
+                    # the repository directory belongs to whoever owns the staging volume
+                    parent = os.stat(base)
+                    if os.geteuid() == 0 and parent.st_uid != 0:
+                        os.chown(d, parent.st_uid, parent.st_gid)
+                else:
+                    self._adopt(d)
         return self
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive flock on ``.lock`` (blocks; held briefly by every party)."""
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o660)
+        self._adopt(self._lock_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -257,6 +283,7 @@ class Staging:
                     return []
                 os.rename(self.pending, self.batch_dir)
                 self.pending.mkdir(mode=0o750)
+                self._adopt(self.pending)
                 _fsync_dir(self.root)
         return self.batch_entries()
 

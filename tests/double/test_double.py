@@ -16,6 +16,7 @@ import os
 import signal
 import stat
 import subprocess
+import time
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -528,7 +529,7 @@ def test_injected_faults_leave_the_real_failure_state(root: Path, gw: str) -> No
 def test_delay_fault_does_not_hold_the_faults_lock(root: Path, local: str) -> None:
     """Other calls (other repositories) must not wait for a slowed-down publish."""
     assert run(root, "transaction", local).rc == 0
-    inject_fault(root, "publish", delay=1.5, repo=local)
+    inject_fault(root, "publish", delay=3, repo=local)
     faults = root / "double/faults.json"
     proc = subprocess.Popen(
         [str(DOUBLE_PATH), "publish", local],
@@ -545,9 +546,17 @@ def test_delay_fault_does_not_hold_the_faults_lock(root: Path, local: str) -> No
                 break
         while json.loads(faults.read_text()) != {"publish": []}:
             assert proc.poll() is None
-        assert proc.poll() is None  # sleeping in the delay
+        # faults.json is replaced just before the lock is released: allow that instant
+        deadline = time.monotonic() + 1.0
         with open(root / "double/faults.lock") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the publish held it
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the publish holds the faults lock"
+                    time.sleep(0.01)
+        assert proc.poll() is None  # still sleeping in the delay: it did not hold the lock
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()  # never leave it running: it would mount again after teardown

