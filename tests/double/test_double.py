@@ -16,8 +16,8 @@ import os
 import signal
 import stat
 import subprocess
-import time
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
