@@ -184,3 +184,13 @@ def test_status_document_atomic(tmp_path: Path) -> None:
     assert doc["repositories"]["a.infn.it"]["pending"] == 3
     assert doc["dead_lettered"] == 1
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for section in config.Config.__dataclass_fields__:
+        for key in getattr(config.Config(), section).__dataclass_fields__:
+            full = f"{section}.{key}"
+            name = f"{full}_file" if full in config.SECRETS else full
+            assert f"`{name}`" in readme, f"{name} missing from the README's reference"
+            assert config.env_name(full) in readme

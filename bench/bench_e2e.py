@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""End-to-end latency: PUT to RGW -> visible in a published revision.
+
+The three daemons run as real processes on the local stack (machine's
+RabbitMQ, OpenBao, one-node Ceph RGW, the cvmfs_server test double), with
+the DEFAULT publishing windows (quiet 2 s, maximum delay 30 s). One upload
+at a time, each waited for: the figure is the latency a user sees.
+
+Prints p50 and p95 over N uploads (targets: p50 <= 3 s, p95 <= 6 s).
+Figures only, no assertions.
+
+    .venv/bin/python bench/bench_e2e.py [--uploads 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+
+from tests.cvmfs_server_double import published_tree, unmount_all  # noqa: E402
+
+from cvmfs_publisher import amqp  # noqa: E402
+from cvmfs_publisher.devstack.ceph import Ceph  # noqa: E402
+from cvmfs_publisher.devstack.openbao import OpenBao  # noqa: E402
+from cvmfs_publisher.devstack.rabbitmq import ensure_broker  # noqa: E402
+from cvmfs_publisher.devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
+from cvmfs_publisher.rgw import RGW  # noqa: E402
+
+DAEMONS = ("publisher_consumer", "repo_consumers", "repo_sync")
+
+
+def wait(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uploads", type=int, default=50)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    broker = ensure_broker()
+    bao = OpenBao(work / "openbao").start()
+    ceph = Ceph(work / "ceph").start()
+    double = make_double(work / "cvmfs-root")
+    procs: list[subprocess.Popen] = []
+    try:
+        stack = build_stack(work, broker, bao, ceph, double)
+        stack.raw["log"]["level"] = "INFO"
+        # the default windows, as users get them
+        stack.raw["sync"] = {"quiet_seconds": 2.0, "max_delay_seconds": 30.0}
+        cfg_file = stack.write()
+        cfg = stack.config()
+        for d in DAEMONS:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", f"cvmfs_publisher.daemons.{d}", "--config", str(cfg_file)],
+                env=stack.subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        label = unique_label("bench-")
+        repo = f"{label}.{DOMAIN}"
+        bao.put_keys(f"subj/cvmfs_keys/{repo}", {"publicKey": "p", "certificateKey": "c",
+                                                 "gatewayKey": "g"})
+        rgw = RGW(cfg.s3, cfg.rgw)
+        rgw.s3.create_bucket(Bucket=label)
+        time.sleep(2)
+        conn = amqp.connect(cfg.amqp, "bench")
+        ch = conn.channel()
+        ch.confirm_delivery()
+        amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue, f"a,subj,{repo},P".encode())
+        wait(lambda: (Path(cfg.cvmfs.repositories_dir) / repo).is_dir(), 60, "provisioning")
+        wait(lambda: ch.queue_declare(label, passive=True).method.consumer_count > 0, 30,
+             "consumers")
+        conn.close()
+        tree = Path(published_tree(double.root, repo))
+        latencies = []
+        for i in range(args.uploads):
+            name = f"file-{i:04d}.txt"
+            t0 = time.monotonic()
+            rgw.s3.put_object(Bucket=label, Key=f"cvmfs/bench/{name}", Body=b"x" * 1024)
+            wait(lambda n=name: (tree / "bench" / n).exists(), 120, name)
+            latencies.append(time.monotonic() - t0)
+        latencies.sort()
+        p95 = latencies[min(len(latencies) - 1, round(0.95 * len(latencies)) - 1)]
+        print(f"{len(latencies)} uploads, PUT -> published revision (quiet window 2 s):")
+        print(f"  p50 {statistics.median(latencies):.2f} s (target <= 3 s), p95 {p95:.2f} s "
+              f"(target <= 6 s), min {latencies[0]:.2f} s, max {latencies[-1]:.2f} s")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        unmount_all(double.root)
+        ceph.stop()
+        bao.stop()
+
+
+if __name__ == "__main__":
+    main()
