@@ -78,7 +78,7 @@ def main() -> None:
         ch = conn.channel()
         ch.confirm_delivery()
         amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue, f"a,subj,{repo},P".encode())
-        wait(lambda: (Path(cfg.cvmfs.repositories_dir) / repo).is_dir(), 60, "provisioning")
+        wait((Path(cfg.cvmfs.repositories_dir) / repo).is_dir, 60, "provisioning")
         wait(lambda: ch.queue_declare(label, passive=True).method.consumer_count > 0, 30,
              "consumers")
         conn.close()
