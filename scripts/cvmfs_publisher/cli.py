@@ -152,7 +152,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     except PublisherError as exc:
         print(f"reconcile {args.repository} failed: {exc}", file=sys.stderr)
         return 1
-    print(plan.render() if hasattr(plan, "render") else plan)
+    print(plan.render())
+    if not plan.ok:
+        print("some differences could not be staged: see the lines marked above; run "
+              "reconcile again once the cause is fixed", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -97,11 +97,18 @@ class PublishError(PublisherError):
 
 
 def _tool_message(exc: CvmfsError) -> str:
-    """The tool's own words, on one line (stderr first, else stdout)."""
+    """The tool's own words, on one line (stderr first, else stdout).
+
+    The first line (usually the cause, e.g. the gateway's reply) and the last
+    ones (the verdict); the ``Executed Command:`` trailer is only noise.
+    """
     for text in (exc.stderr, exc.stdout):
         lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+        if "Executed Command:" in lines:
+            lines = lines[:lines.index("Executed Command:")]
         if lines:
-            return " | ".join(lines[-4:])
+            picked = list(dict.fromkeys([lines[0], *lines[-3:]]))
+            return " | ".join(picked)[:600]
     return "no output"
 
 
@@ -492,9 +499,8 @@ def _open_object(path: Path) -> IO[bytes]:
 
 
 def _kind_of(raw: IO[bytes], declared: str) -> str:
-    head = raw.read(512)
-    raw.seek(0)
-    return _compression(head, declared)
+    """pread: the fd's position must stay at 0 (the tool reads the fd itself)."""
+    return _compression(os.pread(raw.fileno(), 512, 0), declared)
 
 
 def check_tarball(path: Path, declared: str = "none") -> str:
@@ -604,8 +610,7 @@ class BatchPublisher:
         st = self.staging(repo)
         if not st.root.is_dir():
             return None
-        if self.server.exists(repo):
-            self.recover(repo)
+        stale = self.server.exists(repo) and self.recover(repo)
         replay = st.has_batch()
         entries = st.take_batch() if (take_pending or replay) else []
         if replay and not entries:
@@ -616,6 +621,7 @@ class BatchPublisher:
             return None
         outcome = self.apply(repo, st, entries)
         outcome.replay = replay
+        outcome.aborted_stale += int(stale)
         st.finish_batch()
         return outcome
 

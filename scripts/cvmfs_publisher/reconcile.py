@@ -19,9 +19,9 @@ How (streaming, so 100,000 files take minutes, not hours):
    checked for the usual part sizes; when it cannot be decided the object is
    staged, which is safe);
 4. stage every difference with :class:`cvmfs_publisher.staging.Staging`:
-   deletions directly, other changes after a GET streamed to disk, whose
-   metadata and first bytes decide file mode or symlink
-   (:func:`cvmfs_publisher.modes.decide`, the consumers' rule).
+   deletions directly, other changes exactly as the consumers stage an
+   event (:func:`cvmfs_publisher.fetch.stage_key`: a GET streamed to disk,
+   whose metadata and first bytes decide file mode or symlink).
 
 Kept although absent from the bucket: the directories that tarball
 ingestion owns (``<tarball_dir>/<tarball path>`` of every tarball in the
@@ -41,7 +41,6 @@ tarball): a tarball whose directory exists is taken as ingested unless
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -54,9 +53,9 @@ from pathlib import Path
 from typing import Any
 
 from . import keys as keymap
-from . import modes
 from .config import Config
 from .errors import Permanent, PublisherError
+from .fetch import stage_key
 from .names import label_of, validate_repository
 from .rgw import RGW, classify
 from .staging import Entry, Staging
@@ -68,7 +67,6 @@ KEEP_AT_ROOT = frozenset({"new_repository"})
 _MIB = 1 << 20
 _COMMON_PART_SIZES = (5, 8, 10, 15, 16, 25, 32, 50, 64, 100, 128, 256, 512)
 _CHUNK = 1 << 20
-_HEAD_BYTES = 4096
 
 
 class ReconcileError(PublisherError):
@@ -95,6 +93,7 @@ class Change:
     reason: str
     key: str = ""
     size: int = 0
+    kind: str = keymap.FILE  # the key's kind (keys.map_key): file, rclone symlink, tarball
 
     def line(self) -> str:
         mark = {"put": "+" if self.reason == "missing" else "~", "delete": "-",
@@ -331,10 +330,10 @@ def _walk_dir(w: _Walk, rel_dir: str, stack: list[str]) -> None:
                 # Its content comes from the tarball: never walked, never pruned.
                 if not stat.S_ISDIR(st.st_mode):
                     w.plan.changes.append(Change("ingest", rel, "not a directory", want.key,
-                                                 want.size))
+                                                 want.size, want.kind))
                 elif w.reingest:
                     w.plan.changes.append(Change("ingest", rel, "reingest requested",
-                                                 want.key, want.size))
+                                                 want.key, want.size, want.kind))
                 else:
                     w.plan.in_sync += 1
                     w.plan.kept += 1
@@ -342,7 +341,8 @@ def _walk_dir(w: _Walk, rel_dir: str, stack: list[str]) -> None:
             if stat.S_ISDIR(st.st_mode):
                 if want is not None:
                     w.plan.changes.append(Change("put", rel, "a directory where the bucket "
-                                                 "has an object", want.key, want.size))
+                                                 "has an object", want.key, want.size,
+                                                 want.kind))
                 elif rel in w.wanted_dirs:
                     stack.append(rel)
                 else:
@@ -366,22 +366,24 @@ def _compare(w: _Walk, rel: str, full: str, st: os.stat_result, want: Wanted) ->
         if same:
             w.plan.in_sync += 1
         else:
-            w.plan.changes.append(Change("put", rel, "symlink differs", want.key, want.size))
+            w.plan.changes.append(Change("put", rel, "symlink differs", want.key, want.size,
+                                         want.kind))
         return
     if not stat.S_ISREG(st.st_mode):
-        w.plan.changes.append(Change("put", rel, "not a regular file", want.key, want.size))
+        w.plan.changes.append(Change("put", rel, "not a regular file", want.key, want.size,
+                                     want.kind))
         return
     if want.kind == keymap.SYMLINK_RCLONE:
         w.plan.changes.append(Change("put", rel, "a file where the bucket has a symlink",
-                                     want.key, want.size))
+                                     want.key, want.size, want.kind))
         return
     if st.st_size != want.size:
         w.plan.changes.append(Change("put", rel, f"size {st.st_size} != {want.size}",
-                                     want.key, want.size))
+                                     want.key, want.size, want.kind))
         return
     if stat.S_IMODE(st.st_mode) not in (0o644, 0o755):
         w.plan.changes.append(Change("put", rel, f"mode {stat.S_IMODE(st.st_mode):o}",
-                                     want.key, want.size))
+                                     want.key, want.size, want.kind))
         return
     if w.quick and want.modified and want.modified < st.st_mtime - 2:
         w.plan.in_sync += 1  # published after the object's last change
@@ -415,71 +417,24 @@ def diff(root: Path, wanted: dict[str, Wanted], plan: Plan, *, quick: bool = Fal
             if same:
                 plan.in_sync += 1
             else:
-                plan.changes.append(Change("put", rel, "content differs", want.key, want.size))
+                plan.changes.append(Change("put", rel, "content differs", want.key, want.size,
+                                           want.kind))
     for path, want in wanted.items():
         op = "ingest" if want.kind == keymap.TARBALL else "put"
-        plan.changes.append(Change(op, path, "missing", want.key, want.size))
+        plan.changes.append(Change(op, path, "missing", want.key, want.size, want.kind))
 
 
 # --------------------------------------------------------------------------- staging
 
 
-def _download(s3: Any, bucket: str, st: Staging, ch: Change) -> Entry:
-    """GET the object into staging and build its entry (the consumers' rules)."""
-    started = time.time()
-    try:
-        resp = s3.get_object(Bucket=bucket, Key=ch.key)
-    except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "404"):
-            op = "ingest-delete" if ch.op == "ingest" else "delete"
-            return Entry(ch.path, op, key=ch.key, time=started)
-        raise
-    tmp, fh = st.new_download()
-    head = b""
-    size = 0
-    try:
-        with fh:
-            body = resp["Body"]
-            try:
-                for chunk in body.iter_chunks(_CHUNK):
-                    if len(head) < _HEAD_BYTES:
-                        head += chunk[:_HEAD_BYTES - len(head)]
-                    fh.write(chunk)
-                    size += len(chunk)
-            finally:
-                body.close()
-        etag = str(resp.get("ETag", "")).strip('"')
-        if ch.op == "ingest":
-            gz = ch.key.endswith((".tar.gz", ".tgz"))
-            oid = st.commit_object(tmp)
-            return Entry(ch.path, "ingest", object=oid, compression="gzip" if gz else "none",
-                         key=ch.key, size=size, etag=etag, time=started)
-        decision = modes.decide(resp.get("Metadata") or {}, head, ch.key)
-        if decision.kind == modes.SYMLINK:
-            target = modes.valid_symlink_target(Path(tmp).read_bytes()[:modes.MAX_TARGET_BYTES + 1])
-            st.discard_download(tmp)
-            return Entry(ch.path, "symlink", mode=decision.mode, target=target, key=ch.key,
-                         size=size, etag=etag, time=started)
-        oid = st.commit_object(tmp)
-        return Entry(ch.path, "put", mode=decision.mode, object=oid, key=ch.key, size=size,
-                     etag=etag, time=started)
-    except BaseException:
-        st.discard_download(tmp)
-        raise
-
-
-def _stage_one(s3: Any, bucket: str, st: Staging, ch: Change) -> None:
-    entry = (Entry(ch.path, "delete", time=time.time()) if ch.op == "delete"
-             else _download(s3, bucket, st, ch))
-    newer = st.pending_get(ch.path)
-    if newer is not None and newer.time > entry.time:
-        # A consumer staged a fresher state of this path while we downloaded.
-        if entry.object:
-            with contextlib.suppress(FileNotFoundError):
-                st.object_path(entry).unlink()
+def _stage_one(s3: Any, bucket: str, st: Staging, ch: Change, repo: str) -> None:
+    """A deletion directly; anything else exactly as the consumers stage an event
+    (:func:`cvmfs_publisher.fetch.stage_key`: GET streamed to disk, mode or symlink
+    from metadata and first bytes, a 404 staged as a deletion)."""
+    if ch.op == "delete":
+        st.stage(Entry(ch.path, "delete", time=time.time()))
         return
-    st.stage(entry)
+    stage_key(s3, st, bucket, keymap.Target(ch.kind, ch.path, ch.key), repo)
 
 
 def stage_changes(s3: Any, bucket: str, st: Staging, plan: Plan, workers: int) -> None:
@@ -488,7 +443,7 @@ def stage_changes(s3: Any, bucket: str, st: Staging, plan: Plan, workers: int) -
 
     def one(ch: Change) -> tuple[Change, str]:
         try:
-            _stage_one(s3, bucket, st, ch)
+            _stage_one(s3, bucket, st, ch, plan.repository)
             return ch, ""
         except Permanent as exc:
             return ch, str(exc)

@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -241,10 +242,29 @@ class Staging:
             return []
         for name in names:
             if name.endswith(".json"):
-                e = self._read(directory / name)
+                try:
+                    e = self._read(directory / name)
+                except (ValueError, TypeError) as exc:
+                    self._quarantine(directory / name, exc)
+                    continue
                 if e is not None:
                     out.append(e)
         return sorted(out, key=lambda e: e.seq)
+
+    def _quarantine(self, path: Path, exc: Exception) -> None:
+        """Move an unreadable entry aside (``corrupt/``) so it never blocks the repository.
+
+        Entries are written atomically, so this means outside interference or
+        disk corruption: the path it described is lost from staging, and a
+        ``cvmfs-publisher reconcile`` brings it back from the bucket.
+        """
+        corrupt = self.root / "corrupt"
+        corrupt.mkdir(mode=0o750, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, corrupt / f"{path.name}.{uuid.uuid4().hex[:8]}")
+        logging.getLogger(__name__).error(
+            "repository=%s step=staging outcome=corrupt-entry file=%s reason=%s; moved to %s, "
+            "run 'cvmfs-publisher reconcile %s'", self.repo, path.name, exc, corrupt, self.repo)
 
     def pending_entries(self) -> list[Entry]:
         """Pending entries in staging order (seq)."""

@@ -176,8 +176,10 @@ class RepoSync:
         log.info("stopped")
 
     def close(self) -> None:
+        """Wait for the publishes in hand; those queued but not started are dropped
+        (their changes stay staged for the next start)."""
         if self.executor is not None:
-            self.executor.shutdown(wait=True)
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
     # -- scheduling --------------------------------------------------------------------
 
@@ -200,32 +202,45 @@ class RepoSync:
         self.repos[repo] = state
         return state
 
-    def pending(self, state: RepoState) -> int:
-        """Changes not yet published: pending entries plus the batch in flight."""
-        state.times.get()
-        batch = staging.Staging(self.cfg.cvmfs.staging_dir, state.name).batch_dir
+    def pending(self, state: RepoState, cached: bool = True) -> int:
+        """Changes not yet published: pending entries plus the batch in flight.
+
+        ``cached``: from the poll loop's :class:`PendingTimes` (main thread
+        only); a worker thread lists the directory itself.
+        """
+        st = staging.Staging(self.cfg.cvmfs.staging_dir, state.name)
+        if cached:
+            state.times.get()
+            pending = state.times.count
+        else:
+            pending = st.pending_count()
         try:
-            in_batch = sum(1 for n in os.listdir(batch) if n.endswith(".json"))
+            in_batch = sum(1 for n in os.listdir(st.batch_dir) if n.endswith(".json"))
         except FileNotFoundError:
             in_batch = 0
-        return state.times.count + in_batch
+        return pending + in_batch
 
-    def due(self, state: RepoState, now: float) -> tuple[bool, str]:
-        """Should ``state``'s repository be published now, and why."""
-        if not state.recovered:
-            return True, "start-up recovery"
+    def due(self, state: RepoState, now: float) -> tuple[bool, bool, str]:
+        """(publish now?, take the pending changes too?, why) for ``state``'s repository.
+
+        The first run of a repository is its recovery (stale transaction,
+        leftover batch), due at once; it takes the pending changes as well
+        only when their own window says so.
+        """
         st = staging.Staging(self.cfg.cvmfs.staging_dir, state.name)
-        if st.has_batch():
-            return True, "leftover batch"
+        if state.recovered and st.has_batch():
+            return True, True, "leftover batch"
         timing = state.times.get()
-        if timing is None:
-            return False, ""
-        oldest, newest = timing
-        if now - newest >= self.cfg.sync.quiet_seconds:
-            return True, "quiet"
-        if now - oldest >= self.cfg.sync.max_delay_seconds:
-            return True, "max delay"
-        return False, ""
+        why = ""
+        if timing is not None:
+            oldest, newest = timing
+            if now - newest >= self.cfg.sync.quiet_seconds:
+                why = "quiet"
+            elif now - oldest >= self.cfg.sync.max_delay_seconds:
+                why = "max delay"
+        if not state.recovered:
+            return True, bool(why), "start-up recovery" + (f", {why}" if why else "")
+        return bool(why), True, why
 
     def tick(self, now: float | None = None) -> list[str]:
         """One poll: start the publishes that are due; returns their repositories."""
@@ -242,27 +257,26 @@ class RepoSync:
             if busy:
                 self.status.repo(repo, pending=self.pending(state))
                 continue
-            due, why = self.due(state, now)
+            due, take, why = self.due(state, now)
             self.status.repo(repo, pending=self.pending(state))
             if not due or now < state.next_attempt:
                 continue
             started.append(repo)
             log.debug("repository=%s publishing (%s)", repo, why)
             if self.executor is None:
-                self._job(state, now)
+                self._job(state, now, take)
             else:
                 with state.lock:
-                    state.future = self.executor.submit(self._job, state, now)
+                    state.future = self.executor.submit(self._job, state, now, take)
         return started
 
     # -- one publish -------------------------------------------------------------------
 
-    def _job(self, state: RepoState, now: float) -> None:
+    def _job(self, state: RepoState, now: float, take_pending: bool) -> None:
         repo = state.name
         t0 = time.monotonic()
-        recovering = not state.recovered
         try:
-            outcome = self.publisher.publish(repo, take_pending=not recovering)
+            outcome = self.publisher.publish(repo, take_pending=take_pending)
         except PublishError as exc:
             self._failed(state, now, exc.step, exc.rc, exc.detail)
             return
@@ -284,7 +298,8 @@ class RepoSync:
             state.backoff.reset()
             state.next_attempt = 0.0
         fields: dict[str, object] = {"consecutive_failures": 0, "backoff": 0.0,
-                                     "last_error": ""}
+                                     "last_error": "",
+                                     "pending": self.pending(state, cached=False)}
         if outcome is not None:
             state.publishes += outcome.publishes
             log.info("repository=%s step=publish outcome=%s %s", repo,
@@ -305,12 +320,15 @@ class RepoSync:
         with state.lock:
             state.failures += 1
             delay = state.backoff.next()
-            state.next_attempt = now + delay
+            # From the failure, not from the poll that started it (a publish may
+            # have spent minutes retrying an abort).
+            state.next_attempt = max(now, self.clock()) + delay
             failures = state.failures
         log.error("repository=%s step=%s rc=%s error=%s outcome=retry in %.1fs "
                   "(failure %d in a row; the batch stays staged)", repo, step, rc,
                   detail, delay, failures)
         self.status.repo(repo, last_result="failed", consecutive_failures=failures,
+                         pending=self.pending(state, cached=False),
                          backoff=round(delay, 3),
                          last_error=f"step={step} rc={rc} {detail}"[:300])
         self.status.incr(repo, "errors")

@@ -1,0 +1,100 @@
+"""The staging layout and its lock protocol (the consumers/sync contract)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from cvmfs_publisher.staging import Entry, Staging, entry_name, repositories
+
+
+def put(st: Staging, path: str, body: bytes) -> Entry:
+    tmp, fh = st.new_download()
+    with fh:
+        fh.write(body)
+    return st.stage(Entry(path=path, op="put", object=st.commit_object(tmp), size=len(body)))
+
+
+def test_latest_state_per_path_and_object_cleanup(tmp_path: Path) -> None:
+    st = Staging(tmp_path, "r.infn.it").ensure()
+    first = put(st, "a/b.txt", b"one")
+    second = put(st, "a/b.txt", b"two")
+    assert st.pending_count() == 1
+    assert second.seq > first.seq and second.first_time == first.time
+    assert not (st.objects / first.object).exists(), "replaced object not dropped"
+    assert st.object_path(st.pending_get("a/b.txt")).read_bytes() == b"two"  # type: ignore[arg-type]
+    assert repositories(tmp_path) == ["r.infn.it"]
+
+
+def test_batch_is_isolated_from_later_changes(tmp_path: Path) -> None:
+    st = Staging(tmp_path, "r.infn.it").ensure()
+    put(st, "x", b"old")
+    batch = st.take_batch()
+    assert [e.path for e in batch] == ["x"] and st.pending_count() == 0
+    newer = put(st, "x", b"new")  # arrives while the batch is being published
+    assert st.take_batch() == batch, "an unfinished batch must be applied first"
+    assert (st.objects / batch[0].object).exists()
+    st.finish_batch()
+    assert not st.has_batch()
+    assert not (st.objects / batch[0].object).exists()
+    assert (st.objects / newer.object).exists()
+    assert [e.path for e in st.take_batch()] == ["x"]
+
+
+def test_sweep_removes_crash_leftovers_only(tmp_path: Path) -> None:
+    st = Staging(tmp_path, "r.infn.it").ensure()
+    live = put(st, "keep", b"k")
+    tmp, fh = st.new_download()  # a download killed half-way
+    fh.write(b"partial")
+    fh.close()
+    (st.objects / "orphan").write_bytes(b"x")  # committed object, entry never written
+    assert st.sweep() == 2
+    assert not tmp.exists() and not (st.objects / "orphan").exists()
+    assert (st.objects / live.object).exists()
+
+
+def test_corrupt_entry_is_quarantined(tmp_path: Path, caplog) -> None:
+    st = Staging(tmp_path, "r.infn.it").ensure()
+    put(st, "good", b"g")
+    (st.pending / entry_name("bad")).write_text("{not json")
+    assert [e.path for e in st.pending_entries()] == ["good"]
+    assert len(list((st.root / "corrupt").iterdir())) == 1
+    assert "corrupt-entry" in caplog.text
+
+
+def test_concurrent_writers_and_batch_taker(tmp_path: Path) -> None:
+    """Writers and a batch taker in parallel: every staged change is seen exactly once."""
+    st = Staging(tmp_path, "r.infn.it").ensure()
+    seen: list[str] = []
+    done = threading.Event()
+
+    def writer(n: int) -> None:
+        for i in range(100):
+            put(Staging(tmp_path, "r.infn.it"), f"w{n}/f{i}", b"%d" % i)
+
+    def taker() -> None:
+        while not done.is_set() or st.pending_count():
+            batch = st.take_batch()
+            seen.extend(e.path for e in batch)
+            if batch:
+                st.finish_batch()
+    writers = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    t = threading.Thread(target=taker)
+    t.start()
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    done.set()
+    t.join()
+    assert sorted(seen) == sorted(f"w{n}/f{i}" for n in range(3) for i in range(100))
+    assert os.listdir(st.objects) == []
+
+
+def test_entries_are_json_documents(tmp_path: Path) -> None:
+    st = Staging(tmp_path, "r.infn.it").ensure()
+    st.stage(Entry(path="l", op="symlink", target="../x", mode=0o777))
+    doc = json.loads((st.pending / entry_name("l")).read_text())
+    assert doc["op"] == "symlink" and doc["target"] == "../x"
