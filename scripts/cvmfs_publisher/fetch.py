@@ -1,0 +1,284 @@
+"""Fetch: bring the staged state of one key to what S3 holds *now* (DESIGN §3).
+
+An S3 event only says "key K changed"; by the time it is handled, K may
+have changed again, been deleted, or (multipart ``ObjectCreated:Post``)
+not exist yet. So the event is never trusted for content: S3 is asked.
+
+- the object exists: it is streamed in 1 MiB chunks into a fresh file under
+  the staging ``tmp/`` directory (constant memory for any size), fsynced and
+  renamed into ``objects/`` (:meth:`Staging.commit_object`), then one entry
+  makes it the pending state of its path (:meth:`Staging.stage`);
+- S3 answers 404: the deletion of the path is staged (``ingest-delete`` for
+  a tarball's directory).
+
+Duplicates, retries, reordered events and the early multipart event all
+converge to the same final staged state, provided the caller does not run
+two fetches of the same path at the same time (the consumers serialise
+them per path, see :mod:`cvmfs_publisher.dispatch`).
+
+What the object becomes (DESIGN §2): its metadata and first bytes decide
+(:func:`cvmfs_publisher.modes.decide`): a file (0644/0755) or a symlink
+(s3fs ``mode`` with S_IFLNK, rclone ``.rclonelink``) whose body, at most
+4095 bytes and read into memory, is the link target. Tarballs (``*.tar``,
+``*.tar.gz``, ``*.tgz``) are staged for ``cvmfs_server ingest``; their
+compression is taken from the content (gzip magic), not the name, because
+ingest reads only uncompressed tar and a mislabelled file must still be
+decompressed correctly.
+
+Staging holds entries, never a tree: nothing here creates a path from the
+key, so a user's symlink can never be followed when writing. As defence in
+depth, a path that would go *through* a symlink or file still pending in
+staging (``cvmfs/evil`` -> ``/etc`` then ``cvmfs/evil/passwd``) is refused
+(:class:`PathConflict`, permanent) when S3 still holds that ancestor.
+
+Errors speak :mod:`cvmfs_publisher.errors`: S3 unreachable, 5xx, an
+interrupted download and any local I/O error (disk full, ...) are
+:class:`Transient`; a refusal from S3 (403) and an object that cannot be
+published (bad symlink target) are :class:`Permanent`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import botocore.exceptions
+
+from . import keys as keymap
+from . import modes
+from .errors import Permanent, PublisherError, Transient
+from .rgw import classify
+from .staging import Entry, Staging, entry_name
+
+log = logging.getLogger("cvmfs-publisher.fetch")
+
+CHUNK = 1 << 20  # bytes per read: the only buffer, whatever the object size
+HEAD_BYTES = 4096  # first bytes kept for the content sniffing of modes.decide
+_GZIP_MAGIC = b"\x1f\x8b"
+_NOT_FOUND = ("NoSuchKey", "404", "NotFound")
+
+
+class PathConflict(Permanent):
+    """The path goes through an ancestor that is (pending as) a symlink or a file."""
+
+
+class _S3Client(Protocol):
+    def get_object(self, **kwargs: Any) -> dict[str, Any]: ...
+
+    def head_object(self, **kwargs: Any) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What :func:`fetch_key` staged, with what the log line needs.
+
+    ``source`` names the convention that decided the mode
+    (:class:`cvmfs_publisher.modes.Decision`; ``"s3"`` for deletions and
+    tarballs); ``note`` explains metadata that was present but ignored.
+    """
+
+    entry: Entry
+    source: str = "s3"
+    note: str = ""
+
+
+def _client(s3: Any) -> Any:
+    """Accept an :class:`cvmfs_publisher.rgw.RGW` or a boto3 S3 client."""
+    return getattr(s3, "s3", s3)
+
+
+def _not_found(exc: Exception) -> bool:
+    if not isinstance(exc, botocore.exceptions.ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in _NOT_FOUND or status == 404
+
+
+def _s3_error(exc: Exception, what: str, repository: str) -> PublisherError:
+    """Transient or Permanent; anything unknown from the S3 stack is Transient."""
+    out = classify(exc, what, repository)
+    if isinstance(out, PublisherError):
+        return out
+    # urllib3 / socket errors that botocore did not wrap: the connection broke.
+    return Transient(f"S3 {what} failed: {type(exc).__name__}", repository)
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _staged_state(staging: Staging, path: str) -> Entry | None:
+    """The pending entry of ``path``, else the one in the batch being published."""
+    entry = staging.pending_get(path)
+    if entry is not None:
+        return entry
+    try:
+        with open(staging.batch_dir / entry_name(path), "rb") as fh:
+            return Entry.from_dict(json.loads(fh.read()))
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+
+
+def check_ancestors(s3: Any, staging: Staging, bucket: str, path: str,
+                    repository: str = "") -> None:
+    """Refuse ``path`` if an ancestor is staged as a symlink or file that S3 still holds.
+
+    A key ``cvmfs/evil/passwd`` after ``cvmfs/evil`` (a symlink to
+    ``/etc``) must never be written through the link. Staging itself never
+    follows anything (entries are files named by hash), and the sync daemon
+    opens every component without following symlinks; this check keeps such
+    a change out of staging altogether, with a clear reason. It costs one
+    ``stat`` per ancestor, and one HEAD only when a conflict is pending, to
+    tell a conflict from an ancestor that was since deleted in S3 (its own
+    event will stage that deletion; reordered events must not be refused).
+    """
+    client = _client(s3)
+    for ancestor in _ancestors(path):
+        entry = _staged_state(staging, ancestor)
+        if entry is None or entry.op not in ("symlink", "put"):
+            continue
+        key = entry.key
+        if not key:
+            raise PathConflict(f"path {path!r} goes through {ancestor!r}, staged as a "
+                               f"{'symlink' if entry.op == 'symlink' else 'file'}", repository)
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if _not_found(exc):
+                continue
+            raise _s3_error(exc, f"HEAD {key!r}", repository) from None
+        what = f"a symlink to {entry.target!r}" if entry.op == "symlink" else "a file"
+        raise PathConflict(f"path {path!r} goes through {ancestor!r}, which is {what} "
+                           f"(object {key!r})", repository)
+
+
+def _stream(body: Any, first: bytes, staging: Staging) -> tuple[str, int]:
+    """Write ``first`` then the rest of ``body`` to a new staged object; (id, size)."""
+    tmp, fh = staging.new_download()
+    try:
+        size = 0
+        with fh:
+            if first:
+                fh.write(first)
+                size += len(first)
+            while True:
+                try:
+                    chunk = body.read(CHUNK)
+                except Exception as exc:
+                    raise Transient(f"download interrupted: {type(exc).__name__}") from None
+                if not chunk:
+                    break
+                fh.write(chunk)
+                size += len(chunk)
+        return staging.commit_object(tmp), size
+    except BaseException:
+        staging.discard_download(tmp)
+        raise
+
+
+def _read_head(body: Any, n: int) -> bytes:
+    """Up to ``n`` first bytes (a short read is retried until EOF or ``n``)."""
+    out = b""
+    while len(out) < n:
+        try:
+            chunk = body.read(n - len(out))
+        except Exception as exc:
+            raise Transient(f"download interrupted: {type(exc).__name__}") from None
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _stage_object(staging: Staging, entry: Entry) -> Entry:
+    """Stage an entry whose object is committed; drop the object if staging fails."""
+    try:
+        return staging.stage(entry)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging.objects / entry.object)
+        raise
+
+
+def _fetch(client: Any, staging: Staging, bucket: str, target: keymap.Target,
+           repository: str) -> Fetched:
+    started = time.time()
+    tarball = target.kind == keymap.TARBALL
+    try:
+        resp = client.get_object(Bucket=bucket, Key=target.key)
+    except Exception as exc:
+        if _not_found(exc):
+            op = "ingest-delete" if tarball else "delete"
+            return Fetched(staging.stage(Entry(target.path, op, key=target.key, time=started)))
+        raise _s3_error(exc, f"GET {target.key!r}", repository) from None
+    body = resp["Body"]
+    try:
+        etag = str(resp.get("ETag", "")).strip('"')
+        length = int(resp.get("ContentLength", 0) or 0)
+        head = _read_head(body, HEAD_BYTES)
+        decision = modes.decide(resp.get("Metadata") or {}, head, target.key)
+        if tarball:
+            if decision.kind == modes.SYMLINK:
+                raise keymap.UnsafeKey(f"tarball key {target.key!r} holds a symlink "
+                                       "(mode S_IFLNK): not ingested", repository)
+            check_ancestors(client, staging, bucket, target.path, repository)
+            oid, size = _stream(body, head, staging)
+            compression = "gzip" if head.startswith(_GZIP_MAGIC) else "none"
+            entry = Entry(target.path, "ingest", object=oid, compression=compression,
+                          key=target.key, size=size, etag=etag, time=started)
+            return Fetched(_stage_object(staging, entry), "content")
+        if decision.kind == modes.SYMLINK:
+            if length > modes.MAX_TARGET_BYTES or len(head) > modes.MAX_TARGET_BYTES:
+                raise modes.BadSymlinkTarget(
+                    f"symlink object of {max(length, len(head))} bytes: a target is "
+                    f"at most {modes.MAX_TARGET_BYTES} bytes", repository)
+            link = modes.valid_symlink_target(head)
+            check_ancestors(client, staging, bucket, target.path, repository)
+            entry = Entry(target.path, "symlink", mode=decision.mode, target=link,
+                          key=target.key, size=len(head), etag=etag, time=started)
+            return Fetched(staging.stage(entry), decision.source, decision.note)
+        check_ancestors(client, staging, bucket, target.path, repository)
+        oid, size = _stream(body, head, staging)
+        entry = Entry(target.path, "put", mode=decision.mode, object=oid, key=target.key,
+                      size=size, etag=etag, time=started)
+        return Fetched(_stage_object(staging, entry), decision.source, decision.note)
+    finally:
+        with contextlib.suppress(Exception):
+            body.close()
+
+
+def fetch_key(s3: Any, staging: Staging, bucket: str, target: keymap.Target,
+              repository: str = "") -> Fetched:
+    """Stage what S3 holds now for ``target`` (see the module docstring).
+
+    Like :func:`stage_key`, with the deciding convention and notes for logs.
+    """
+    try:
+        return _fetch(_client(s3), staging, bucket, target, repository)
+    except PublisherError as exc:
+        if not exc.repository:
+            exc.repository = repository
+        raise
+    except OSError as exc:
+        # Disk full, I/O error, a staging directory gone: may work later.
+        raise Transient(f"staging {target.path!r} failed: "
+                        f"{exc.strerror or type(exc).__name__}", repository) from None
+
+
+def stage_key(s3: Any, staging: Staging, bucket: str, target: keymap.Target,
+              repository: str = "") -> Entry:
+    """Bring the staged state of ``target`` to what S3 holds now; return the staged entry.
+
+    ``s3`` is an :class:`cvmfs_publisher.rgw.RGW` or a boto3 S3 client;
+    ``target`` comes from :func:`cvmfs_publisher.keys.map_key`. Raises
+    :class:`Transient` (retry later) or :class:`Permanent` (never works).
+    Not safe to run twice at once for the same path (last writer wins).
+    """
+    return fetch_key(s3, staging, bucket, target, repository).entry
