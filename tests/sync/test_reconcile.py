@@ -174,3 +174,26 @@ def test_multipart_etag(bucket_env: tuple[SyncEnv, str, Any], tmp_path: Any) -> 
     assert not content_matches(str(local), len(data), etag)
     sync(env, repo)
     assert reconcile(env.cfg, repo, dry_run=True).changes == []
+
+
+def test_cli_reconcile_dry_run_then_stage(bucket_env: tuple[SyncEnv, str, Any], tmp_path,
+                                          monkeypatch, capsys) -> None:
+    """``cvmfs-publisher reconcile`` prints the plan; --dry-run stages nothing."""
+    import yaml
+
+    from cvmfs_publisher.cli import main
+
+    env, repo, s3 = bucket_env
+    label = repo.split(".")[0]
+    put(s3, label, "cvmfs/new.txt", b"new\n")
+    cfg_file = tmp_path / "cli.yaml"
+    cfg_file.write_text(yaml.safe_dump(env.raw))
+    for k, v in env.envvars.items():
+        monkeypatch.setenv(k, v)
+    assert main(["--config", str(cfg_file), "reconcile", repo, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "new.txt" in out
+    assert env.staging(repo).pending_count() == 0
+    assert main(["--config", str(cfg_file), "reconcile", repo]) == 0
+    assert env.staging(repo).pending_get("new.txt") is not None
+    assert main(["--config", str(cfg_file), "reconcile", "Not_A_Repo"]) == 2
