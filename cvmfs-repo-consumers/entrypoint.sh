@@ -16,14 +16,8 @@ CONFIG=${CVMFS_PUBLISHER_CONFIG:-/etc/cvmfs-publisher/publisher.yaml}
 AGENT_CONF=/etc/zabbix/zabbix_agentd.container.conf
 AGENT_RUNTIME_CONF=/tmp/zabbix_agentd.runtime.conf
 
-log() {
-    printf '%s %s entrypoint: %s\n' "$(date -u '+%Y-%m-%dT%H:%M:%SZ')" "$DAEMON" "$*" >&2
-}
-
-die() {
-    log "FATAL: $*"
-    exit 78 # EX_CONFIG: the host or the compose file must change, not the code
-}
+# shellcheck source-path=SCRIPTDIR source=../container/lib.sh
+. /usr/local/lib/cvmfs-publisher/lib.sh
 
 check_access() {
     uid=$(id -u)
@@ -41,57 +35,9 @@ check_access() {
     done
 }
 
-# One value for the agent's configuration file, refused when it could smuggle
-# in another parameter (a newline) or is not a host/address list.
-agent_value() {
-    name=$1
-    value=$2
-    nl='
-'
-    case $value in
-        *"$nl"*) die "$name must be a single line" ;;
-    esac
-    printf '%s' "$value" | grep -Eq '^[][A-Za-z0-9.,:/_-]+$' ||
-        die "$name=$value: expected host names or addresses separated by commas"
-    printf '%s' "$value"
-}
-
-start_zabbix_agent() {
-    if [ "${ZBX_AGENT_ENABLED:-1}" != 1 ]; then
-        log "Zabbix agent disabled (ZBX_AGENT_ENABLED=${ZBX_AGENT_ENABLED:-})"
-        return 0
-    fi
-    # Validated into variables first: a failure inside $(...) must stop us.
-    server=$(agent_value ZBX_SERVER "${ZBX_SERVER:-127.0.0.1}")
-    active=""
-    if [ -n "${ZBX_SERVER_ACTIVE:-}" ]; then
-        active=$(agent_value ZBX_SERVER_ACTIVE "$ZBX_SERVER_ACTIVE")
-    fi
-    host=""
-    if [ -n "${ZBX_HOSTNAME:-}" ]; then
-        host=$(agent_value ZBX_HOSTNAME "$ZBX_HOSTNAME")
-    fi
-    {
-        printf '# Written by entrypoint.sh at container start from the ZBX_* environment.\n'
-        printf 'Server=%s\n' "$server"
-        [ -z "$active" ] || printf 'ServerActive=%s\n' "$active"
-        [ -z "$host" ] || printf 'Hostname=%s\n' "$host"
-    } >"$AGENT_RUNTIME_CONF.tmp"
-    mv "$AGENT_RUNTIME_CONF.tmp" "$AGENT_RUNTIME_CONF"
-    zabbix_agentd --foreground -c "$AGENT_CONF" &
-    log "Zabbix agent started (pid $!)"
-}
-
 umask 022 # staged files keep the modes the daemon gives them (DESIGN §2)
 [ "$#" -gt 0 ] || set -- "$DAEMON" --config "$CONFIG"
 
 check_access
 
-# The agent runs next to the daemon only: a one-off command
-# (`docker compose run --rm cvmfs-repo-consumers cvmfs-publisher status`) gets none.
-if [ "$1" = "$DAEMON" ]; then
-    start_zabbix_agent
-fi
-
-log "starting: $*"
-exec "$@"
+run_daemon "$@"

@@ -24,14 +24,30 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERIGNORE = REPO / ".dockerignore"
 
 
+#: Files the images share, in ``container/`` (paths relative to the repository,
+#: as the Dockerfiles name them with the repository root as build context).
+SHARED_DIR = "container"
+ENTRYPOINT_LIB = f"{SHARED_DIR}/lib.sh"
+CVMFS_ENTRYPOINT = f"{SHARED_DIR}/cvmfs-entrypoint.sh"
+CVMFS_AGENT_CONF = f"{SHARED_DIR}/zabbix_agentd.cvmfs.conf"
+CVMFS_WRAPPER = f"{SHARED_DIR}/cvmfs_server"
+
+
 @dataclass(frozen=True)
 class Image:
-    """One of the three images: compose service, directory, daemon it runs."""
+    """One of the three images: compose service, directory, daemon it runs.
+
+    ``entrypoint`` and ``agent_conf`` are the repository files the image
+    installs as its entrypoint and its Zabbix agent configuration: its own
+    (in its directory) or the ones the two CVMFS images share (in container/).
+    """
 
     service: str
     directory: str
     daemon: str
     cvmfs: bool
+    entrypoint: str
+    agent_conf: str
 
     @property
     def dockerfile(self) -> Path:
@@ -39,9 +55,13 @@ class Image:
 
 
 IMAGES = (
-    Image("publisher-consumer", "publisher-consumer", "publisher-consumer", cvmfs=True),
-    Image("cvmfs-repo-consumers", "cvmfs-repo-consumers", "cvmfs-repo-consumers", cvmfs=False),
-    Image("sync-publisher", "sync-publisher", "cvmfs-repo-sync", cvmfs=True),
+    Image("publisher-consumer", "publisher-consumer", "publisher-consumer", cvmfs=True,
+          entrypoint=CVMFS_ENTRYPOINT, agent_conf=CVMFS_AGENT_CONF),
+    Image("cvmfs-repo-consumers", "cvmfs-repo-consumers", "cvmfs-repo-consumers", cvmfs=False,
+          entrypoint="cvmfs-repo-consumers/entrypoint.sh",
+          agent_conf="cvmfs-repo-consumers/zabbix_agentd.conf"),
+    Image("sync-publisher", "sync-publisher", "cvmfs-repo-sync", cvmfs=True,
+          entrypoint=CVMFS_ENTRYPOINT, agent_conf=CVMFS_AGENT_CONF),
 )
 CVMFS_IMAGES = tuple(i for i in IMAGES if i.cvmfs)
 BY_SERVICE = {i.service: i for i in IMAGES}
@@ -160,6 +180,77 @@ def copy_parts(instruction: Instruction) -> tuple[dict[str, str], list[str], str
     return options, words[:-1], words[-1]
 
 
+def run_parts(instruction: Instruction) -> tuple[list[dict[str, str]], str]:
+    """``RUN`` as (its ``--mount`` options as dicts, the command)."""
+    text = instruction.args.strip()
+    mounts: list[dict[str, str]] = []
+    while text.startswith("--"):
+        option, _, text = text.partition(" ")
+        text = text.lstrip()
+        key, _, value = option[2:].partition("=")
+        if key == "mount":
+            mounts.append(dict(p.partition("=")[::2] for p in value.split(",")))
+    return mounts, text
+
+
+def run_scripts(stage: Stage) -> list[str]:
+    """Repository files bind-mounted into a ``RUN`` of the stage and run by it.
+
+    The build context is the repository root, so a mount's ``source`` is a
+    repository path (mounts from another stage or image are not ours).
+    """
+    scripts = []
+    for run in stage.all("RUN"):
+        mounts, command = run_parts(run)
+        for mount in mounts:
+            if (mount.get("type") == "bind" and "from" not in mount
+                    and mount.get("target", "\0") in command):
+                scripts.append(mount["source"])
+    return scripts
+
+
+def script_commands(path: Path) -> str:
+    """A shell script's commands, one logical line each (comments dropped)."""
+    lines: list[str] = []
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1].strip() + " "
+            continue
+        lines.append(pending + stripped)
+        pending = ""
+    return "\n".join(lines)
+
+
+def run_texts(stage: Stage) -> list[str]:
+    """What the stage runs: each ``RUN`` command and each repository script it runs."""
+    texts = [run_parts(r)[1] for r in stage.all("RUN")]
+    texts += [script_commands(REPO / s) for s in run_scripts(stage)]
+    return texts
+
+
+def image_build_text(image: Image) -> str:
+    """The Dockerfile plus the scripts its ``RUN`` instructions run, as one text."""
+    texts = [image.dockerfile.read_text(encoding="utf-8")]
+    for stage in parse_dockerfile(image.dockerfile):
+        texts += [(REPO / s).read_text(encoding="utf-8") for s in run_scripts(stage)]
+    return "\n".join(texts)
+
+
+def env_of(stage: Stage) -> dict[str, str]:
+    """The ``ENV KEY=VALUE ...`` settings of a stage (later ones win)."""
+    env: dict[str, str] = {}
+    for instruction in stage.all("ENV"):
+        for word in shlex.split(instruction.args):
+            key, sep, value = word.partition("=")
+            assert sep, f"ENV in the legacy 'ENV KEY VALUE' form: {instruction.args}"
+            env[key] = value
+    return env
+
+
 def healthcheck_command(instruction: Instruction) -> list[str]:
     """The exec-form command of a ``HEALTHCHECK ... CMD [...]``."""
     match = re.match(r"^(?:--\S+\s+)*CMD\s+(\[.*\])\s*$", instruction.args)
@@ -173,10 +264,13 @@ def healthcheck_options(instruction: Instruction) -> dict[str, str]:
 
 
 def apt_packages(stage: Stage) -> set[str]:
-    """Package names a stage installs with ``apt-get install`` (versions stripped)."""
+    """Package names a stage installs with ``apt-get install`` (versions stripped).
+
+    In its ``RUN`` instructions and in the repository scripts they run.
+    """
     packages: set[str] = set()
-    for run in stage.all("RUN"):
-        for chunk in re.split(r"&&|;|\|\|", run.args):
+    for text in run_texts(stage):
+        for chunk in re.split(r"&&|;|\|\||\n", text):
             if "apt-get install" not in chunk:
                 continue
             words = shlex.split(chunk)

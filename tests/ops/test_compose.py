@@ -27,6 +27,7 @@ from ._support import (
     IMAGES,
     REPO,
     healthcheck_command,
+    image_build_text,
     load_compose,
     parse_dockerfile,
 )
@@ -221,7 +222,7 @@ def test_keys_volume_is_shared_by_the_cvmfs_containers_only(
             assert not leaked, f"{name} mounts CVMFS state: {leaked}"
     # The images create the mount point 0700 root:root; a new volume copies that.
     for image in CVMFS_IMAGES:
-        text = image.dockerfile.read_text(encoding="utf-8")
+        text = image_build_text(image)
         assert re.search(r"install -d -m 0700 -o root -g root /etc/cvmfs/keys-shared", text)
 
 
@@ -254,7 +255,7 @@ def test_staging_is_one_volume(
     assert not staging[0].get("read_only")
     # Whichever image mounts the new volume first gives it its owner: the consumers' user.
     for image in IMAGES:
-        text = image.dockerfile.read_text(encoding="utf-8")
+        text = image_build_text(image)
         assert re.search(r"install -d -m 0755 -o 10001 -g 10001 [^\n]*/data/cvmfs", text), image
 
 

@@ -1,11 +1,13 @@
 """The three images, checked without a Docker engine.
 
 Static checks of each Dockerfile (pinned bases, multi-stage with no compiler
-in the final stage, HEALTHCHECK, the init, the user, COPY sources that exist
-and reach the build context), of the container files next to it (entrypoint
-scripts, Zabbix agent configuration) and a behavioural test of the
+in the final stage, HEALTHCHECK, the init, the user, COPY and RUN --mount
+sources that exist and reach the build context), of the container files it
+installs (entrypoint scripts, the shell functions they share, Zabbix agent
+configuration; the image's own, in its directory, or shared, in container/)
+and behavioural tests of the shared entrypoint functions and of the
 ``cvmfs_server`` fstab wrapper of the CVMFS images, run here with stand-ins
-for ``/etc/fstab`` and the real ``cvmfs_server``.
+for the agent, ``/etc/fstab`` and the real ``cvmfs_server``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -22,17 +25,24 @@ from cvmfs_publisher import config
 
 from ._support import (
     CVMFS_IMAGES,
+    CVMFS_WRAPPER,
+    ENTRYPOINT_LIB,
     IMAGES,
     PROVIDED_ELSEWHERE,
     REPO,
+    SHARED_DIR,
     Image,
     Stage,
     apt_packages,
     copy_parts,
+    env_of,
     healthcheck_command,
     healthcheck_options,
     is_ignored,
     parse_dockerfile,
+    run_parts,
+    run_scripts,
+    run_texts,
 )
 
 IDS = [i.directory for i in IMAGES]
@@ -59,6 +69,34 @@ def copies(stage: Stage) -> list[tuple[dict[str, str], list[str], str]]:
 def console_scripts() -> dict[str, str]:
     data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     return data["project"]["scripts"]
+
+
+def sourced_files(script: str) -> list[str]:
+    """Absolute paths a shell script sources (``. /path`` lines)."""
+    text = (REPO / script).read_text(encoding="utf-8")
+    return re.findall(r"^\.\s+(/\S+)\s*$", text, flags=re.MULTILINE)
+
+
+def entrypoint_daemon(image: Image) -> str:
+    """The daemon the image's entrypoint starts: a literal ``DAEMON=``, or the
+    ``ENTRYPOINT_DAEMON`` the Dockerfile sets for the shared CVMFS entrypoint."""
+    text = (REPO / image.entrypoint).read_text(encoding="utf-8")
+    match = re.search(r"^DAEMON=(\S+)$", text, flags=re.MULTILINE)
+    assert match, f"{image.entrypoint}: no DAEMON= line"
+    value = match.group(1)
+    if value.startswith("${ENTRYPOINT_DAEMON"):
+        return env_of(final(image)).get("ENTRYPOINT_DAEMON", "")
+    assert "$" not in value, value
+    return value
+
+
+def shell_files() -> list[Path]:
+    """Every shell script the images install or run while they are built."""
+    files = {image.entrypoint for image in IMAGES} | {ENTRYPOINT_LIB, CVMFS_WRAPPER}
+    for image in IMAGES:
+        for stage in stages_of(image):
+            files.update(run_scripts(stage))
+    return [REPO / f for f in sorted(files)]
 
 
 # --------------------------------------------------------------------------- Dockerfiles
@@ -91,11 +129,23 @@ def test_multi_stage_build(image: Image) -> None:
     assert builder.base == last.base
     assert any(o.get("from") == "builder" and dst == "/opt/venv" and srcs == ["/opt/venv"]
                for o, srcs, dst in copies(last)), "COPY --from=builder /opt/venv /opt/venv"
-    assert any("pip wheel" in r.args for r in builder.all("RUN")), "the builder builds a wheel"
+    assert any("pip wheel" in text for text in run_texts(builder)), "the builder builds a wheel"
     assert not apt_packages(last) & COMPILERS, apt_packages(last) & COMPILERS
-    assert not any(re.search(r"\bpip3? install\b", r.args) for r in last.all("RUN")), (
+    assert not any(re.search(r"\bpip3? install\b", text) for text in run_texts(last)), (
         "nothing is pip-installed in the final stage"
     )
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_builder_checks_the_console_scripts(image: Image) -> None:
+    """The venv step fails the build when the image's daemon is not installed."""
+    builder = stages_of(image)[0]
+    (script,) = (s for s in run_scripts(builder) if s.startswith(f"{SHARED_DIR}/"))
+    text = (REPO / script).read_text(encoding="utf-8")
+    assert 'test -x "/opt/venv/bin/$daemon"' in text
+    assert "test -x /opt/venv/bin/cvmfs-publisher" in text
+    (command,) = (run_parts(r)[1] for r in builder.all("RUN") if script in r.args)
+    assert command.split()[-1] == image.daemon, command
 
 
 @pytest.mark.parametrize("image", IMAGES, ids=IDS)
@@ -135,14 +185,28 @@ def test_entrypoint_uses_the_init(image: Image) -> None:
     assert "-g" not in form, "SIGTERM goes to the daemon, not to its cvmfs_server children"
     assert "tini" in apt_packages(last)
     script = form[2]
-    assert any(dst == script and srcs == [f"{image.directory}/entrypoint.sh"]
-               for _o, srcs, dst in copies(last))
+    assert any(dst == script and srcs == [image.entrypoint] and o.get("chmod") == "0755"
+               for o, srcs, dst in copies(last))
     cmd = last.last("CMD")
     assert cmd is not None
     command = cmd.exec_form()
     assert command is not None
     assert command[0] == image.daemon and command[0] in console_scripts()
     assert command[1:] == ["--config", "/etc/cvmfs-publisher/publisher.yaml"]
+    # The agent starts next to this command only: the entrypoint's daemon is the same.
+    assert entrypoint_daemon(image) == image.daemon
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_entrypoint_finds_the_shared_functions(image: Image) -> None:
+    """What the entrypoint sources is where the image COPYs container/lib.sh."""
+    sourced = sourced_files(image.entrypoint)
+    assert sourced, f"{image.entrypoint} sources no file"
+    destinations = {dst: srcs for _o, srcs, dst in copies(final(image))}
+    for path in sourced:
+        assert destinations.get(path) == [ENTRYPOINT_LIB], (
+            f"{image.entrypoint} sources {path}: not where the image COPYs {ENTRYPOINT_LIB}"
+        )
 
 
 @pytest.mark.parametrize("image", IMAGES, ids=IDS)
@@ -150,20 +214,29 @@ def test_zabbix_agent_in_every_image(image: Image) -> None:
     last = final(image)
     assert "zabbix-agent" in apt_packages(last)
     destinations = {dst: srcs for _o, srcs, dst in copies(last)}
-    assert destinations["/etc/zabbix/zabbix_agentd.container.conf"] == [
-        f"{image.directory}/zabbix_agentd.conf"]
+    assert destinations["/etc/zabbix/zabbix_agentd.container.conf"] == [image.agent_conf]
     userparameters = "/etc/zabbix/zabbix_agentd.conf.d/userparameters_cvmfs_publisher.conf"
     assert destinations[userparameters] == ["config/zabbix/userparameters_cvmfs_publisher.conf"]
-    agent_conf = (REPO / image.directory / "zabbix_agentd.conf").read_text(encoding="utf-8")
+    agent_conf = (REPO / image.agent_conf).read_text(encoding="utf-8")
     assert f"Include={userparameters}" in agent_conf
-    entrypoint = (REPO / image.directory / "entrypoint.sh").read_text(encoding="utf-8")
+    entrypoint = (REPO / image.entrypoint).read_text(encoding="utf-8")
     assert "AGENT_CONF=/etc/zabbix/zabbix_agentd.container.conf" in entrypoint
+    # The runtime file the entrypoint writes is the one the configuration includes.
+    runtime = re.search(r"^AGENT_RUNTIME_CONF=(\S+)$", entrypoint, flags=re.MULTILINE)
+    assert runtime and f"Include={runtime.group(1)}" in agent_conf
 
 
 @pytest.mark.parametrize("image", IMAGES, ids=IDS)
 def test_copy_sources_exist_and_reach_the_build_context(image: Image) -> None:
+    """COPY sources and RUN --mount=type=bind sources (the scripts RUN runs)."""
     pending = []
-    for options, sources, _dst in copies(final(image)) + copies(stages_of(image)[0]):
+    used: list[tuple[dict[str, str], list[str]]] = []
+    for stage in stages_of(image):
+        used += [(options, sources) for options, sources, _dst in copies(stage)]
+        for run in stage.all("RUN"):
+            used += [(mount, [mount["source"]]) for mount in run_parts(run)[0]
+                     if mount.get("type") == "bind"]
+    for options, sources in used:
         if "from" in options:
             continue
         for source in sources:
@@ -183,7 +256,8 @@ def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
                  "scripts/cvmfs_publisher/__pycache__/health.cpython-311.pyc"):
         assert is_ignored(path), path
     for path in ("pyproject.toml", "README.md", "scripts/cvmfs_publisher/health.py",
-                 "sync-publisher/entrypoint.sh"):
+                 "sync-publisher/Dockerfile", "cvmfs-repo-consumers/entrypoint.sh",
+                 ENTRYPOINT_LIB, CVMFS_WRAPPER, "container/install-cvmfs.sh"):
         assert not is_ignored(path), path
 
 
@@ -191,7 +265,7 @@ def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
 def test_cvmfs_packages_and_no_systemctl(image: Image) -> None:
     """CERN's packages; /bin/systemctl diverted away and asserted absent (see the seed)."""
     last = final(image)
-    text = " ".join(r.args for r in last.all("RUN"))
+    text = " ".join(run_texts(last))
     assert CVMFS_RELEASE_URL in " ".join(a.args for a in last.all("ARG")) + text
     packages = apt_packages(last)
     assert {"cvmfs", "cvmfs-server", "attr", "psmisc", "lsof", "rsync", "tar"} <= packages
@@ -206,14 +280,30 @@ def test_cvmfs_server_goes_through_the_fstab_wrapper(image: Image) -> None:
     last = final(image)
     env = " ".join(e.args for e in last.all("ENV"))
     assert f"{config.env_name('cvmfs.server_command')}={WRAPPER}" in env
-    assert any(dst == WRAPPER and srcs == [f"{image.directory}/cvmfs_server"]
+    assert any(dst == WRAPPER and srcs == [CVMFS_WRAPPER]
                and o.get("chmod") == "0755" for o, srcs, dst in copies(last))
 
 
-def test_the_cvmfs_images_share_identical_helpers() -> None:
-    """Two copies of the wrapper must not drift apart (each image dir is self-contained)."""
-    a, b = (REPO / i.directory / "cvmfs_server" for i in CVMFS_IMAGES)
-    assert a.read_bytes() == b.read_bytes()
+def test_the_cvmfs_images_share_their_helpers() -> None:
+    """One copy of each helper, in container/, for both CVMFS images: nothing to drift apart."""
+    installed = []
+    for image in CVMFS_IMAGES:
+        last = final(image)
+        files = {dst: tuple(srcs) for o, srcs, dst in copies(last) if "from" not in o}
+        installed.append((files, tuple(run_scripts(last))))
+    (files, scripts), (other_files, other_scripts) = installed
+    assert files == other_files and scripts == other_scripts
+    assert all(src.startswith(f"{SHARED_DIR}/") or src.startswith("config/")
+               for srcs in files.values() for src in srcs), files
+    assert scripts and all(s.startswith(f"{SHARED_DIR}/") for s in scripts), scripts
+    # And no second copy lying around: an image directory keeps only what is its own.
+    seen: dict[bytes, Path] = {}
+    for directory in [SHARED_DIR, *(i.directory for i in CVMFS_IMAGES)]:
+        for path in sorted((REPO / directory).iterdir()):
+            if path.is_file() and path.name != "Dockerfile":
+                data = path.read_bytes()
+                assert data not in seen, f"{path} is a copy of {seen[data]}"
+                seen[data] = path
 
 
 def test_consumers_image_has_no_cvmfs() -> None:
@@ -228,13 +318,20 @@ def test_consumers_image_has_no_cvmfs() -> None:
 @pytest.mark.parametrize("image", IMAGES, ids=IDS)
 def test_entrypoint_script(image: Image) -> None:
     """POSIX sh that checks the host, starts the agent and execs the daemon."""
-    script = REPO / image.directory / "entrypoint.sh"
+    script = REPO / image.entrypoint
+    lib = REPO / ENTRYPOINT_LIB
     text = script.read_text(encoding="utf-8")
     assert text.startswith("#!/bin/sh\n")
-    assert f"\nDAEMON={image.daemon}\n" in text
-    assert '\nexec "$@"\n' in text
-    assert "zabbix_agentd --foreground" in text
-    subprocess.run(["sh", "-n", str(script)], check=True, timeout=30)
+    assert "\nset -eu\n" in text
+    assert entrypoint_daemon(image) == image.daemon
+    # The last command hands over to the shared run_daemon, which execs.
+    assert text.rstrip().splitlines()[-1] == 'run_daemon "$@"'
+    functions = lib.read_text(encoding="utf-8")
+    assert re.search(r'^run_daemon\(\) \{\n(?:    .*\n|\n)*?    exec "\$@"\n\}$', functions,
+                     flags=re.MULTILINE), "run_daemon ends with exec"
+    assert "zabbix_agentd --foreground" in functions
+    for path in (script, lib):
+        subprocess.run(["sh", "-n", str(path)], check=True, timeout=30)
     if image.cvmfs:
         assert "stat -f -c %T" in text and "overlayfs)" in text, "spool on OverlayFS is fatal"
         assert "/dev/fuse" in text and "/bin/systemctl" in text
@@ -244,11 +341,20 @@ def test_shell_files_pass_shellcheck() -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (Debian package shellcheck)")
-    files = [str(REPO / i.directory / "entrypoint.sh") for i in IMAGES]
-    files += [str(REPO / i.directory / "cvmfs_server") for i in CVMFS_IMAGES]
-    res = subprocess.run([shellcheck, "-s", "sh", *files], capture_output=True, text=True,
-                         timeout=120, check=False)
+    files = shell_files()
+    assert {REPO / i.entrypoint for i in IMAGES} <= set(files)
+    # -x: follow what the entrypoints source (their directives point at container/lib.sh).
+    res = subprocess.run([shellcheck, "-x", "-s", "sh", *map(str, files)], capture_output=True,
+                         text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stdout
+
+
+def test_shell_files_are_posix_sh() -> None:
+    """Every shell file (the build scripts run with ``sh``, the sourced functions) parses."""
+    for path in shell_files():
+        head = path.read_text(encoding="utf-8").splitlines()[0]
+        assert head in ("#!/bin/sh", "# shellcheck shell=sh"), path
+        subprocess.run(["sh", "-n", str(path)], check=True, timeout=30)
 
 
 def test_dockerfiles_pass_hadolint() -> None:
@@ -273,7 +379,7 @@ def test_zabbix_agent_accepts_the_configuration(image: Image, tmp_path: Path) ->
     userparameters = tmp_path / "userparameters.conf"
     userparameters.write_text("UserParameter=ops.test,echo ok\n")
     lines = []
-    for original in (REPO / image.directory / "zabbix_agentd.conf").read_text().splitlines():
+    for original in (REPO / image.agent_conf).read_text().splitlines():
         line = original
         if line.startswith("Include=") and "userparameters" in line:
             line = f"Include={userparameters}"
@@ -290,6 +396,71 @@ def test_zabbix_agent_accepts_the_configuration(image: Image, tmp_path: Path) ->
                          text=True, timeout=60, check=False)
     assert res.returncode == 0, res.stderr
     assert "[t|ok]" in res.stdout
+
+
+# --------------------------------------------------------------------------- entrypoint functions
+
+
+def run_lib(tmp_path: Path, body: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``body`` run by sh after sourcing container/lib.sh, a stand-in zabbix_agentd on PATH."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    agent = bindir / "zabbix_agentd"
+    agent.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$AGENT_ARGS"\n')
+    daemon = bindir / "test-daemon"
+    daemon.write_text('#!/bin/sh\necho "daemon ran: $*"\n')
+    for stub in (agent, daemon):
+        stub.chmod(0o755)
+    script = (f"set -eu\nDAEMON=test-daemon\nAGENT_CONF=/agent.conf\n"
+              f"AGENT_RUNTIME_CONF={tmp_path / 'runtime.conf'}\n"
+              f". {REPO / ENTRYPOINT_LIB}\n{body}\n")
+    return subprocess.run(
+        ["sh", "-c", script, "entrypoint"], capture_output=True, text=True, timeout=60,
+        check=False,
+        env={"PATH": f"{bindir}:/usr/bin:/bin", "AGENT_ARGS": str(tmp_path / "agent-args"),
+             **env},
+    )
+
+
+def test_entrypoint_functions_start_the_agent_and_exec_the_daemon(tmp_path: Path) -> None:
+    res = run_lib(tmp_path, 'run_daemon test-daemon --config "/x y.yaml"; echo not-reached',
+                  ZBX_SERVER="zbx1.example,10.0.0.1", ZBX_SERVER_ACTIVE="zbx1.example:10051",
+                  ZBX_HOSTNAME="host-1")
+    assert res.returncode == 0, res.stderr
+    # exec'd: the daemon replaced the shell, which never came back to echo.
+    assert res.stdout == "daemon ran: --config /x y.yaml\n"
+    assert "test-daemon entrypoint: starting: test-daemon --config /x y.yaml" in res.stderr
+    assert (tmp_path / "runtime.conf").read_text().splitlines()[1:] == [
+        "Server=zbx1.example,10.0.0.1", "ServerActive=zbx1.example:10051", "Hostname=host-1"]
+    for _ in range(100):  # the agent runs in the background
+        if (tmp_path / "agent-args").exists():
+            break
+        time.sleep(0.05)
+    assert (tmp_path / "agent-args").read_text().split() == ["--foreground", "-c", "/agent.conf"]
+
+
+def test_entrypoint_functions_give_a_one_off_command_no_agent(tmp_path: Path) -> None:
+    res = run_lib(tmp_path, "run_daemon echo one-off")
+    assert res.returncode == 0 and res.stdout == "one-off\n", res.stderr
+    assert not (tmp_path / "runtime.conf").exists()
+    res = run_lib(tmp_path, "run_daemon test-daemon", ZBX_AGENT_ENABLED="0")
+    assert "Zabbix agent disabled" in res.stderr
+    assert not (tmp_path / "runtime.conf").exists()
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("ZBX_SERVER", "zbx.example\nStartAgents=0", "ZBX_SERVER must be a single line"),
+    ("ZBX_HOSTNAME", "host name", "expected host names or addresses"),
+    ("ZBX_SERVER_ACTIVE", "zbx;reboot", "expected host names or addresses"),
+])
+def test_entrypoint_functions_refuse_agent_values(
+        tmp_path: Path, name: str, value: str, message: str) -> None:
+    """Nothing from the environment can add a line to the agent's configuration."""
+    res = run_lib(tmp_path, "run_daemon test-daemon", **{name: value})
+    assert res.returncode == 78, res.stderr  # EX_CONFIG, before the daemon starts
+    assert "test-daemon entrypoint: FATAL:" in res.stderr and message in res.stderr
+    assert not (tmp_path / "runtime.conf").exists()
+    assert not (tmp_path / "agent-args").exists()
 
 
 # --------------------------------------------------------------------------- fstab wrapper
@@ -336,7 +507,7 @@ def wrapper_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_wrapper(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    script = REPO / "sync-publisher" / "cvmfs_server"
+    script = REPO / CVMFS_WRAPPER
     return subprocess.run(["sh", str(script), *args], capture_output=True, text=True, env=env,
                           timeout=60, check=False)
 

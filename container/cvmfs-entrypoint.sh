@@ -1,30 +1,29 @@
 #!/bin/sh
-# Entrypoint of the publisher-consumer image; tini (PID 1) runs it.
+# Entrypoint of the two CVMFS images, publisher-consumer and sync-publisher;
+# tini (PID 1) runs it. The image names its daemon in ENTRYPOINT_DAEMON
+# (publisher-consumer or cvmfs-repo-sync, see the Dockerfiles).
 #
 # Why a script: cvmfs_server fails late and obscurely when the host does not
 # give it what it needs (/dev/fuse, a spool that is not itself on OverlayFS,
 # no systemd). This checks those first and stops with one line that says
 # what to fix; then it starts the Zabbix agent in the background and replaces
 # itself (exec) with the daemon, so that the SIGTERM tini forwards on
-# `docker stop` reaches the daemon itself, which finishes the provisioning
-# step in progress (or leaves its message unacknowledged) before it exits.
+# `docker stop` reaches the daemon itself, which finishes what it is doing
+# before it exits: publisher-consumer the provisioning step in progress (or
+# leaves its message unacknowledged), cvmfs-repo-sync its transaction
+# (finished or aborted).
 set -eu
 
-DAEMON=publisher-consumer
+DAEMON=${ENTRYPOINT_DAEMON:-cvmfs-entrypoint}
 CONFIG=${CVMFS_PUBLISHER_CONFIG:-/etc/cvmfs-publisher/publisher.yaml}
 SPOOL=/var/spool/cvmfs
 KEYS_SHARED=/etc/cvmfs/keys-shared
 AGENT_CONF=/etc/zabbix/zabbix_agentd.container.conf
 AGENT_RUNTIME_CONF=/etc/zabbix/zabbix_agentd.runtime.conf
+AGENT_RUN_DIR=/run/zabbix
 
-log() {
-    printf '%s %s entrypoint: %s\n' "$(date -u '+%Y-%m-%dT%H:%M:%SZ')" "$DAEMON" "$*" >&2
-}
-
-die() {
-    log "FATAL: $*"
-    exit 78 # EX_CONFIG: the host or the compose file must change, not the code
-}
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. /usr/local/lib/cvmfs-publisher/lib.sh
 
 check_cvmfs_host() {
     # Upstream cvmfs_server decides "systemd or not" by the existence of
@@ -46,8 +45,8 @@ check_cvmfs_host() {
     esac
 
     # Repository mounts made by one CVMFS container must reach the other one
-    # (this container runs mkfs, sync-publisher publishes): the compose file
-    # binds /cvmfs and the spool with rshared propagation.
+    # (publisher-consumer runs mkfs, sync-publisher publishes): the compose
+    # file binds /cvmfs and the spool with rshared propagation.
     for d in /cvmfs "$SPOOL"; do
         prop=$(findmnt -n -o PROPAGATION --target "$d" 2>/dev/null || true)
         case $prop in
@@ -62,60 +61,18 @@ check_cvmfs_host() {
     chmod 0700 "$KEYS_SHARED"
 }
 
-# One value for the agent's configuration file, refused when it could smuggle
-# in another parameter (a newline) or is not a host/address list.
-agent_value() {
-    name=$1
-    value=$2
-    nl='
-'
-    case $value in
-        *"$nl"*) die "$name must be a single line" ;;
-    esac
-    printf '%s' "$value" | grep -Eq '^[][A-Za-z0-9.,:/_-]+$' ||
-        die "$name=$value: expected host names or addresses separated by commas"
-    printf '%s' "$value"
-}
-
-start_zabbix_agent() {
-    if [ "${ZBX_AGENT_ENABLED:-1}" != 1 ]; then
-        log "Zabbix agent disabled (ZBX_AGENT_ENABLED=${ZBX_AGENT_ENABLED:-})"
-        return 0
-    fi
-    # Validated into variables first: a failure inside $(...) must stop us.
-    server=$(agent_value ZBX_SERVER "${ZBX_SERVER:-127.0.0.1}")
-    active=""
-    if [ -n "${ZBX_SERVER_ACTIVE:-}" ]; then
-        active=$(agent_value ZBX_SERVER_ACTIVE "$ZBX_SERVER_ACTIVE")
-    fi
-    host=""
-    if [ -n "${ZBX_HOSTNAME:-}" ]; then
-        host=$(agent_value ZBX_HOSTNAME "$ZBX_HOSTNAME")
-    fi
-    {
-        printf '# Written by entrypoint.sh at container start from the ZBX_* environment.\n'
-        printf 'Server=%s\n' "$server"
-        [ -z "$active" ] || printf 'ServerActive=%s\n' "$active"
-        [ -z "$host" ] || printf 'Hostname=%s\n' "$host"
-    } >"$AGENT_RUNTIME_CONF.tmp"
-    mv "$AGENT_RUNTIME_CONF.tmp" "$AGENT_RUNTIME_CONF"
-    # The agent drops to user zabbix (it only reads the status documents).
-    install -d -o zabbix -g zabbix -m 0755 /run/zabbix
-    zabbix_agentd --foreground -c "$AGENT_CONF" &
-    log "Zabbix agent started (pid $!)"
-}
+[ -n "${ENTRYPOINT_DAEMON:-}" ] ||
+    die "ENTRYPOINT_DAEMON is not set: the image's Dockerfile names the daemon this container runs"
 
 umask 022
 [ "$#" -gt 0 ] || set -- "$DAEMON" --config "$CONFIG"
 
 check_cvmfs_host
 mkdir -p /var/log/publisher /var/lib/cvmfs-publisher
+case $DAEMON in
+    cvmfs-repo-sync)
+        # It publishes what cvmfs-repo-consumers stages: nothing to do without it.
+        [ -d /data/cvmfs ] || die "/data/cvmfs is missing: mount the staging volume shared with cvmfs-repo-consumers" ;;
+esac
 
-# The agent runs next to the daemon only: a one-off command
-# (`docker compose run --rm publisher-consumer cvmfs-publisher status`) gets none.
-if [ "$1" = "$DAEMON" ]; then
-    start_zabbix_agent
-fi
-
-log "starting: $*"
-exec "$@"
+run_daemon "$@"
