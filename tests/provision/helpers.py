@@ -1,5 +1,7 @@
 """Helpers for provisioning tests: run publisher-consumer in a thread, talk AMQP."""
 
+# cleanup_amqp is re-exported: tests and benchmarks import it from here
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +18,7 @@ import pika.exceptions
 from cvmfs_publisher import config, logs
 from cvmfs_publisher.config import Config
 from cvmfs_publisher.daemons.publisher_consumer import PublisherConsumer
-from cvmfs_publisher.devstack.rabbitmq import Broker
+from cvmfs_publisher.devstack.rabbitmq import Broker, cleanup_amqp
 from cvmfs_publisher.rgw import RGW
 from cvmfs_publisher.status import StatusDocument
 from tests.conftest import DOMAIN, Stack, secrets_in_use, unique_label
@@ -138,25 +140,6 @@ class Amqp:
             self.ch.queue_delete(self.announcements)
         with contextlib.suppress(Exception):
             self.conn.close()
-
-
-def cleanup_amqp(cfg: Config, broker: Broker, labels: list[str]) -> None:
-    """Delete what a test declared on the shared broker."""
-    conn = pika.BlockingConnection(pika.ConnectionParameters(
-        cfg.amqp.host, cfg.amqp.port, credentials=pika.PlainCredentials(
-            cfg.amqp.user, cfg.amqp.password.get())))  # type: ignore[union-attr]
-    ch = conn.channel()
-    a = cfg.amqp
-    queues = [a.publisher_queue, a.dead_letter_queue, *labels]
-    queues += [f"{q}.retry.{d}s" for q in (a.publisher_queue, *labels) for d in a.retry_delays]
-    for q in queues:
-        ch.queue_delete(q)
-    for ex in (a.control_exchange, a.dead_letter_exchange):
-        ch.exchange_delete(ex)
-    conn.close()
-    for label in labels:
-        with contextlib.suppress(Exception):
-            broker.api("DELETE", f"/api/policies/%2F/cvmfs-repo-{label}")
 
 
 KEYS = {

@@ -29,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .. import amqp
 from ..rgw import RGW
 from .ceph import Ceph
 from .common import kill_process
 from .openbao import OpenBao
-from .rabbitmq import ensure_broker
+from .rabbitmq import cleanup_amqp, ensure_broker
 from .stack import DOMAIN, REPO_ROOT, Stack, build_stack, make_double, unique_label
 
 DAEMONS = {
@@ -54,8 +56,10 @@ class Demo:
         self.bao: OpenBao | None = None
         self.ceph: Ceph | None = None
         self.procs: dict[str, subprocess.Popen] = {}
+        self.repo_request: tuple[str, str] = ("", "")
         self.stack: Stack | None = None
         self.double_root = workdir / "cvmfs-root"
+        self.labels: list[str] = []
 
     def step(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.2f}s] {text}", flush=True)
@@ -106,7 +110,7 @@ class Demo:
                  "services": {"openbao": self.bao.proc.pid if self.bao and self.bao.proc else 0,
                               **{f"ceph-{n}": p.pid for n, p in
                                  (self.ceph.procs.items() if self.ceph else [])}},
-                 "double_root": str(self.double_root)}
+                 "double_root": str(self.double_root), "labels": self.labels}
         (self.workdir / "demo-state.json").write_text(json.dumps(state, indent=1))
 
     # -- scenario ------------------------------------------------------------------------
@@ -116,6 +120,8 @@ class Demo:
         cfg = self.stack.config()
         label = unique_label("demo-")
         repo = f"{label}.{DOMAIN}"
+        self.labels.append(label)
+        self._save()
         subject = "demo-subject"
         self.bao.put_keys(f"{subject}/cvmfs_keys/{repo}", {
             "publicKey": "demo public key\n", "certificateKey": "demo certificate\n",
@@ -168,7 +174,26 @@ class Demo:
                   f"-{len(doc.get('deleted', []))}")
         ok = (tree / "bin/hello.sh").stat().st_mode & 0o111 != 0
         self.step("status: " + _status_line(self.stack))
+        self.repo_request = (subject, repo)
         return ok
+
+    def deprovision(self) -> None:
+        """The other half of the contract: a delete request undoes the provisioning."""
+        assert self.stack
+        cfg = self.stack.config()
+        subject, repo = self.repo_request
+        conn = amqp.connect(cfg.amqp, "demo")
+        ch = conn.channel()
+        ch.confirm_delivery()
+        t = time.monotonic()
+        amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue, json.dumps(
+            {"action": "delete", "user": "alice", "subject": subject, "repository": repo,
+             "type": "personal"}).encode(), content_type="application/json")
+        conn.close()
+        repos_d = Path(cfg.cvmfs.repositories_dir) / repo
+        self._wait("deprovisioning", lambda: not repos_d.exists(), 60)
+        self.step(f"deprovisioned {repo} in {time.monotonic() - t:.2f}s (delete request): "
+                  "notification, topic, queue, repository and keys removed")
 
     def _wait(self, what: str, check: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -190,6 +215,9 @@ class Demo:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if self.stack:
+            with contextlib.suppress(Exception):
+                cleanup_amqp(self.stack.config(), ensure_broker(), self.labels)
         if self.ceph:
             self.ceph.stop()
         if self.bao:
@@ -262,6 +290,9 @@ def stop_saved(workdir: Path, quiet: bool = False) -> None:
                 kill_process(pid, signal.SIGKILL if pid not in state["pids"].values()
                              else signal.SIGTERM)
         _unmount(Path(state.get("double_root", workdir / "cvmfs-root")))
+        with contextlib.suppress(Exception):
+            cfg = Stack(yaml.safe_load((workdir / "publisher.yaml").read_text()), workdir)
+            cleanup_amqp(cfg.config(), ensure_broker(), state.get("labels", []))
     shutil.rmtree(workdir, ignore_errors=True)
     if not quiet:
         print(f"stopped the demo stack in {workdir}")
@@ -281,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         demo.start()
         ok = demo.run()
+        if ok and not args.keep:
+            demo.deprovision()
         demo.step("demo " + ("succeeded" if ok else "FAILED"))
     except KeyboardInterrupt:
         demo.step("interrupted")

@@ -7,6 +7,7 @@ through its HTTP API).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -14,6 +15,9 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
+
+import pika
 
 from .common import port_open, wait_for
 
@@ -92,3 +96,22 @@ def close_connections(broker: Broker, name_prefix: str) -> int:
             broker.api("DELETE", "/api/connections/" + urllib.parse.quote(c["name"], safe=""))
             n += 1
     return n
+
+
+def cleanup_amqp(cfg: Any, broker: Broker, labels: list[str]) -> None:
+    """Delete the queues, exchanges and policies a test or the demo left on the broker."""
+    conn = pika.BlockingConnection(pika.ConnectionParameters(
+        cfg.amqp.host, cfg.amqp.port, credentials=pika.PlainCredentials(
+            cfg.amqp.user, cfg.amqp.password.get())))  # type: ignore[union-attr]
+    ch = conn.channel()
+    a = cfg.amqp
+    queues = [a.publisher_queue, a.dead_letter_queue, *labels]
+    queues += [f"{q}.retry.{d}s" for q in (a.publisher_queue, *labels) for d in a.retry_delays]
+    for q in queues:
+        ch.queue_delete(q)
+    for ex in (a.control_exchange, a.dead_letter_exchange):
+        ch.exchange_delete(ex)
+    conn.close()
+    for label in labels:
+        with contextlib.suppress(Exception):
+            broker.api("DELETE", f"/api/policies/%2F/cvmfs-repo-{label}")
