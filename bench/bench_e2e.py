@@ -79,8 +79,12 @@ def main() -> None:
         ch.confirm_delivery()
         amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue, f"a,subj,{repo},P".encode())
         wait((Path(cfg.cvmfs.repositories_dir) / repo).is_dir, 60, "provisioning")
-        wait(lambda: ch.queue_declare(label, passive=True).method.consumer_count > 0, 30,
-             "consumers")
+        def consumed() -> bool:
+            try:
+                return conn.channel().queue_declare(label, passive=True).method.consumer_count > 0
+            except amqp.CONNECTION_ERRORS:  # 404 until provisioning declared it
+                return False
+        wait(consumed, 30, "consumers")
         conn.close()
         tree = Path(published_tree(double.root, repo))
         latencies = []
