@@ -189,15 +189,21 @@ class Delivery:
 
 def publish_confirmed(ch: BlockingChannel, exchange: str, routing_key: str, body: bytes,
                       headers: dict[str, Any] | None = None,
-                      content_type: str = "application/octet-stream") -> None:
-    """Publish a persistent message on a confirm-mode channel; raises on nack."""
+                      content_type: str = "application/octet-stream",
+                      mandatory: bool = True) -> None:
+    """Publish a persistent message on a confirm-mode channel; raises on nack.
+
+    ``mandatory`` (the default) also raises when no queue takes the message:
+    right for work (a retry, a dead letter), wrong for a broadcast such as an
+    announcement that may have no listener at that moment.
+    """
     ch.basic_publish(
         exchange=exchange,
         routing_key=routing_key,
         body=body,
         properties=BasicProperties(delivery_mode=2, headers=headers or None,
                                    content_type=content_type),
-        mandatory=True,
+        mandatory=mandatory,
     )
 
 

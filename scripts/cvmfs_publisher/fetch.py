@@ -61,6 +61,7 @@ CHUNK = 1 << 20  # bytes per read: the only buffer, whatever the object size
 HEAD_BYTES = 4096  # first bytes kept for the content sniffing of modes.decide
 _GZIP_MAGIC = b"\x1f\x8b"
 _NOT_FOUND = ("NoSuchKey", "404", "NotFound")
+_NO_BUCKET = "NoSuchBucket"
 
 
 class PathConflict(Permanent):
@@ -93,15 +94,21 @@ def _client(s3: Any) -> Any:
 
 
 def _not_found(exc: Exception) -> bool:
+    """The *object* does not exist (a missing bucket is not a deletion: see _s3_error)."""
     if not isinstance(exc, botocore.exceptions.ClientError):
         return False
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code in _NOT_FOUND or status == 404
+    return code != _NO_BUCKET and (code in _NOT_FOUND or status == 404)
 
 
 def _s3_error(exc: Exception, what: str, repository: str) -> PublisherError:
-    """Transient or Permanent; anything unknown from the S3 stack is Transient."""
+    """Transient or Permanent; anything unknown from the S3 stack is Transient.
+
+    ``NoSuchBucket`` is Permanent (a 4xx): an event for a bucket that does not
+    exist is for a repository that is not provisioned (DESIGN §4), and must
+    not be read as "every key was deleted".
+    """
     out = classify(exc, what, repository)
     if isinstance(out, PublisherError):
         return out

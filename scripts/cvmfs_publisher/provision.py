@@ -113,9 +113,10 @@ class Provisioner:
         if not self._notification_in_place(label, arn):
             self.rgw.put_notification(label, arn, self.cfg.s3.prefix, repo)
             changed.append("notification")
+        # a broadcast: the consumers also find new queues by listing the broker
         amqp.publish_confirmed(ch, self.cfg.amqp.control_exchange, f"repository.created.{label}",
                                announcement("created", repo, label, label),
-                               content_type="application/json")
+                               content_type="application/json", mandatory=False)
         return changed
 
     def _ensure_repository(self, repo: str, keys_dir: Path) -> bool:
@@ -213,6 +214,6 @@ class Provisioner:
             changed.append("staging")
         amqp.publish_confirmed(ch, self.cfg.amqp.control_exchange, f"repository.deleted.{label}",
                                announcement("deleted", repo, label, label),
-                               content_type="application/json")
+                               content_type="application/json", mandatory=False)
         return changed
 

@@ -313,3 +313,14 @@ def test_daemon_process_sigterm_and_config_errors(scenario, broker, tmp_path) ->
 def test_label_helper() -> None:
     assert label_of("alice-personalrepo.infn.it") == "alice-personalrepo"
     assert os.sep == "/"
+
+
+def test_provisioning_without_announcement_listener(scenario, broker) -> None:
+    """An announcement nobody listens to (no consumers daemon yet) must not fail provisioning."""
+    s = scenario()
+    s.amqp.ch.queue_delete(s.amqp.announcements)
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        wait_until("provisioned", lambda: "outcome=provisioned" in s.log_text(), 30)
+    assert s.amqp.queue_depth(s.cfg.amqp.dead_letter_queue) == 0
+    assert_provisioned(s, broker)

@@ -61,7 +61,7 @@ osd crush initial weight = 1
 
 [client.rgw]
 ms mon client mode = crc
-rgw frontends = beast endpoint=127.0.0.1:{rgw}
+rgw frontends = beast endpoint=127.0.0.1:{rgw} tcp_nodelay=1
 rgw data = {dir}/rgw
 rgw trust forwarded https = true
 """

@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""cvmfs-repo-consumers benchmark: throughput against raw S3 GETs, and memory for 1 GiB.
+
+Starts a one-node Ceph RGW (cvmfs_publisher.devstack) and uses the machine's
+RabbitMQ, in a private virtual host. For each ``--downloads`` value:
+
+1. one repository topology (queue, topic, bucket notification: the library
+   calls publisher-consumer's Provisioner makes, without Vault and mkfs);
+2. ``--events`` objects of ``--size`` bytes uploaded, their real RGW events
+   waiting in the repository queue;
+3. the raw S3 GET rate over the same keys, with ``downloads`` threads and
+   the daemon's own S3 client settings;
+4. the daemon (in a thread) drains the queue into staging: events per second
+   from the first staged entry to the last, and its ratio to the raw GET rate
+   (target >= 0.8).
+
+``--repositories N`` spreads the events over N repositories (staging takes
+a per-repository lock for each entry, so this shows how far the pipeline
+scales once one repository's staging is not the limit).
+
+Then the daemon as a subprocess stages one 1 GiB object: its peak RSS
+(VmHWM) before and after (target: growth < 64 MiB).
+
+Figures only, no assertions.
+
+    python3 bench/bench_consumers.py [--events 2000] [--downloads 4 8] [--tcp-nodelay]
+
+``--tcp-nodelay`` adds ``tcp_nodelay=1`` to the beast frontend of the RGW the
+benchmark starts: without it this radosgw's replies with a body wait ~40 ms
+for the client's delayed ACK (Nagle), so every GET costs ~45 ms and both
+rates measure that latency rather than the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pika
+import yaml
+from boto3.s3.transfer import TransferConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+
+from cvmfs_publisher import amqp, config, logs  # noqa: E402
+from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers  # noqa: E402
+from cvmfs_publisher.devstack import ceph as ceph_mod  # noqa: E402
+from cvmfs_publisher.devstack.rabbitmq import Broker, ensure_broker  # noqa: E402
+from cvmfs_publisher.rgw import RGW  # noqa: E402
+from cvmfs_publisher.staging import Staging  # noqa: E402
+from cvmfs_publisher.status import StatusDocument  # noqa: E402
+
+DOMAIN = "infn.it"
+MIB = 1 << 20
+
+
+def label() -> str:
+    return f"bench-{uuid.uuid4().hex[:10]}"
+
+
+class Bench:
+    """The stack: broker vhost, RGW, configuration."""
+
+    def __init__(self, work: Path, broker: Broker, ceph: ceph_mod.Ceph, vhost: str) -> None:
+        self.work, self.broker, self.ceph, self.vhost = work, broker, ceph, vhost
+        self.env = {"CVMFS_PUBLISHER_AMQP__PASSWORD": broker.password,
+                    "CVMFS_PUBLISHER_S3__ACCESS_KEY": ceph.access_key,
+                    "CVMFS_PUBLISHER_S3__SECRET_KEY": ceph.secret_key}
+        self.raw: dict[str, dict[str, Any]] = {
+            "log": {"dir": str(work / "log"), "level": "INFO", "stdout": False},
+            "status": {"dir": str(work / "status"), "interval": 1.0},
+            "amqp": {"host": broker.host, "port": broker.port, "user": broker.user, "tls": False,
+                     "vhost": vhost, "management_url": broker.management_url,
+                     "retry_delays": [1, 2]},
+            "s3": {"endpoint_url": ceph.endpoint, "max_attempts": 1},
+            "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}/{vhost}",
+                    "amqp_ack_level": "broker", "persistent": False, "verify_ssl": False},
+            "cvmfs": {"staging_dir": str(work / "staging"), "domain": DOMAIN},
+            "consumers": {"downloads": 4},
+        }
+
+    def config(self, **sections: dict[str, Any]) -> config.Config:
+        raw = {k: dict(v) for k, v in self.raw.items()}
+        for name, values in sections.items():
+            raw.setdefault(name, {}).update(values)
+        return config.from_mapping(raw, env=self.env)
+
+    def connection(self) -> pika.BlockingConnection:
+        return pika.BlockingConnection(pika.ConnectionParameters(
+            self.broker.host, self.broker.port, virtual_host=self.vhost,
+            credentials=pika.PlainCredentials(self.broker.user, self.broker.password)))
+
+    def provision(self, cfg: config.Config, rgw: RGW, name: str) -> None:
+        """Queue, bucket, topic, notification: Provisioner.create's RabbitMQ and RGW steps."""
+        conn = self.connection()
+        try:
+            ch = conn.channel()
+            amqp.declare_common(ch, cfg.amqp)
+            ch.queue_declare(name, durable=True, arguments=amqp.work_queue_arguments(
+                cfg.amqp, name, single_active=True))
+            ch.queue_bind(name, cfg.amqp.notification_exchange, routing_key=name)
+        finally:
+            conn.close()
+        rgw.s3.create_bucket(Bucket=name)
+        arn = rgw.create_topic(name, cfg.amqp.notification_exchange)
+        rgw.put_notification(name, arn, cfg.s3.prefix)
+
+    def depth(self, queue: str) -> int:
+        conn = self.connection()
+        try:
+            return conn.channel().queue_declare(queue, passive=True).method.message_count
+        finally:
+            conn.close()
+
+    def teardown(self, rgw: RGW, name: str) -> None:
+        with contextlib.suppress(Exception):
+            rgw.delete_notification(name)
+            rgw.delete_topic(name)
+        paginator = rgw.s3.get_paginator("list_objects_v2")
+        with ThreadPoolExecutor(16) as pool:
+            for page in paginator.paginate(Bucket=name):
+                keys = [o["Key"] for o in page.get("Contents", []) or []]
+                list(pool.map(lambda k: rgw.s3.delete_object(Bucket=name, Key=k), keys))
+        with contextlib.suppress(Exception):
+            rgw.s3.delete_bucket(Bucket=name)
+
+
+def wait(what: str, check: Any, timeout: float, interval: float = 0.02) -> float:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic()
+
+
+def throughput(b: Bench, events: int, size: int, downloads: int,
+               repositories: int = 1) -> dict[str, float]:
+    cfg = b.config(consumers={"downloads": downloads})
+    rgw = RGW(cfg.s3, cfg.rgw, max_pool_connections=64)
+    names = [label() for _ in range(repositories)]
+    for name in names:
+        b.provision(cfg, rgw, name)
+    try:
+        body = os.urandom(size)
+        keys = [(names[i % repositories], f"cvmfs/bench/{i:06d}.bin") for i in range(events)]
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda nk: rgw.s3.put_object(Bucket=nk[0], Key=nk[1], Body=body),
+                          keys))
+        wait("events queued", lambda: sum(b.depth(n) for n in names) >= events, 60, 0.2)
+
+        client = RGW(cfg.s3, cfg.rgw, max_pool_connections=max(10, downloads * 2)).s3
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(downloads) as pool:
+            list(pool.map(lambda nk: client.get_object(Bucket=nk[0], Key=nk[1])["Body"].read(),
+                          keys))
+        raw_rate = events / (time.monotonic() - t0)
+
+        logs.setup(NAME, cfg.log.dir, "INFO", stdout=False)
+        status = StatusDocument(Path(cfg.status.dir) / f"{NAME}.json", NAME, 1.0)
+        daemon = RepoConsumers(cfg, status)
+        stagings = [Staging(cfg.cvmfs.staging_dir, f"{n}.{DOMAIN}") for n in names]
+
+        def staged() -> int:
+            return sum(st.pending_count() for st in stagings if st.pending.is_dir())
+        thread = threading.Thread(target=daemon.run, daemon=True)
+        thread.start()
+        first = wait("first staged", lambda: staged() >= 1, 60, 0.005)
+        last = wait("all staged", lambda: staged() >= events, 600, 0.02)
+        daemon.request_stop()
+        thread.join(timeout=30)
+        rate = (events - 1) / (last - first)
+        return {"raw": raw_rate, "consumer": rate, "ratio": rate / raw_rate}
+    finally:
+        for name in names:
+            b.teardown(rgw, name)
+
+
+class Pattern:
+    """``size`` bytes of a repeated random block, read in chunks, hashed on the way."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.pos = size, 0
+        self.block = os.urandom(MIB)
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        parts = []
+        while n > 0:
+            off = self.pos % MIB
+            piece = self.block[off:off + n]
+            parts.append(piece)
+            self.pos += len(piece)
+            n -= len(piece)
+        data = b"".join(parts)
+        self.hash.update(data)
+        return data
+
+
+def vm(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def one_gib(b: Bench, size: int) -> dict[str, float]:
+    cfg = b.config()
+    rgw = RGW(cfg.s3, cfg.rgw)
+    name = label()
+    b.provision(cfg, rgw, name)
+    conf = b.work / "gib.yaml"
+    conf.write_text(yaml.safe_dump(b.raw))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CVMFS_PUBLISHER_")},
+           **b.env, "PYTHONPATH": str(ROOT / "scripts")}
+    proc = subprocess.Popen([sys.executable, "-m", "cvmfs_publisher.daemons.repo_consumers",
+                             "--config", str(conf)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    st = Staging(cfg.cvmfs.staging_dir, f"{name}.{DOMAIN}")
+    try:
+        rgw.s3.put_object(Bucket=name, Key="cvmfs/warm-up", Body=b"warm")
+        wait("warm-up staged", lambda: st.pending.is_dir() and st.pending_count() >= 1, 60)
+        time.sleep(0.5)
+        before = vm(proc.pid)
+        body = Pattern(size)
+        rgw.s3.upload_fileobj(body, name, "cvmfs/one-gib.bin", Config=TransferConfig(
+            multipart_chunksize=64 * MIB, max_concurrency=4))
+        t0 = time.monotonic()
+        wait("1 GiB staged", lambda: st.pending_get("one-gib.bin") is not None, 600, 0.05)
+        took = time.monotonic() - t0
+        after = vm(proc.pid)
+        entry = st.pending_get("one-gib.bin")
+        assert entry is not None
+        h = hashlib.sha256()
+        with open(st.object_path(entry), "rb") as fh:
+            while chunk := fh.read(8 * MIB):
+                h.update(chunk)
+        rgw.s3.delete_object(Bucket=name, Key="cvmfs/one-gib.bin")
+        return {"before": before["VmHWM"] / MIB, "after": after["VmHWM"] / MIB,
+                "growth": (after["VmHWM"] - before["VmHWM"]) / MIB, "seconds": took,
+                "intact": float(h.hexdigest() == body.hash.hexdigest())}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        b.teardown(rgw, name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--downloads", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--repositories", type=int, default=1,
+                        help="spread the events over this many repositories")
+    parser.add_argument("--gib", type=float, default=1.0, help="big object size in GiB (0: skip)")
+    parser.add_argument("--tcp-nodelay", action="store_true",
+                        help="start RGW with beast tcp_nodelay=1 (see the module docstring)")
+    args = parser.parse_args()
+    if args.tcp_nodelay:
+        ceph_mod.CONF = ceph_mod.CONF.replace("beast endpoint=127.0.0.1:{rgw}",
+                                              "beast endpoint=127.0.0.1:{rgw} tcp_nodelay=1")
+    work = Path(tempfile.mkdtemp(prefix="bench-consumers-"))
+    broker = ensure_broker()
+    vhost = label()
+    quoted = urllib.parse.quote(vhost, safe="")
+    broker.api("PUT", f"/api/vhosts/{quoted}", {})
+    broker.api("PUT", f"/api/permissions/{quoted}/{broker.user}",
+               {"configure": ".*", "write": ".*", "read": ".*"})
+    ceph = ceph_mod.Ceph(work / "ceph").start()
+    ok = False
+    results: dict[str, Any] = {"rgw_tcp_nodelay": args.tcp_nodelay, "events": args.events,
+                               "repositories": args.repositories,
+                               "object_bytes": args.size, "cpus": os.cpu_count()}
+    try:
+        b = Bench(work, broker, ceph, vhost)
+        for downloads in args.downloads:
+            r = throughput(b, args.events, args.size, downloads, args.repositories)
+            results[f"downloads={downloads}"] = r
+            print(f"downloads={downloads} repositories={args.repositories}: raw S3 GET "
+                  f"{r['raw']:.0f}/s, consumer {r['consumer']:.0f} events/s, "
+                  f"ratio {r['ratio']:.2f} (target >= 0.8)",
+                  flush=True)
+        if args.gib > 0:
+            g = one_gib(b, int(args.gib * (1 << 30)))
+            results["one_gib"] = g
+            print(f"{args.gib:g} GiB object: staged in {g['seconds']:.1f}s, peak RSS "
+                  f"{g['before']:.0f} -> {g['after']:.0f} MiB, growth {g['growth']:.1f} MiB "
+                  f"(target < 64 MiB), content {'intact' if g['intact'] else 'CORRUPT'}",
+                  flush=True)
+        print(json.dumps(results, indent=1))
+        ok = True
+    finally:
+        if not ok and (work / "ceph" / "log").is_dir():
+            kept = Path(tempfile.mkdtemp(prefix="bench-consumers-ceph-log-"))
+            subprocess.run(["cp", "-a", str(work / "ceph" / "log"), str(kept)], check=False)
+            print(f"failed: Ceph logs kept in {kept}", file=sys.stderr)
+        ceph.stop()
+        with contextlib.suppress(Exception):
+            broker.api("DELETE", f"/api/vhosts/{quoted}")
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+if __name__ == "__main__":
+    main()

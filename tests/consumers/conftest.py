@@ -1,0 +1,84 @@
+"""Fixtures of the consumers tests: a private RabbitMQ vhost and a consumers stack."""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cvmfs_publisher.devstack.rabbitmq import Broker
+from cvmfs_publisher.rabbitmq_api import ManagementAPI
+from cvmfs_publisher.rgw import RGW
+from tests.conftest import Stack, unique_label
+from tests.consumers.support import Env, wait_for_bucket_writes
+
+
+@pytest.fixture(scope="session")
+def vhost(broker: Broker) -> Iterator[str]:
+    """A RabbitMQ virtual host for this session's consumers tests (deleted at the end).
+
+    The daemon consumes every queue bound to ``notification``: in our own vhost
+    that is only what these tests provision, even on a shared broker.
+    """
+    name = unique_label("cvmfs-consumers-tests-")
+    quoted = urllib.parse.quote(name, safe="")
+    broker.api("PUT", f"/api/vhosts/{quoted}", {})
+    broker.api("PUT", f"/api/permissions/{quoted}/{broker.user}",
+               {"configure": ".*", "write": ".*", "read": ".*"})
+    yield name
+    with contextlib.suppress(Exception):
+        broker.api("DELETE", f"/api/vhosts/{quoted}")
+
+
+def consumer_overrides(broker: Broker, vhost: str, **extra: dict[str, Any]
+                       ) -> dict[str, dict[str, Any]]:
+    """Stack overrides: our vhost for the daemon and for RGW's pushes."""
+    base: dict[str, dict[str, Any]] = {
+        "amqp": {"vhost": vhost},
+        "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}/{vhost}"},
+        "consumers": {"downloads": 4, "refresh_interval": 60.0, "max_attempts": 4},
+    }
+    for section, values in extra.items():
+        base.setdefault(section, {}).update(values)
+    return base
+
+
+@pytest.fixture(autouse=True)
+def radosgw_alive(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Report a radosgw death clearly, and do not let it fail the next tests.
+
+    This radosgw 16.2 has crashed now and then under our load (shared/ceph/
+    README.md facts 7 and later runs here: about one session in five, during
+    parallel uploads, cause not found). A crash inside a test fails that test
+    with the log's tail; the next test starts on a restarted radosgw.
+    """
+    if "ceph" not in request.fixturenames:
+        yield
+        return
+    ceph = request.getfixturevalue("ceph")
+    if not ceph.rgw_alive():
+        ceph.start_rgw()
+        wait_for_bucket_writes(ceph)
+    yield
+    if not ceph.rgw_alive():
+        logs = [ceph.workdir / "log" / "rgw.out", ceph.workdir / "log" / "client.rgw.log"]
+        tail = "\n".join(p.read_text(errors="replace")[-1500:] for p in logs if p.exists())
+        ceph.start_rgw()
+        wait_for_bucket_writes(ceph)
+        pytest.fail(f"radosgw died during this test; its log ends with:\n{tail}")
+
+
+@pytest.fixture
+def env(stack: Stack, broker: Broker, vhost: str, openbao: Any) -> Iterator[Env]:
+    overrides = consumer_overrides(broker, vhost)
+    stack.raw = {k: dict(v) for k, v in stack.raw.items()}
+    for section, values in overrides.items():
+        stack.raw.setdefault(section, {}).update(values)
+    cfg = stack.config()
+    e = Env(stack, cfg, openbao, RGW(cfg.s3, cfg.rgw, max_pool_connections=64),
+            ManagementAPI(cfg.amqp))
+    yield e
+    e.cleanup()
