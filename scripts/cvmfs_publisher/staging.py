@@ -3,7 +3,6 @@
 Layout under ``<staging_dir>/<repo>/`` (``/data/cvmfs/<repo>``)::
 
     .lock                 flock(2) file: every mutation and every batch take holds it
-    .seq                  last sequence number given to an entry
     pending/<h>.json      one entry per repository path (h = sha256 of the path):
                           the *latest* wanted state of that path
     objects/<id>          content of staged files and tarballs (referenced by entries)
@@ -117,7 +116,6 @@ class Staging:
         self.tmp = self.root / "tmp"
         self.batch_dir = self.root / "batch"
         self._lock_path = self.root / ".lock"
-        self._seq_path = self.root / ".seq"
 
     # -- set-up and locking ------------------------------------------------------------
 
@@ -168,16 +166,6 @@ class Staging:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def _next_seq(self) -> int:
-        try:
-            seq = int(self._seq_path.read_text() or 0) + 1
-        except (FileNotFoundError, ValueError):
-            seq = 1
-        tmp = self.tmp / f".seq.{uuid.uuid4().hex}"
-        _write_durable(tmp, str(seq).encode())
-        os.replace(tmp, self._seq_path)
-        return seq
-
     # -- writers (consumers) ---------------------------------------------------------------
 
     def new_download(self) -> tuple[Path, IO[bytes]]:
@@ -204,21 +192,34 @@ class Staging:
         Replaces an older pending entry of the same path (and drops that
         entry's object); an entry already taken into the batch is not
         touched, so the sync daemon's batch stays consistent.
+
+        The fsyncs happen outside the lock (it is held only for the rename),
+        so downloads of several paths commit in parallel. ``seq`` is a
+        nanosecond timestamp: it orders entries and stays monotonic across a
+        crash without a counter file to fsync. Per-path order is the
+        caller's (the consumers serialise changes of one key).
         """
         if entry.op not in OPS:
             raise ValueError(f"unknown op {entry.op!r}")
         name = entry_name(entry.path)
+        previous = self._read(self.pending / name)
+        entry.seq = time.time_ns()
+        entry.first_time = previous.first_time if previous else entry.time
+        tmp = self.tmp / f"entry-{uuid.uuid4().hex}"
+        _write_durable(tmp, json.dumps(asdict(entry), sort_keys=True).encode())
         with self.locked():
             old = self._read(self.pending / name)
-            entry.seq = self._next_seq()
-            entry.first_time = old.first_time if old else entry.time
-            tmp = self.tmp / f"entry-{uuid.uuid4().hex}"
-            _write_durable(tmp, json.dumps(asdict(entry), sort_keys=True).encode())
             os.replace(tmp, self.pending / name)
-            _fsync_dir(self.pending)
-            if old and old.object and old.object != entry.object:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.objects / old.object).unlink()
+            # fd on the directory inode: still the right one if the sync daemon
+            # renames pending/ to batch/ right after we release the lock
+            dfd = os.open(self.pending, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        if old and old.object and old.object != entry.object:
+            with contextlib.suppress(FileNotFoundError):
+                (self.objects / old.object).unlink()
         return entry
 
     def discard_download(self, tmp_path: Path) -> None:
