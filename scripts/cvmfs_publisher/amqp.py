@@ -161,11 +161,6 @@ def declare_retry_queues(ch: BlockingChannel, cfg: AmqpConfig, queue: str) -> No
         )
 
 
-def delete_retry_queues(ch: BlockingChannel, cfg: AmqpConfig, queue: str) -> None:
-    for delay in cfg.retry_delays:
-        ch.queue_delete(retry_queue_name(queue, delay))
-
-
 # --------------------------------------------------------------------- deliveries
 
 
@@ -284,10 +279,6 @@ def _reject(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, exc: Exception, d
 
 
 # --------------------------------------------------------------------- consumer loop
-
-
-class StopRequested(Exception):
-    """Raised inside the loop when SIGTERM/SIGINT asked us to stop."""
 
 
 class ReconnectingConsumer:
