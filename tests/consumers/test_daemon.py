@@ -131,7 +131,7 @@ def test_files_overwrites_names_deletes_copy_multipart_tarballs(env: Env) -> Non
     assert f'repository={r.repository} key="cvmfs/emptydir/" outcome=ignored' in text
     # Staging holds entries and objects, nothing shaped like the repository tree.
     root = env.staging_dir / r.repository
-    assert sorted(p.name for p in root.iterdir()) == [".lock", ".seq", "objects", "pending",
+    assert sorted(p.name for p in root.iterdir()) == [".lock", "objects", "pending",
                                                       "tmp"]
     assert list((root / "tmp").iterdir()) == []
     for p in root.rglob("*"):
@@ -361,6 +361,9 @@ def test_sigterm_exits_0_and_keeps_nothing_half_done(env: Env) -> None:
         assert "stopped" in env.log_text()
         proc = Process(env.stack, "term2", {}).start()
         env.wait_staged(r, {k[6:]: put_state(v) for k, v in items.items()}, timeout=60)
+        # the first process may have staged everything: make sure this one is up
+        # (its signal handlers installed) before asking it to stop
+        wait_until("second consumer", lambda: queue_counts(env.cfg, r.label)[1] == 1, 20)
         assert proc.terminate() == 0
     finally:
         proc.stop()
