@@ -15,6 +15,7 @@ Figures only, no assertions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from tests.cvmfs_server_double import published_tree, unmount_all  # noqa: E402
 from cvmfs_publisher import amqp  # noqa: E402
 from cvmfs_publisher.devstack.ceph import Ceph  # noqa: E402
 from cvmfs_publisher.devstack.openbao import OpenBao  # noqa: E402
-from cvmfs_publisher.devstack.rabbitmq import ensure_broker  # noqa: E402
+from cvmfs_publisher.devstack.rabbitmq import cleanup_amqp, ensure_broker  # noqa: E402
 from cvmfs_publisher.devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
 from cvmfs_publisher.rgw import RGW  # noqa: E402
 
@@ -56,6 +57,7 @@ def main() -> None:
     ceph = Ceph(work / "ceph").start()
     double = make_double(work / "cvmfs-root")
     procs: list[subprocess.Popen] = []
+    cfg, labels = None, []
     try:
         stack = build_stack(work, broker, bao, ceph, double)
         stack.raw["log"]["level"] = "INFO"
@@ -68,6 +70,7 @@ def main() -> None:
                 [sys.executable, "-m", f"cvmfs_publisher.daemons.{d}", "--config", str(cfg_file)],
                 env=stack.subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         label = unique_label("bench-")
+        labels.append(label)
         repo = f"{label}.{DOMAIN}"
         bao.put_keys(f"subj/cvmfs_keys/{repo}", {"publicKey": "p", "certificateKey": "c",
                                                  "gatewayKey": "g"})
@@ -108,6 +111,9 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
         unmount_all(double.root)
+        if cfg is not None:
+            with contextlib.suppress(Exception):
+                cleanup_amqp(cfg, broker, labels)
         ceph.stop()
         bao.stop()
 

@@ -33,14 +33,14 @@ class Broker:
     password: str = "guest"  # noqa: S105 - RabbitMQ's loopback-only default
     management_url: str = f"http://127.0.0.1:{MGMT_PORT}"
 
-    def api(self, method: str, path: str, body: object = None) -> object:
+    def api(self, method: str, path: str, body: object = None, timeout: float = 10.0) -> object:
         """Call the management API (tests use it to inspect queues, kill connections)."""
         data = json.dumps(body).encode() if body is not None else None
         token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
         req = urllib.request.Request(self.management_url + path, data=data, method=method,  # noqa: S310
                                      headers={"Authorization": f"Basic {token}",
                                               "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
             raw = resp.read()
         return json.loads(raw) if raw else None
 
