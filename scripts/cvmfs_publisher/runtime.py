@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ class Runtime:
     status: StatusDocument
 
 
+def _exit_during_startup(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def start(name: str, description: str, argv: Sequence[str] | None = None) -> Runtime:
     """Parse ``--config``, validate it for ``name``, set up logging and the status document.
 
@@ -39,6 +44,11 @@ def start(name: str, description: str, argv: Sequence[str] | None = None) -> Run
                         f"$CVMFS_PUBLISHER_CONFIG or {config.DEFAULT_CONFIG_PATH})")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
+    # Until the daemon installs its own handlers (which finish the message in
+    # hand), a stop request has nothing to finish: exit 0 at once, as a
+    # supervisor expects, rather than dying of the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_during_startup)
     try:
         cfg = config.load(args.config)
         config.require(cfg, name)
