@@ -57,6 +57,8 @@ from boto3.s3.transfer import TransferConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
+from tests.consumers.support import Pattern  # noqa: E402
+
 from cvmfs_publisher import amqp, config, logs  # noqa: E402
 from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers  # noqa: E402
 from cvmfs_publisher.devstack import ceph as ceph_mod  # noqa: E402
@@ -189,28 +191,6 @@ def throughput(b: Bench, events: int, size: int, downloads: int,
     finally:
         for name in names:
             b.teardown(rgw, name)
-
-
-class Pattern:
-    """``size`` bytes of a repeated random block, read in chunks, hashed on the way."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.pos = size, 0
-        self.block = os.urandom(MIB)
-        self.hash = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
-        parts = []
-        while n > 0:
-            off = self.pos % MIB
-            piece = self.block[off:off + n]
-            parts.append(piece)
-            self.pos += len(piece)
-            n -= len(piece)
-        data = b"".join(parts)
-        self.hash.update(data)
-        return data
 
 
 def vm(pid: int) -> dict[str, int]:

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -488,3 +489,29 @@ def tree_snapshot(root: Path, exclude: list[Path]) -> dict[str, tuple[int, int]]
                 st = os.lstat(p)
                 out[p] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+class Pattern:
+    """``size`` bytes of a repeated random block, hashed as they are read (no big buffer).
+
+    An upload body for large-object tests and benchmarks: constant memory.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size, self.pos = size, 0
+        self.block = random.Random(7).randbytes(1 << 20)
+        self.hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        left = self.size - self.pos
+        n = left if size is None or size < 0 else min(size, left)
+        parts = []
+        while n > 0:
+            off = self.pos % len(self.block)
+            piece = self.block[off:off + n]
+            parts.append(piece)
+            self.pos += len(piece)
+            n -= len(piece)
+        data = b"".join(parts)
+        self.hash.update(data)
+        return data

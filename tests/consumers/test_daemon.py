@@ -8,7 +8,6 @@ what it uploaded.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from cvmfs_publisher.daemons.repo_consumers import NAME
 from cvmfs_publisher.staging import Staging
 from tests.consumers.support import (
     Env,
+    Pattern,
     Process,
     State,
     dead_letters,
@@ -297,29 +297,6 @@ def test_a_busy_repository_does_not_delay_another(env: Env) -> None:
     assert took < 2.0
 
 
-class _Pattern:
-    """``size`` bytes of a repeated random block, hashed as they are read (no big buffer)."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.pos = size, 0
-        self.block = random.Random(7).randbytes(1 << 20)
-        self.hash = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        left = self.size - self.pos
-        n = left if size is None or size < 0 else min(size, left)
-        parts = []
-        while n > 0:
-            off = self.pos % len(self.block)
-            piece = self.block[off:off + n]
-            parts.append(piece)
-            self.pos += len(piece)
-            n -= len(piece)
-        data = b"".join(parts)
-        self.hash.update(data)
-        return data
-
-
 def test_one_gib_object_is_streamed_in_constant_memory(env: Env) -> None:
     r = env.provision()
     proc = Process(env.stack, "big", {})
@@ -330,7 +307,7 @@ def test_one_gib_object_is_streamed_in_constant_memory(env: Env) -> None:
         env.wait_staged(r, {"warm-up": put_state(b"warm")})
         time.sleep(0.5)
         before = proc.memory()
-        body = _Pattern(1 << 30)
+        body = Pattern(1 << 30)
         env.s3.upload_fileobj(body, r.label, "cvmfs/big/one-gib.bin", Config=TransferConfig(
             multipart_chunksize=64 << 20, max_concurrency=4))
         digest = body.hash.hexdigest()
