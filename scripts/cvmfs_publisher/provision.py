@@ -175,9 +175,7 @@ class Provisioner:
         for conf in self.rgw.get_notifications(bucket):
             if conf.get("Id") == self.rgw.rgwcfg.notification_id and conf.get("TopicArn") == arn:
                 rules = conf.get("Filter", {}).get("Key", {}).get("FilterRules", [])
-                if {"Name": "prefix", "Value": self.cfg.s3.prefix} in rules or any(
-                    r.get("Value") == self.cfg.s3.prefix for r in rules
-                ):
+                if any(r.get("Value") == self.cfg.s3.prefix for r in rules):
                     return True
         return False
 
