@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """cvmfs-repo-consumers benchmark: throughput against raw S3 GETs, and memory for 1 GiB.
 
-Starts a one-node Ceph RGW (cvmfs_publisher.devstack) and uses the machine's
+Starts a one-node Ceph RGW (devstack) and uses the machine's
 RabbitMQ, in a private virtual host. For each ``--downloads`` value:
 
 1. one repository topology (queue, topic, bucket notification: the library
@@ -57,15 +57,14 @@ from boto3.s3.transfer import TransferConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
-from tests.consumers.support import Pattern  # noqa: E402
-
 from cvmfs_publisher import amqp, config, logs  # noqa: E402
 from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers  # noqa: E402
-from cvmfs_publisher.devstack import ceph as ceph_mod  # noqa: E402
-from cvmfs_publisher.devstack.rabbitmq import Broker, ensure_broker  # noqa: E402
 from cvmfs_publisher.rgw import RGW  # noqa: E402
 from cvmfs_publisher.staging import Staging  # noqa: E402
 from cvmfs_publisher.status import StatusDocument  # noqa: E402
+from devstack import ceph as ceph_mod  # noqa: E402
+from devstack.rabbitmq import Broker, ensure_broker  # noqa: E402
+from tests.consumers.support import Pattern  # noqa: E402
 
 DOMAIN = "infn.it"
 MIB = 1 << 20

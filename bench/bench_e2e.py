@@ -26,14 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
-from tests.cvmfs_server_double import published_tree, unmount_all  # noqa: E402
-
 from cvmfs_publisher import amqp  # noqa: E402
-from cvmfs_publisher.devstack.ceph import Ceph  # noqa: E402
-from cvmfs_publisher.devstack.openbao import OpenBao  # noqa: E402
-from cvmfs_publisher.devstack.rabbitmq import cleanup_amqp, ensure_broker  # noqa: E402
-from cvmfs_publisher.devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
 from cvmfs_publisher.rgw import RGW  # noqa: E402
+from devstack.ceph import Ceph  # noqa: E402
+from devstack.openbao import OpenBao  # noqa: E402
+from devstack.rabbitmq import cleanup_amqp, ensure_broker  # noqa: E402
+from devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
+from tests.cvmfs_server_double import published_tree, unmount_all  # noqa: E402
 
 DAEMONS = ("publisher_consumer", "repo_consumers", "repo_sync")
 

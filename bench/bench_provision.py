@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Provisioning benchmark: 20 repositories through publisher-consumer on the local stack.
 
-Starts OpenBao and a one-node Ceph RGW (cvmfs_publisher.devstack), uses the
+Starts OpenBao and a one-node Ceph RGW (devstack), uses the
 machine's RabbitMQ, the cvmfs_server test double, and the real daemon in a
 thread. Each repository: keys in Vault, a bucket; then its CSV message is
 sent and the time until the ``created`` announcement is measured.
@@ -24,13 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
-from tests.provision.helpers import Amqp, cleanup_amqp, running  # noqa: E402
-
-from cvmfs_publisher.devstack.ceph import Ceph  # noqa: E402
-from cvmfs_publisher.devstack.openbao import OpenBao  # noqa: E402
-from cvmfs_publisher.devstack.rabbitmq import ensure_broker  # noqa: E402
-from cvmfs_publisher.devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
 from cvmfs_publisher.rgw import RGW  # noqa: E402
+from devstack.ceph import Ceph  # noqa: E402
+from devstack.openbao import OpenBao  # noqa: E402
+from devstack.rabbitmq import ensure_broker  # noqa: E402
+from devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
+from tests.provision.helpers import Amqp, cleanup_amqp, running  # noqa: E402
 
 
 def main() -> None:

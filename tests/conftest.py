@@ -1,6 +1,6 @@
 """Shared fixtures: real services on loopback, started once per session.
 
-Services come from ``cvmfs_publisher.devstack`` (the same code the local
+Services come from ``devstack`` (the same code the local
 demo uses): the machine's RabbitMQ (started if absent), an OpenBao dev
 server, a one-node Ceph RGW. Only ``cvmfs_server`` is a test double
 (``tests/cvmfs_server_double.py``).
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher.devstack import ceph as ceph_mod
-from cvmfs_publisher.devstack import openbao as bao_mod
-from cvmfs_publisher.devstack import rabbitmq as rabbit_mod
-from cvmfs_publisher.devstack.stack import (  # re-exported for the tests
+from devstack import ceph as ceph_mod
+from devstack import openbao as bao_mod
+from devstack import rabbitmq as rabbit_mod
+from devstack.stack import (  # re-exported for the tests
     DOMAIN,
     DOUBLE,
     REPO_ROOT,

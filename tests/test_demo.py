@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cvmfs_publisher.devstack import demo
+from devstack import demo
 
 
 def test_demo_runs_green_and_cleans_up(tmp_path: Path, capsys, broker) -> None:

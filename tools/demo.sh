@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" != "--stop" ]; then
   tools/setup-dev.sh
 fi
-exec .venv/bin/python -m cvmfs_publisher.devstack.demo "$@"
+exec .venv/bin/python -m devstack.demo "$@"

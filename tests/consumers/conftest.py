@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from cvmfs_publisher.devstack.rabbitmq import Broker
 from cvmfs_publisher.rabbitmq_api import ManagementAPI
 from cvmfs_publisher.rgw import RGW
+from devstack.rabbitmq import Broker
 from tests.conftest import Stack, unique_label
 from tests.consumers.support import Env, wait_for_bucket_writes
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from cvmfs_publisher.devstack import rabbitmq as rabbit_mod
 from cvmfs_publisher.staging import Staging
+from devstack import rabbitmq as rabbit_mod
 from tests.consumers.support import (
     Env,
     Process,

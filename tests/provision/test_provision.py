@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher.devstack import rabbitmq as rabbit_mod
 from cvmfs_publisher.names import label_of
+from devstack import rabbitmq as rabbit_mod
 from tests.conftest import REPO_ROOT
 from tests.provision.helpers import (
     Scenario,

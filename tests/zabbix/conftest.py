@@ -1,6 +1,6 @@
 """Session fixtures for the Zabbix tests: a real agent, API (frontend + PostgreSQL), server.
 
-Everything is started by ``cvmfs_publisher.devstack.zabbix`` (the code the
+Everything is started by ``devstack.zabbix`` (the code the
 local demo uses too). A fixture skips ONLY when the Debian packages are
 missing and cannot be installed (``ServiceUnavailable``); any other start-up
 problem is an error, so nothing passes silently.
@@ -25,8 +25,8 @@ SCRIPTS = REPO_ROOT / "scripts"
 if str(SCRIPTS) not in sys.path:  # zabbix_setup.py lives beside the package
     sys.path.insert(0, str(SCRIPTS))
 
-from cvmfs_publisher.devstack import zabbix as zbx  # noqa: E402
 from cvmfs_publisher.status import StatusDocument  # noqa: E402
+from devstack import zabbix as zbx  # noqa: E402
 
 USERPARAMETERS = REPO_ROOT / "config" / "zabbix" / "userparameters_cvmfs_publisher.conf"
 TEMPLATE = REPO_ROOT / "config" / "zabbix" / "template_cvmfs_publisher.yaml"

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cvmfs_publisher.devstack import zabbix as zbx
+from devstack import zabbix as zbx
 
 from .conftest import CONSUMERS, FIFO, MISSING, STALE, STALE_AGE, SYNC, USERPARAMETERS
 

@@ -17,7 +17,7 @@ import yaml
 from pyzabbix import ZabbixAPIException
 
 import zabbix_setup as zs
-from cvmfs_publisher.devstack import zabbix as zbx
+from devstack import zabbix as zbx
 
 TEMPLATE_NAME = "CVMFS publisher by Zabbix agent"
 HOST_PORT = 10050

@@ -1,4 +1,4 @@
-"""cvmfs_publisher.devstack.zabbix's own contract: clear failures, skips only when uninstallable."""
+"""devstack.zabbix's own contract: clear failures, skips only when uninstallable."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher.devstack import zabbix as zbx
+from devstack import zabbix as zbx
 
 from .conftest import needs_packages
 

@@ -21,7 +21,7 @@ import pytest
 from pyzabbix import ZabbixAPIException
 
 import zabbix_setup as zs
-from cvmfs_publisher.devstack import zabbix as zbx
+from devstack import zabbix as zbx
 
 from .conftest import (
     MISSING,

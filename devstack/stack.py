@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from .. import config as config_mod
+from cvmfs_publisher import config as config_mod
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DOUBLE = REPO_ROOT / "tests" / "cvmfs_server_double.py"
 DOMAIN = "infn.it"
 

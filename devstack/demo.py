@@ -4,7 +4,7 @@
     tools/demo.sh --keep     # leave the stack running to explore
     tools/demo.sh --stop     # stop a stack left by --keep
 
-Services come from ``cvmfs_publisher.devstack`` (the same code the test
+Services come from ``devstack`` (the same code the test
 suite uses): RabbitMQ (the running one, or Debian's), OpenBao, a one-node
 Ceph RGW, and the ``cvmfs_server`` test double (CernVM-FS itself cannot run
 here). The three daemons run as real processes with a generated
@@ -31,8 +31,9 @@ from typing import Any
 
 import yaml
 
-from .. import amqp
-from ..rgw import RGW
+from cvmfs_publisher import amqp
+from cvmfs_publisher.rgw import RGW
+
 from .ceph import Ceph
 from .common import kill_process
 from .openbao import OpenBao

@@ -371,7 +371,7 @@ def write_frontend_config(db: Database, path: Path = FRONTEND_CONFIG,
     """Write the frontend's database settings (atomically; mode 0640: it holds a password)."""
     lines = [
         "<?php",
-        "// Written by cvmfs_publisher.devstack.zabbix (test / demo instance).",
+        "// Written by devstack.zabbix (test / demo instance).",
         "$DB['TYPE'] = 'POSTGRESQL';",
         f"$DB['SERVER'] = {_php_string(db.host)};",
         f"$DB['PORT'] = {_php_string(str(db.port))};",
