@@ -57,11 +57,12 @@ from boto3.s3.transfer import TransferConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
-from cvmfs_publisher import amqp, config, logs  # noqa: E402
+from cvmfs_publisher.adapters import amqp  # noqa: E402
+from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
+from cvmfs_publisher.core import config, logs  # noqa: E402
+from cvmfs_publisher.core.status import StatusDocument  # noqa: E402
 from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers  # noqa: E402
-from cvmfs_publisher.rgw import RGW  # noqa: E402
-from cvmfs_publisher.staging import Staging  # noqa: E402
-from cvmfs_publisher.status import StatusDocument  # noqa: E402
+from cvmfs_publisher.staging.area import Staging  # noqa: E402
 from devstack import ceph as ceph_mod  # noqa: E402
 from devstack.rabbitmq import Broker, ensure_broker  # noqa: E402
 from tests.consumers.support import Pattern  # noqa: E402

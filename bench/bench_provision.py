@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
-from cvmfs_publisher.rgw import RGW  # noqa: E402
+from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
 from devstack.ceph import Ceph  # noqa: E402
 from devstack.openbao import OpenBao  # noqa: E402
 from devstack.rabbitmq import ensure_broker  # noqa: E402

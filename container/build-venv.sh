@@ -10,6 +10,6 @@ daemon=${1:?usage: build-venv.sh DAEMON}
 python3 -m venv /opt/venv
 /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels .
 /opt/venv/bin/pip install /wheels/*.whl
-/opt/venv/bin/python3 -c "import cvmfs_publisher.health"
+/opt/venv/bin/python3 -c "import cvmfs_publisher.operations.health"
 test -x "/opt/venv/bin/$daemon"
 test -x /opt/venv/bin/cvmfs-publisher

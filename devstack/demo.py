@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from cvmfs_publisher import amqp
-from cvmfs_publisher.rgw import RGW
+from cvmfs_publisher.adapters import amqp
+from cvmfs_publisher.adapters.rgw import RGW
 
 from .ceph import Ceph
 from .common import kill_process

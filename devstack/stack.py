@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from cvmfs_publisher import config as config_mod
+from cvmfs_publisher.core import config as config_mod
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOUBLE = REPO_ROOT / "tests" / "cvmfs_server_double.py"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher.rgw import RGW
+from cvmfs_publisher.adapters.rgw import RGW
 from tests.conftest import DOMAIN, Stack, unique_label
 from tests.cvmfs_server_double import in_transaction, published_tree, revisions
 from tests.provision.helpers import Amqp, cleanup_amqp, consumers, wait_until

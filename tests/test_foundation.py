@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cvmfs_publisher import config, logs
-from cvmfs_publisher.messages import BadMessage, parse_announcement, parse_request
-from cvmfs_publisher.names import InvalidName, validate_repository, vault_path
-from cvmfs_publisher.status import StatusDocument, read_status
+from cvmfs_publisher.core import config, logs
+from cvmfs_publisher.core.names import InvalidName, validate_repository, vault_path
+from cvmfs_publisher.core.status import StatusDocument, read_status
+from cvmfs_publisher.provisioning.messages import BadMessage, parse_announcement, parse_request
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "publisher.example.yaml"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from cvmfs_publisher import config
-from cvmfs_publisher.cli import main
+from cvmfs_publisher.core import config
+from cvmfs_publisher.operations.cli import main
 
 SEED = {
     "vault": {"vault_url": "https://vault.example.org:8200", "role_id": "ROLE-123",

@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from cvmfs_publisher.staging import Entry, Staging, entry_name, repositories
+from cvmfs_publisher.staging.area import Entry, Staging, entry_name, repositories
 
 
 def put(st: Staging, path: str, body: bytes) -> Entry:

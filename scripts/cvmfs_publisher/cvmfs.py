@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .config import CvmfsConfig
+from .core.config import CvmfsConfig
 
 log = logging.getLogger(__name__)
 

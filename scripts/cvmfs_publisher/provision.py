@@ -20,15 +20,15 @@ from pathlib import Path
 import pika
 import pika.adapters.blocking_connection
 
-from . import amqp
-from .config import Config
+from .adapters import amqp
+from .adapters.rabbitmq_api import ManagementAPI
+from .adapters.rgw import RGW
+from .adapters.vault import RepositoryKeys, VaultClient
+from .core.config import Config
+from .core.errors import Transient
+from .core.names import label_of, vault_path
 from .cvmfs import CvmfsError, CvmfsServer
-from .errors import Transient
-from .messages import ProvisionRequest, announcement
-from .names import label_of, vault_path
-from .rabbitmq_api import ManagementAPI
-from .rgw import RGW
-from .vault import RepositoryKeys, VaultClient
+from .provisioning.messages import ProvisionRequest, announcement
 
 log = logging.getLogger(__name__)
 

@@ -64,13 +64,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .amqp import Backoff
-from .config import Config
+from .adapters.amqp import Backoff
+from .core.config import Config
+from .core.errors import PublisherError
+from .core.logs import redact
 from .cvmfs import CvmfsError, CvmfsServer, NotInTransaction, TransactionBusy
-from .errors import PublisherError
-from .keys import UnsafeKey, validate_path
-from .logs import redact
-from .staging import Entry, Staging
+from .pipeline.object_keys import UnsafeKey, validate_path
+from .staging.area import Entry, Staging
 
 log = logging.getLogger("cvmfs-repo-sync.publish")
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from cvmfs_publisher.rabbitmq_api import ManagementAPI
-from cvmfs_publisher.rgw import RGW
+from cvmfs_publisher.adapters.rabbitmq_api import ManagementAPI
+from cvmfs_publisher.adapters.rgw import RGW
 from devstack.rabbitmq import Broker
 from tests.conftest import Stack, unique_label
 from tests.consumers.support import Env, wait_for_bucket_writes

@@ -34,18 +34,19 @@ import pika
 import pika.exceptions
 from botocore.config import Config as BotoConfig
 
-from cvmfs_publisher import amqp, logs
-from cvmfs_publisher import config as config_mod
-from cvmfs_publisher.config import Config
+from cvmfs_publisher.adapters import amqp
+from cvmfs_publisher.adapters.rabbitmq_api import ManagementAPI
+from cvmfs_publisher.adapters.rgw import RGW
+from cvmfs_publisher.adapters.vault import VaultClient
+from cvmfs_publisher.core import config as config_mod
+from cvmfs_publisher.core import logs
+from cvmfs_publisher.core.config import Config
+from cvmfs_publisher.core.status import StatusDocument
 from cvmfs_publisher.cvmfs import CvmfsServer
 from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers
-from cvmfs_publisher.messages import ProvisionRequest
 from cvmfs_publisher.provision import Provisioner
-from cvmfs_publisher.rabbitmq_api import ManagementAPI
-from cvmfs_publisher.rgw import RGW
-from cvmfs_publisher.staging import Staging
-from cvmfs_publisher.status import StatusDocument
-from cvmfs_publisher.vault import VaultClient
+from cvmfs_publisher.provisioning.messages import ProvisionRequest
+from cvmfs_publisher.staging.area import Staging
 from tests.conftest import DOMAIN, REPO_ROOT, Stack, unique_label
 
 DATA = REPO_ROOT / "tests" / "data" / "events"

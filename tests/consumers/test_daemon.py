@@ -24,7 +24,7 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 
 from cvmfs_publisher.daemons.repo_consumers import NAME
-from cvmfs_publisher.staging import Staging
+from cvmfs_publisher.staging.area import Staging
 from tests.consumers.support import (
     Env,
     Pattern,

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cvmfs_publisher.dispatch import Dispatcher, Job
+from cvmfs_publisher.pipeline.dispatch import Dispatcher, Job
 
 
 class Recorder:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from cvmfs_publisher.errors import Permanent
-from cvmfs_publisher.events import BadEvent, ObjectEvent, parse_message
-from cvmfs_publisher.keys import map_key
+from cvmfs_publisher.core.errors import Permanent
+from cvmfs_publisher.pipeline.events import BadEvent, ObjectEvent, parse_message
+from cvmfs_publisher.pipeline.object_keys import map_key
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "events"
 REAL = sorted(DATA.glob("ceph-*.json"))

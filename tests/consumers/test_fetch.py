@@ -17,10 +17,10 @@ import pytest
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
-from cvmfs_publisher import fetch
-from cvmfs_publisher.errors import Permanent, Transient
-from cvmfs_publisher.keys import map_key
-from cvmfs_publisher.staging import Entry, Staging
+from cvmfs_publisher.core.errors import Permanent, Transient
+from cvmfs_publisher.pipeline import fetch
+from cvmfs_publisher.pipeline.object_keys import map_key
+from cvmfs_publisher.staging.area import Entry, Staging
 
 BUCKET = "alice-personalrepo"
 

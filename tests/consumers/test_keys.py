@@ -1,4 +1,4 @@
-"""keys.py: S3 object key -> safe repository path (DESIGN §2, §4)."""
+"""object_keys.py: S3 object key -> safe repository path (DESIGN §2, §4)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher.errors import Permanent
-from cvmfs_publisher.keys import (
+from cvmfs_publisher.core.errors import Permanent
+from cvmfs_publisher.pipeline.object_keys import (
     MAX_COMPONENT_BYTES,
     MAX_PATH_BYTES,
     Target,

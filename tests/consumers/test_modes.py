@@ -6,14 +6,9 @@ import re
 
 import pytest
 
-from cvmfs_publisher.errors import Permanent
-from cvmfs_publisher.keys import UnsafeKey
-from cvmfs_publisher.modes import (
-    BadSymlinkTarget,
-    Decision,
-    decide,
-    valid_symlink_target,
-)
+from cvmfs_publisher.core.errors import Permanent
+from cvmfs_publisher.pipeline.modes import BadSymlinkTarget, Decision, decide, valid_symlink_target
+from cvmfs_publisher.pipeline.object_keys import UnsafeKey
 
 try:
     from hypothesis import HealthCheck, given, settings

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cvmfs_publisher.staging import Staging
+from cvmfs_publisher.staging.area import Staging
 from devstack import rabbitmq as rabbit_mod
 from tests.consumers.support import (
     Env,

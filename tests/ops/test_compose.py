@@ -320,7 +320,7 @@ def test_secrets_match_the_example_configuration(compose: dict[str, Any]) -> Non
 def test_each_container_starts_with_only_its_own_secrets(
         service: str, compose: dict[str, Any], tmp_path: Path) -> None:
     """The one shared YAML must load where only that container's secrets are mounted."""
-    from cvmfs_publisher import config
+    from cvmfs_publisher.core import config
 
     example = REPO / "config" / "publisher.example.yaml"
     if not example.is_file():
@@ -344,7 +344,7 @@ def test_healthchecks_match_the_images(services: dict[str, dict[str, Any]]) -> N
         test = check["test"]
         assert test[0] == "CMD", name
         command = test[1:]
-        assert command[1:3] == ["-m", "cvmfs_publisher.health"], command
+        assert command[1:3] == ["-m", "cvmfs_publisher.operations.health"], command
         assert command[command.index("--daemon") + 1] == image.daemon
         stages = parse_dockerfile(image.dockerfile)
         healthcheck = stages[-1].last("HEALTHCHECK")

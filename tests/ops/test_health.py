@@ -1,4 +1,4 @@
-"""cvmfs_publisher.health: the containers' HEALTHCHECK.
+"""cvmfs_publisher.operations.health: the containers' HEALTHCHECK.
 
 Documents are written with the daemons' own ``StatusDocument`` so that the
 check and the writer cannot drift apart.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher import health
-from cvmfs_publisher.status import StatusDocument
+from cvmfs_publisher.core.status import StatusDocument
+from cvmfs_publisher.operations import health
 
 from ._support import REPO
 
@@ -130,11 +130,14 @@ def test_status_dir_from_the_environment() -> None:
 
 
 def test_module_command_line_as_docker_runs_it(tmp_path: Path) -> None:
-    """``python3 -m cvmfs_publisher.health --daemon ... --max-age ...``, as in HEALTHCHECK."""
+    """``python3 -m cvmfs_publisher.operations.health --daemon ... --max-age ...``.
+
+    As in the images' HEALTHCHECK.
+    """
     write_status(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO / "scripts"),
            "CVMFS_PUBLISHER_STATUS__DIR": str(tmp_path)}
-    command = [sys.executable, "-m", "cvmfs_publisher.health", "--daemon", DAEMON,
+    command = [sys.executable, "-m", "cvmfs_publisher.operations.health", "--daemon", DAEMON,
                "--max-age", "120"]
     res = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60,
                          check=False, cwd="/")
@@ -150,7 +153,7 @@ def test_module_command_line_as_docker_runs_it(tmp_path: Path) -> None:
 def test_health_module_uses_the_standard_library_only() -> None:
     """It must keep answering when a third-party dependency is broken."""
     code = (
-        "import sys; import cvmfs_publisher.health; "
+        "import sys; import cvmfs_publisher.operations.health; "
         "bad = sorted(m for m in ('yaml', 'pika', 'boto3', 'hvac', 'pyzabbix') "
         "if m in sys.modules); print(','.join(bad))"
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher import config
+from cvmfs_publisher.core import config
 
 from ._support import (
     CVMFS_IMAGES,
@@ -156,7 +156,7 @@ def test_healthcheck(image: Image) -> None:
     assert instruction is not None
     command = healthcheck_command(instruction)
     assert command[0] == "/opt/venv/bin/python3"
-    assert command[1:3] == ["-m", "cvmfs_publisher.health"]
+    assert command[1:3] == ["-m", "cvmfs_publisher.operations.health"]
     assert command[command.index("--daemon") + 1] == image.daemon
     assert float(command[command.index("--max-age") + 1]) > 0
     options = set(healthcheck_options(instruction))
@@ -257,7 +257,7 @@ def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
                  ".venv/bin/python", "tests/conftest.py",
                  "scripts/cvmfs_publisher/__pycache__/health.cpython-311.pyc"):
         assert is_ignored(path), path
-    for path in ("pyproject.toml", "README.md", "scripts/cvmfs_publisher/health.py",
+    for path in ("pyproject.toml", "README.md", "scripts/cvmfs_publisher/operations/health.py",
                  "sync-publisher/Dockerfile", "cvmfs-repo-consumers/entrypoint.sh",
                  ENTRYPOINT_LIB, CVMFS_WRAPPER, "container/install-cvmfs.sh"):
         assert not is_ignored(path), path

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher import staging
+from cvmfs_publisher.staging import area as staging
 
 from ._support import REPO
 
@@ -37,7 +37,7 @@ pytestmark = [
 
 CONSUMER_STAGES = """
 import sys
-from cvmfs_publisher import staging
+from cvmfs_publisher.staging import area as staging
 s = staging.Staging(sys.argv[1], sys.argv[2]).ensure()
 s.stage(staging.Entry(path=sys.argv[3], op="delete"))
 print("staged")

@@ -15,11 +15,11 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from cvmfs_publisher import config, logs
-from cvmfs_publisher.config import Config
+from cvmfs_publisher.adapters.rgw import RGW
+from cvmfs_publisher.core import config, logs
+from cvmfs_publisher.core.config import Config
+from cvmfs_publisher.core.status import StatusDocument
 from cvmfs_publisher.daemons.publisher_consumer import PublisherConsumer
-from cvmfs_publisher.rgw import RGW
-from cvmfs_publisher.status import StatusDocument
 from devstack.rabbitmq import Broker, cleanup_amqp
 from tests.conftest import DOMAIN, Stack, secrets_in_use, unique_label
 

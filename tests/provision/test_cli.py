@@ -8,13 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from cvmfs_publisher.cli import main
-from cvmfs_publisher.status import StatusDocument
+from cvmfs_publisher.core.status import StatusDocument
+from cvmfs_publisher.operations.cli import main
 from tests.provision.helpers import assert_provisioned, running
 
 
 def cli(stack, cfg_file: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cvmfs_publisher.cli", "--config",
+    return subprocess.run([sys.executable, "-m", "cvmfs_publisher.operations.cli", "--config",
                            str(cfg_file), *args], env=stack.subprocess_env(),
                           capture_output=True, text=True, timeout=60, check=False)
 

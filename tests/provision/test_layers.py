@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher import amqp, config
+from cvmfs_publisher.adapters import amqp
+from cvmfs_publisher.adapters.rgw import RGW
+from cvmfs_publisher.adapters.vault import VaultClient
+from cvmfs_publisher.core import config
+from cvmfs_publisher.core.errors import Permanent, Transient
 from cvmfs_publisher.cvmfs import (
     CommandTimeout,
     CvmfsError,
@@ -17,9 +21,6 @@ from cvmfs_publisher.cvmfs import (
     NotInTransaction,
     TransactionBusy,
 )
-from cvmfs_publisher.errors import Permanent, Transient
-from cvmfs_publisher.rgw import RGW
-from cvmfs_publisher.vault import VaultClient
 from tests.conftest import Stack
 from tests.cvmfs_server_double import inject_fault
 

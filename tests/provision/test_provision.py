@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher.names import label_of
+from cvmfs_publisher.core.names import label_of
 from devstack import rabbitmq as rabbit_mod
 from tests.conftest import REPO_ROOT
 from tests.provision.helpers import (
@@ -228,8 +228,8 @@ def test_gives_up_after_max_attempts(scenario, broker) -> None:
 def test_broker_connection_killed_mid_message(scenario, broker) -> None:
     """The ack of a finished provisioning is lost with the connection: redelivered, no harm."""
     s = scenario()
+    from cvmfs_publisher.core.status import StatusDocument
     from cvmfs_publisher.daemons.publisher_consumer import PublisherConsumer
-    from cvmfs_publisher.status import StatusDocument
 
     daemon = PublisherConsumer(s.cfg, StatusDocument(
         Path(s.cfg.status.dir) / "publisher-consumer.json", "publisher-consumer"))

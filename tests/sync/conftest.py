@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 import yaml
 
-from cvmfs_publisher import config as config_mod
-from cvmfs_publisher.config import Config
+from cvmfs_publisher.core import config as config_mod
+from cvmfs_publisher.core.config import Config
+from cvmfs_publisher.core.status import StatusDocument
 from cvmfs_publisher.daemons.repo_sync import NAME, RepoSync
 from cvmfs_publisher.publish import BatchPublisher
-from cvmfs_publisher.staging import Entry, Staging
-from cvmfs_publisher.status import StatusDocument
+from cvmfs_publisher.staging.area import Entry, Staging
 from tests.conftest import DOUBLE, REPO_ROOT, CvmfsDouble, make_double
 from tests.cvmfs_server_double import (
     calls,

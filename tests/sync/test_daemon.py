@@ -8,8 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
+from cvmfs_publisher.core.status import StatusDocument
 from cvmfs_publisher.daemons.repo_sync import NAME, PendingTimes, RepoSync
-from cvmfs_publisher.status import StatusDocument
 from tests.conftest import DOUBLE
 from tests.cvmfs_server_double import calls, inject_fault
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from cvmfs_publisher.reconcile import ReconcileError, content_matches, reconcile
-from cvmfs_publisher.rgw import RGW
+from cvmfs_publisher.adapters.rgw import RGW
+from cvmfs_publisher.operations.reconcile import ReconcileError, content_matches, reconcile
 from tests.conftest import unique_label
 from tests.cvmfs_server_double import published_tree, union_dir
 
@@ -181,7 +181,7 @@ def test_cli_reconcile_dry_run_then_stage(bucket_env: tuple[SyncEnv, str, Any], 
     """``cvmfs-publisher reconcile`` prints the plan; --dry-run stages nothing."""
     import yaml
 
-    from cvmfs_publisher.cli import main
+    from cvmfs_publisher.operations.cli import main
 
     env, repo, s3 = bucket_env
     label = repo.split(".")[0]

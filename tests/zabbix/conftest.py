@@ -25,7 +25,7 @@ SCRIPTS = REPO_ROOT / "scripts"
 if str(SCRIPTS) not in sys.path:  # zabbix_setup.py lives beside the package
     sys.path.insert(0, str(SCRIPTS))
 
-from cvmfs_publisher.status import StatusDocument  # noqa: E402
+from cvmfs_publisher.core.status import StatusDocument  # noqa: E402
 from devstack import zabbix as zbx  # noqa: E402
 
 USERPARAMETERS = REPO_ROOT / "config" / "zabbix" / "userparameters_cvmfs_publisher.conf"
@@ -87,7 +87,7 @@ def write_status_documents(status_dir: Path) -> dict[str, Any]:
     consumers.set(healthy=False)
     consumers.flush(force=True)
 
-    with mock.patch("cvmfs_publisher.status.time.time", return_value=now - STALE_AGE):
+    with mock.patch("cvmfs_publisher.core.status.time.time", return_value=now - STALE_AGE):
         stale = StatusDocument(status_dir / f"{STALE}.json", STALE)
         stale.repo("old.infn.it", pending=1)
         stale.flush(force=True)

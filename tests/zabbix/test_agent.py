@@ -37,7 +37,8 @@ def test_every_userparameter_is_a_fixed_command_with_quoted_arguments() -> None:
     assert len(lines) == 13
     pattern = re.compile(
         r'^UserParameter=cvmfs\.publisher\.[a-z_.]+\[\*\],'
-        r'python3 -P -m cvmfs_publisher\.zabbix_agent [a-z_]+( [a-z_]+)? -- "\$1"( "\$2")?$')
+        r'python3 -P -m cvmfs_publisher\.operations\.zabbix_agent '
+        r'[a-z_]+( [a-z_]+)? -- "\$1"( "\$2")?$')
     for line in lines:
         assert pattern.match(line), line
 

@@ -1,4 +1,4 @@
-"""cvmfs_publisher.zabbix_agent in-process: command-line parsing and malformed documents.
+"""cvmfs_publisher.operations.zabbix_agent in-process: command-line parsing and malformed documents.
 
 The agent tests cover the keys end to end; these cover the cases a real
 daemon never writes (corrupt, oversized, wrongly typed documents) and the
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher import zabbix_agent as za
-from cvmfs_publisher.status import StatusDocument, atomic_write_json
+from cvmfs_publisher.core.status import StatusDocument, atomic_write_json
+from cvmfs_publisher.operations import zabbix_agent as za
 
 from .conftest import SCRIPTS
 
@@ -149,8 +149,8 @@ def test_unexpected_failure_is_still_one_line(status_dir: Path,
 def test_runs_as_the_userparameter_lines_run_it(status_dir: Path) -> None:
     """``python3 -P -m``: stdlib only, the package from PYTHONPATH, cwd not on sys.path."""
     res = subprocess.run(
-        [sys.executable, "-P", "-m", "cvmfs_publisher.zabbix_agent", "repo", "pending", "--",
-         "cvmfs-repo-sync", "a.infn.it"],
+        [sys.executable, "-P", "-m", "cvmfs_publisher.operations.zabbix_agent", "repo",
+         "pending", "--", "cvmfs-repo-sync", "a.infn.it"],
         env={"PYTHONPATH": str(SCRIPTS), "CVMFS_PUBLISHER_STATUS_DIR": str(status_dir)},
         capture_output=True, text=True, timeout=30, check=False, cwd=status_dir)
     assert (res.returncode, res.stdout, res.stderr) == (0, "5\n", "")

@@ -16,16 +16,17 @@ from collections.abc import Sequence
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from .. import amqp, runtime
-from ..config import Config
+from ..adapters import amqp
+from ..adapters.rabbitmq_api import ManagementAPI
+from ..adapters.rgw import RGW
+from ..adapters.vault import VaultClient
+from ..core import runtime
+from ..core.config import Config
+from ..core.errors import Permanent
+from ..core.status import StatusDocument
 from ..cvmfs import CvmfsServer
-from ..errors import Permanent
-from ..messages import BadMessage, parse_request
 from ..provision import Provisioner
-from ..rabbitmq_api import ManagementAPI
-from ..rgw import RGW
-from ..status import StatusDocument
-from ..vault import VaultClient
+from ..provisioning.messages import BadMessage, parse_request
 
 NAME = "publisher-consumer"
 log = logging.getLogger(NAME)

@@ -17,13 +17,13 @@ mid-change; an existing queue's messages are still its repository's).
 **Threads.** pika's BlockingConnection is not thread-safe, so:
 
 - the *connection thread* (the main thread, in
-  :class:`cvmfs_publisher.amqp.ReconnectingConsumer`) owns the connection
+  :class:`cvmfs_publisher.adapters.amqp.ReconnectingConsumer`) owns the connection
   and every channel: it receives deliveries, validates them (parse, bucket,
   key: cheap), and acks, retries or dead-letters every message;
 - ``consumers.downloads`` *worker threads*, plus one reserved for
   repositories that have nothing running
-  (:class:`cvmfs_publisher.dispatch.Dispatcher`), do the slow part, S3 GET
-  streamed into staging (:func:`cvmfs_publisher.fetch.fetch_key`), fairly
+  (:class:`cvmfs_publisher.pipeline.dispatch.Dispatcher`), do the slow part, S3 GET
+  streamed into staging (:func:`cvmfs_publisher.pipeline.fetch.fetch_key`), fairly
   across repositories and in arrival order per path, then hand the outcome
   back with ``connection.add_callback_threadsafe``. One busy repository
   gets the full ``downloads`` concurrency; the reserved worker means that
@@ -82,18 +82,20 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from .. import amqp, fetch, runtime
-from .. import keys as keymap
-from ..config import Config
-from ..dispatch import Dispatcher, Job
-from ..errors import Permanent, Transient
-from ..events import BadEvent, parse_message
-from ..messages import BadMessage, parse_announcement
-from ..names import InvalidName, repository_of, validate_repository
-from ..rabbitmq_api import ManagementAPI
-from ..rgw import RGW
-from ..staging import Staging
-from ..status import StatusDocument
+from ..adapters import amqp
+from ..adapters.rabbitmq_api import ManagementAPI
+from ..adapters.rgw import RGW
+from ..core import runtime
+from ..core.config import Config
+from ..core.errors import Permanent, Transient
+from ..core.names import InvalidName, repository_of, validate_repository
+from ..core.status import StatusDocument
+from ..pipeline import fetch
+from ..pipeline import object_keys as keymap
+from ..pipeline.dispatch import Dispatcher, Job
+from ..pipeline.events import BadEvent, parse_message
+from ..provisioning.messages import BadMessage, parse_announcement
+from ..staging.area import Staging
 
 NAME = "cvmfs-repo-consumers"
 log = logging.getLogger(NAME)

@@ -34,13 +34,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import runtime, staging
-from ..amqp import Backoff
-from ..config import Config
+from ..adapters.amqp import Backoff
+from ..core import runtime
+from ..core.config import Config
+from ..core.names import InvalidName, validate_repository
+from ..core.status import StatusDocument
 from ..cvmfs import CvmfsServer
-from ..names import InvalidName, validate_repository
 from ..publish import BatchPublisher, Outcome, PublishError
-from ..status import StatusDocument
+from ..staging import area as staging
 
 NAME = "cvmfs-repo-sync"
 log = logging.getLogger(NAME)

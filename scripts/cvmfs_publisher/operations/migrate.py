@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from . import config
+from ..core import config
 
 #: (JSON section, JSON key) -> secret file name and our secret key
 SECRET_MAP = {

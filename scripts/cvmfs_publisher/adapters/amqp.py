@@ -29,9 +29,9 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from .config import AmqpConfig
-from .errors import Permanent, PublisherError
-from .logs import redact
+from ..core.config import AmqpConfig
+from ..core.errors import Permanent, PublisherError
+from ..core.logs import redact
 
 log = logging.getLogger(__name__)
 

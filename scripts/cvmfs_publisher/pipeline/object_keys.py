@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_plus
 
-from .errors import Permanent
+from ..core.errors import Permanent
 
 MAX_COMPONENT_BYTES = 255  # NAME_MAX
 MAX_PATH_BYTES = 4096  # PATH_MAX

@@ -24,12 +24,12 @@ controls them. So this module
 Usage (the status directory comes from ``--status-dir``, else the environment
 variable ``CVMFS_PUBLISHER_STATUS_DIR``, else ``/var/lib/cvmfs-publisher``)::
 
-    python3 -m cvmfs_publisher.zabbix_agent [--status-dir DIR] health -- DAEMON [MAX_AGE]
-    python3 -m cvmfs_publisher.zabbix_agent age -- DAEMON
-    python3 -m cvmfs_publisher.zabbix_agent dead_lettered -- DAEMON
-    python3 -m cvmfs_publisher.zabbix_agent broker_connected -- DAEMON
-    python3 -m cvmfs_publisher.zabbix_agent discovery -- DAEMON
-    python3 -m cvmfs_publisher.zabbix_agent repo FIELD -- DAEMON REPOSITORY
+    python3 -m cvmfs_publisher.operations.zabbix_agent [--status-dir DIR] health -- DAEMON [MAX_AGE]
+    python3 -m cvmfs_publisher.operations.zabbix_agent age -- DAEMON
+    python3 -m cvmfs_publisher.operations.zabbix_agent dead_lettered -- DAEMON
+    python3 -m cvmfs_publisher.operations.zabbix_agent broker_connected -- DAEMON
+    python3 -m cvmfs_publisher.operations.zabbix_agent discovery -- DAEMON
+    python3 -m cvmfs_publisher.operations.zabbix_agent repo FIELD -- DAEMON REPOSITORY
 
 ``FIELD`` is one of :data:`REPO_FIELDS`.
 """

@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .names import InvalidName, validate_repository, validate_subject
+from ..core.names import InvalidName, validate_repository, validate_subject
 
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._+-]{0,127}$")
 _KINDS = {"P": "personal", "G": "group", "personal": "personal", "group": "group"}

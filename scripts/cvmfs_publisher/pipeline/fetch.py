@@ -14,10 +14,10 @@ not exist yet. So the event is never trusted for content: S3 is asked.
 Duplicates, retries, reordered events and the early multipart event all
 converge to the same final staged state, provided the caller does not run
 two fetches of the same path at the same time (the consumers serialise
-them per path, see :mod:`cvmfs_publisher.dispatch`).
+them per path, see :mod:`cvmfs_publisher.pipeline.dispatch`).
 
 What the object becomes (DESIGN §2): its metadata and first bytes decide
-(:func:`cvmfs_publisher.modes.decide`): a file (0644/0755) or a symlink
+(:func:`cvmfs_publisher.pipeline.modes.decide`): a file (0644/0755) or a symlink
 (s3fs ``mode`` with S_IFLNK, rclone ``.rclonelink``) whose body, at most
 4095 bytes and read into memory, is the link target. Tarballs (``*.tar``,
 ``*.tar.gz``, ``*.tgz``) are staged for ``cvmfs_server ingest``; their
@@ -31,7 +31,7 @@ depth, a path that would go *through* a symlink or file still pending in
 staging (``cvmfs/evil`` -> ``/etc`` then ``cvmfs/evil/passwd``) is refused
 (:class:`PathConflict`, permanent) when S3 still holds that ancestor.
 
-Errors speak :mod:`cvmfs_publisher.errors`: S3 unreachable, 5xx, an
+Errors speak :mod:`cvmfs_publisher.core.errors`: S3 unreachable, 5xx, an
 interrupted download and any local I/O error (disk full, ...) are
 :class:`Transient`; a refusal from S3 (403) and an object that cannot be
 published (bad symlink target) are :class:`Permanent`.
@@ -49,11 +49,11 @@ from typing import Any, Protocol
 
 import botocore.exceptions
 
-from . import keys as keymap
+from ..adapters.rgw import classify
+from ..core.errors import Permanent, PublisherError, Transient
+from ..staging.area import Entry, Staging, entry_name
 from . import modes
-from .errors import Permanent, PublisherError, Transient
-from .rgw import classify
-from .staging import Entry, Staging, entry_name
+from . import object_keys as keymap
 
 log = logging.getLogger("cvmfs-publisher.fetch")
 
@@ -79,7 +79,7 @@ class Fetched:
     """What :func:`fetch_key` staged, with what the log line needs.
 
     ``source`` names the convention that decided the mode
-    (:class:`cvmfs_publisher.modes.Decision`; ``"s3"`` for deletions and
+    (:class:`cvmfs_publisher.pipeline.modes.Decision`; ``"s3"`` for deletions and
     tarballs); ``note`` explains metadata that was present but ignored.
     """
 
@@ -89,7 +89,7 @@ class Fetched:
 
 
 def _client(s3: Any) -> Any:
-    """Accept an :class:`cvmfs_publisher.rgw.RGW` or a boto3 S3 client."""
+    """Accept an :class:`cvmfs_publisher.adapters.rgw.RGW` or a boto3 S3 client."""
     return getattr(s3, "s3", s3)
 
 
@@ -283,8 +283,8 @@ def stage_key(s3: Any, staging: Staging, bucket: str, target: keymap.Target,
               repository: str = "") -> Entry:
     """Bring the staged state of ``target`` to what S3 holds now; return the staged entry.
 
-    ``s3`` is an :class:`cvmfs_publisher.rgw.RGW` or a boto3 S3 client;
-    ``target`` comes from :func:`cvmfs_publisher.keys.map_key`. Raises
+    ``s3`` is an :class:`cvmfs_publisher.adapters.rgw.RGW` or a boto3 S3 client;
+    ``target`` comes from :func:`cvmfs_publisher.pipeline.object_keys.map_key`. Raises
     :class:`Transient` (retry later) or :class:`Permanent` (never works).
     Not safe to run twice at once for the same path (last writer wins).
     """

@@ -36,7 +36,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .keys import RCLONE_SUFFIX, UnsafeKey
+from .object_keys import RCLONE_SUFFIX, UnsafeKey
 
 FILE = "file"
 SYMLINK = "symlink"
@@ -147,7 +147,7 @@ def decide(metadata: Mapping[str, str] | None, head: bytes, key: str) -> Decisio
     ``x-amz-meta-``); ``head`` holds at least the first 4 bytes of the body
     when there are that many; ``key`` is the S3 key. A ``.rclonelink`` key
     is a symlink whatever its metadata says, so that this agrees with
-    :func:`cvmfs_publisher.keys.map_key`.
+    :func:`cvmfs_publisher.pipeline.object_keys.map_key`.
     """
     meta = {str(name).lower(): value for name, value in (metadata or {}).items()}
     notes: list[str] = []

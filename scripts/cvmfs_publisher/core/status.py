@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 #: Per-repository fields and their initial values; every daemon fills the ones it knows.
 REPO_DEFAULTS: dict[str, Any] = {

@@ -22,8 +22,8 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config as BotoConfig
 
-from .config import RgwConfig, S3Config
-from .errors import Permanent, Transient
+from ..core.config import RgwConfig, S3Config
+from ..core.errors import Permanent, Transient
 
 log = logging.getLogger(__name__)
 

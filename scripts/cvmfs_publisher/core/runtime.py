@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, config, logs
+from .. import __version__
+from . import config, logs
 from .status import StatusDocument
 
 EX_CONFIG = 78

@@ -17,7 +17,7 @@ yet) is accepted: the consumer brings the key to what S3 holds now anyway,
 so an early event is harmless.
 
 The key is returned as sent: decoding (AWS URL-encodes keys, RGW does not)
-is :func:`cvmfs_publisher.keys.map_key`'s job, when configured, and so is
+is :func:`cvmfs_publisher.pipeline.object_keys.map_key`'s job, when configured, and so is
 deciding whether the key is safe. Everything malformed raises
 :class:`BadEvent`: the whole message is dead-lettered, nothing is written,
 and reconciliation can recover whatever it described.
@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Permanent
+from ..core.errors import Permanent
 
 FAMILIES = ("ObjectCreated", "ObjectRemoved")
 _SUBTYPE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")

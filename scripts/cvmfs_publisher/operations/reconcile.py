@@ -10,7 +10,7 @@ but no revision: the publisher skips changes already in place).
 How (streaming, so 100,000 files take minutes, not hours):
 1. list the bucket's ``cvmfs/`` prefix page by page (ListObjectsV2: key,
    size, ETag; no per-object HEAD) and map each key to its repository path
-   with :func:`cvmfs_publisher.keys.map_key` (the consumers' rule);
+   with :func:`cvmfs_publisher.pipeline.object_keys.map_key` (the consumers' rule);
 2. walk the published tree ``<mount_dir>/<repo>`` with ``os.scandir``,
    never following a symlink, descending only into directories the bucket
    needs (an extra directory is one deletion, not one per file);
@@ -18,9 +18,9 @@ How (streaming, so 100,000 files take minutes, not hours):
    hash (the ETag is the MD5 of a single-part upload; multipart ETags are
    checked for the usual part sizes; when it cannot be decided the object is
    staged, which is safe);
-4. stage every difference with :class:`cvmfs_publisher.staging.Staging`:
+4. stage every difference with :class:`cvmfs_publisher.staging.area.Staging`:
    deletions directly, other changes exactly as the consumers stage an
-   event (:func:`cvmfs_publisher.fetch.stage_key`: a GET streamed to disk,
+   event (:func:`cvmfs_publisher.pipeline.fetch.stage_key`: a GET streamed to disk,
    whose metadata and first bytes decide file mode or symlink).
 
 Kept although absent from the bucket: the directories that tarball
@@ -52,13 +52,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import keys as keymap
-from .config import Config
-from .errors import Permanent, PublisherError
-from .fetch import stage_key
-from .names import label_of, validate_repository
-from .rgw import RGW, classify
-from .staging import Entry, Staging
+from ..adapters.rgw import RGW, classify
+from ..core.config import Config
+from ..core.errors import Permanent, PublisherError
+from ..core.names import label_of, validate_repository
+from ..pipeline import object_keys as keymap
+from ..pipeline.fetch import stage_key
+from ..staging.area import Entry, Staging
 
 log = logging.getLogger("cvmfs-publisher.reconcile")
 
@@ -429,7 +429,7 @@ def diff(root: Path, wanted: dict[str, Wanted], plan: Plan, *, quick: bool = Fal
 
 def _stage_one(s3: Any, bucket: str, st: Staging, ch: Change, repo: str) -> None:
     """A deletion directly; anything else exactly as the consumers stage an event
-    (:func:`cvmfs_publisher.fetch.stage_key`: GET streamed to disk, mode or symlink
+    (:func:`cvmfs_publisher.pipeline.fetch.stage_key`: GET streamed to disk, mode or symlink
     from metadata and first bytes, a 404 staged as a deletion)."""
     if ch.op == "delete":
         st.stage(Entry(ch.path, "delete", time=time.time()))

@@ -17,8 +17,8 @@ import hvac
 import hvac.exceptions
 import requests
 
-from .config import VaultConfig
-from .errors import Permanent, Transient
+from ..core.config import VaultConfig
+from ..core.errors import Permanent, Transient
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ which waiting job a free worker takes:
    It may start only when no earlier job of its repository that touches one
    of those paths is still waiting or running. Two fetches of one path never
    overlap, so an older GET can never overwrite the staged result of a newer
-   one (:mod:`cvmfs_publisher.fetch` brings a path to what S3 holds *now*;
+   one (:mod:`cvmfs_publisher.pipeline.fetch` brings a path to what S3 holds *now*;
    that is only order-proof if fetches of one path do not race).
 2. **Fair across repositories.** Repositories are served round-robin, one
    job at a time: a repository with 10,000 waiting events does not delay

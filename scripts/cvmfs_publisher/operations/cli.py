@@ -25,13 +25,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, amqp, config
-from .errors import PublisherError
+from .. import __version__
+from ..adapters import amqp
+from ..adapters.rabbitmq_api import ManagementAPI
+from ..core import config
+from ..core.errors import PublisherError
+from ..core.names import InvalidName, validate_repository
+from ..provisioning.messages import BadMessage, parse_request
 from .health import main as health_main
-from .messages import BadMessage, parse_request
 from .migrate import MigrationError, migrate
-from .names import InvalidName, validate_repository
-from .rabbitmq_api import ManagementAPI
 from .reconcile import reconcile
 
 EX_CONFIG = 78

@@ -1,6 +1,6 @@
 """Container HEALTHCHECK: is this container's daemon alive and well?
 
-Docker runs ``python3 -m cvmfs_publisher.health --daemon cvmfs-repo-sync
+Docker runs ``python3 -m cvmfs_publisher.operations.health --daemon cvmfs-repo-sync
 --max-age 120`` every interval and reads only the exit code (0 healthy,
 1 unhealthy) and the first line of output (``docker inspect`` shows it).
 
@@ -162,7 +162,7 @@ def _positive(value: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: print one line, return 0 (healthy) or 1 (unhealthy)."""
     parser = _Parser(
-        prog="python3 -m cvmfs_publisher.health",
+        prog="python3 -m cvmfs_publisher.operations.health",
         description="Exit 0 if the daemon's status document is fresh and healthy, else 1.",
     )
     parser.add_argument("--daemon", required=True, choices=DAEMONS)

@@ -18,8 +18,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from .config import AmqpConfig
-from .errors import Permanent, Transient
+from ..core.config import AmqpConfig
+from ..core.errors import Permanent, Transient
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Provisioning: the publisher queue's messages and the repository announcements."""
