@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .adapters.amqp import Backoff
+from .core.backoff import Backoff
 from .core.config import Config
 from .core.errors import PublisherError
 from .core.logs import redact

@@ -15,7 +15,6 @@ broker.
 from __future__ import annotations
 
 import logging
-import random
 import signal
 import ssl
 import threading
@@ -29,6 +28,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
+from ..core.backoff import Backoff
 from ..core.config import AmqpConfig
 from ..core.errors import Permanent, PublisherError
 from ..core.logs import redact
@@ -79,23 +79,6 @@ def connection_parameters(cfg: AmqpConfig, name: str) -> pika.ConnectionParamete
 def connect(cfg: AmqpConfig, name: str) -> pika.BlockingConnection:
     """Open one blocking connection (raises a CONNECTION_ERRORS member on failure)."""
     return pika.BlockingConnection(connection_parameters(cfg, name))
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.initial, self.maximum = initial, maximum
-        self.failures = 0
-
-    def next(self) -> float:
-        """Delay before the next attempt; grows with each call."""
-        self.failures += 1
-        cap = min(self.maximum, self.initial * 2 ** (self.failures - 1))
-        return cap / 2 + random.uniform(0, cap / 2)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 # --------------------------------------------------------------------- topology

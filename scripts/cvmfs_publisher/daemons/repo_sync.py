@@ -34,8 +34,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapters.amqp import Backoff
 from ..core import runtime
+from ..core.backoff import Backoff
 from ..core.config import Config
 from ..core.names import InvalidName, validate_repository
 from ..core.status import StatusDocument
