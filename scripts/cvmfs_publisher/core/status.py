@@ -1,7 +1,7 @@
 """The JSON status document each daemon keeps for Zabbix and the admin CLI.
 
 One file per daemon (``<status_dir>/<daemon>.json``), replaced atomically
-(write to a temporary file, fsync, rename) so a reader never sees half a
+(:func:`cvmfs_publisher.core.durable.replace`) so a reader never sees half a
 document. Readers are the Zabbix agent's ``UserParameter`` scripts, the
 container HEALTHCHECK and ``cvmfs-publisher status``.
 
@@ -37,13 +37,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from . import durable
 
 #: Per-repository fields and their initial values; every daemon fills the ones it knows.
 REPO_DEFAULTS: dict[str, Any] = {
@@ -62,23 +62,15 @@ REPO_DEFAULTS: dict[str, Any] = {
 
 
 def atomic_write_json(path: Path, document: Any) -> None:
-    """Replace ``path`` with ``document`` as JSON, atomically and durably."""
+    """Replace ``path`` with ``document`` as JSON, atomically (never half a document).
+
+    The file is fsynced before the rename but the directory is not: the
+    document is rewritten at least every ``status.interval`` seconds, so a
+    rename lost in a crash costs nothing.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(document, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    text = json.dumps(document, indent=1, sort_keys=True) + "\n"
+    durable.replace(path, text.encode("utf-8"), mode=0o644, sync_dir=False)
 
 
 class StatusDocument:

@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..core import durable
+
 OPS = ("put", "symlink", "delete", "ingest", "ingest-delete")
 
 
@@ -85,24 +87,6 @@ class Entry:
 
 def entry_name(path: str) -> str:
     return hashlib.sha256(path.encode("utf-8")).hexdigest() + ".json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file ``path`` and fsync it (no rename here)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Staging:
@@ -176,14 +160,10 @@ class Staging:
 
     def commit_object(self, tmp_path: Path) -> str:
         """fsync a finished download and move it into ``objects/``; returns its id."""
-        fd = os.open(tmp_path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        durable.fsync_file(tmp_path)
         oid = uuid.uuid4().hex
         os.rename(tmp_path, self.objects / oid)
-        _fsync_dir(self.objects)
+        durable.fsync_dir(self.objects)
         return oid
 
     def stage(self, entry: Entry) -> Entry:
@@ -206,7 +186,7 @@ class Staging:
         entry.seq = time.time_ns()
         entry.first_time = previous.first_time if previous else entry.time
         tmp = self.tmp / f"entry-{uuid.uuid4().hex}"
-        _write_durable(tmp, json.dumps(asdict(entry), sort_keys=True).encode())
+        durable.write_new(tmp, json.dumps(asdict(entry), sort_keys=True).encode())
         with self.locked():
             old = self._read(self.pending / name)
             os.replace(tmp, self.pending / name)
@@ -305,7 +285,7 @@ class Staging:
                 os.rename(self.pending, self.batch_dir)
                 self.pending.mkdir(mode=0o750)
                 self._adopt(self.pending)
-                _fsync_dir(self.root)
+                durable.fsync_dir(self.root)
         return self.batch_entries()
 
     def finish_batch(self) -> None:
@@ -319,7 +299,7 @@ class Staging:
             tmp = self.root / f".done-{uuid.uuid4().hex}"
             if self.batch_dir.is_dir():
                 os.rename(self.batch_dir, tmp)
-                _fsync_dir(self.root)
+                durable.fsync_dir(self.root)
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def sweep(self) -> int:
