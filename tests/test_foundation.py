@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from cvmfs_publisher.core import config, logs
+from cvmfs_publisher.core.announcements import BadAnnouncement, parse_announcement
 from cvmfs_publisher.core.names import InvalidName, validate_repository, vault_path
 from cvmfs_publisher.core.status import StatusDocument, read_status
-from cvmfs_publisher.provisioning.messages import BadMessage, parse_announcement, parse_request
+from cvmfs_publisher.provisioning.messages import BadMessage, parse_request
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "publisher.example.yaml"
 
@@ -153,7 +154,7 @@ def test_bad_messages(body: bytes) -> None:
 
 def test_announcements() -> None:
     assert parse_announcement(b'{"event":"created","repository":"r.infn.it","queue":"r"}')
-    with pytest.raises(BadMessage):
+    with pytest.raises(BadAnnouncement):
         parse_announcement(b'{"event":"exploded","repository":"r","queue":"r"}')
 
 

@@ -24,11 +24,12 @@ from .adapters import amqp
 from .adapters.rabbitmq_api import ManagementAPI
 from .adapters.rgw import RGW
 from .adapters.vault import RepositoryKeys, VaultClient
+from .core.announcements import announcement
 from .core.config import Config
 from .core.errors import Transient
 from .core.names import label_of, vault_path
 from .cvmfs import CvmfsError, CvmfsServer
-from .provisioning.messages import ProvisionRequest, announcement
+from .provisioning.messages import ProvisionRequest
 
 log = logging.getLogger(__name__)
 

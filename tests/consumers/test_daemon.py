@@ -259,7 +259,7 @@ def test_new_repository_is_consumed_within_5s_and_a_deleted_one_dropped(env: Env
         env.deprovision(r2)  # queue deleted, "deleted" announced
         wait_until("repository dropped", lambda: r2.repository not in env.status().get(
             "repositories", {}), 10)
-        assert r2.label not in daemon._queues
+        assert r2.label not in daemon.source.queues()
         env.put(r1, "cvmfs/still.txt", b"still")  # the others are not disturbed
         env.wait_staged(r1, {"still.txt": put_state(b"still")}, timeout=10)
     text = env.log_text()

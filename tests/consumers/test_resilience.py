@@ -69,7 +69,8 @@ def test_broker_restart_in_a_burst_of_1000_events(env: Env) -> None:
         rabbit_mod.restart_app()
         env.wait_staged(r, expected(items), timeout=90, exact=True)
         wait_drained(env, r)
-        assert daemon.consumer.connection is not None and daemon.consumer.connection.is_open
+        conn = daemon.source.consumer.connection
+        assert conn is not None and conn.is_open
     assert in_hand < BURST, "the restart came after the burst was consumed"
     assert dead_letters(env.cfg) == []
     assert_clean(env.staging_dir, r)

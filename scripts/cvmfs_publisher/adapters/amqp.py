@@ -30,7 +30,6 @@ from pika.spec import Basic, BasicProperties
 
 from ..core.backoff import Backoff
 from ..core.config import AmqpConfig
-from ..core.errors import Permanent, PublisherError
 from ..core.logs import redact
 
 log = logging.getLogger(__name__)
@@ -46,6 +45,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 ATTEMPTS_HEADER = "x-attempts"
+
+#: The connection and channel types callers hold (so that they need not import pika).
+Connection = pika.BlockingConnection
+Channel = BlockingChannel
 
 
 def connection_parameters(cfg: AmqpConfig, name: str) -> pika.ConnectionParameters:
@@ -147,15 +150,29 @@ def declare_retry_queues(ch: BlockingChannel, cfg: AmqpConfig, queue: str) -> No
 # --------------------------------------------------------------------- deliveries
 
 
-@dataclass
+@dataclass(eq=False)
 class Delivery:
-    """One received message and what the handler needs to know about it."""
+    """One received message: the AMQP side of :class:`cvmfs_publisher.core.delivery.Delivery`.
+
+    Settled on the connection thread only (pika is not thread-safe): the
+    retry or dead-letter copy goes out on ``publisher`` (a confirm-mode
+    channel), and only once the broker confirmed it is the original acked
+    on ``channel``, the channel it came on.
+    """
 
     queue: str
     method: Basic.Deliver
     properties: BasicProperties
     body: bytes
+    channel: BlockingChannel
+    publisher: Callable[[], BlockingChannel]
+    cfg: AmqpConfig
+    daemon: str
     headers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return self.queue
 
     @property
     def attempts(self) -> int:
@@ -163,6 +180,26 @@ class Delivery:
         ours = int(self.headers.get(ATTEMPTS_HEADER, 0) or 0)
         redelivered = int(self.headers.get("x-delivery-count", 0) or 0)
         return max(ours, redelivered)
+
+    def ack(self) -> None:
+        self.channel.basic_ack(self.method.delivery_tag)
+
+    def retry_later(self, reason: str) -> int:
+        delay = retry_later(self.publisher(), self.cfg, self, reason)
+        self.ack()
+        return delay
+
+    def dead_letter(self, reason: str, repository: str) -> None:
+        dead_letter(self.publisher(), self.cfg, self, reason, repository, self.daemon)
+        self.ack()
+
+    def give_back(self) -> None:
+        """Return the message to its queue now (its settlement failed)."""
+        if self.channel.is_open:
+            try:
+                self.channel.basic_nack(self.method.delivery_tag, requeue=True)
+            except pika.exceptions.AMQPChannelError:
+                pass  # the channel closed: the broker requeues it anyway
 
 
 def publish_confirmed(ch: BlockingChannel, exchange: str, routing_key: str, body: bytes,
@@ -211,54 +248,6 @@ def retry_later(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, reason: str) 
     publish_confirmed(ch, "", retry_queue_name(d.queue, delay), d.body, headers,
                       d.properties.content_type or "application/octet-stream")
     return delay
-
-
-Handler = Callable[[Delivery], None]
-
-
-def settle(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, handler: Handler,
-           max_attempts: int, daemon: str, on_dead_letter: Callable[[str], None] | None = None
-           ) -> str:
-    """Run ``handler`` and settle the delivery; returns ``ok``/``retry``/``dead``.
-
-    Ack only after success, or after the retry / dead-letter copy was
-    confirmed by the broker. Connection errors propagate (no ack: the
-    broker redelivers).
-    """
-    try:
-        handler(d)
-    except CONNECTION_ERRORS:
-        raise
-    except Permanent as exc:
-        _reject(ch, cfg, d, exc, daemon, on_dead_letter, "rejected")
-        return "dead"
-    except Exception as exc:
-        if not isinstance(exc, PublisherError):
-            log.exception("queue=%s unexpected error, will retry: %s", d.queue, exc)
-        if d.attempts + 1 >= max_attempts:
-            _reject(ch, cfg, d, exc, daemon, on_dead_letter,
-                    f"gave up after {d.attempts + 1} attempts")
-            return "dead"
-        delay = retry_later(ch, cfg, d, str(exc))
-        repo = getattr(exc, "repository", "") or "-"
-        log.warning("repository=%s queue=%s outcome=retry in=%ss attempt=%d reason=%s",
-                    repo, d.queue, delay, d.attempts + 1, exc)
-        ch.basic_ack(d.method.delivery_tag)
-        return "retry"
-    ch.basic_ack(d.method.delivery_tag)
-    return "ok"
-
-
-def _reject(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, exc: Exception, daemon: str,
-            on_dead_letter: Callable[[str], None] | None, what: str) -> None:
-    repo = getattr(exc, "repository", "") or "-"
-    dead_letter(ch, cfg, d, str(exc), repo if repo != "-" else "", daemon)
-    log.error("repository=%s queue=%s outcome=dead-lettered (%s) reason=%s; "
-              "inspect with 'cvmfs-publisher dlq list', fix, then 'cvmfs-publisher dlq replay'",
-              repo, d.queue, what, exc)
-    ch.basic_ack(d.method.delivery_tag)
-    if on_dead_letter:
-        on_dead_letter(repo)
 
 
 # --------------------------------------------------------------------- consumer loop
@@ -338,8 +327,13 @@ class ReconnectingConsumer:
                 log.debug("closing amqp connection: %s", exc)
 
 
-def delivery_from(queue: str, method: Basic.Deliver, props: BasicProperties,
-                  body: bytes) -> Delivery:
-    """Build a :class:`Delivery` from pika's callback arguments."""
-    return Delivery(queue, method, props, body, dict(props.headers or {}))
+def delivery_from(queue: str, channel: BlockingChannel, method: Basic.Deliver,
+                  props: BasicProperties, body: bytes, *, cfg: AmqpConfig, daemon: str,
+                  publisher: Callable[[], BlockingChannel] | None = None) -> Delivery:
+    """Build a :class:`Delivery` from pika's callback arguments.
 
+    ``publisher`` gives the confirm-mode channel for retry and dead-letter
+    copies (default: ``channel`` itself, which must then be in confirm mode).
+    """
+    return Delivery(queue, method, props, body, channel, publisher or (lambda: channel), cfg,
+                    daemon, dict(props.headers or {}))

@@ -13,14 +13,11 @@ import logging
 import time
 from collections.abc import Sequence
 
-import pika
-from pika.adapters.blocking_connection import BlockingChannel
-
 from ..adapters import amqp
 from ..adapters.rabbitmq_api import ManagementAPI
 from ..adapters.rgw import RGW
 from ..adapters.vault import VaultClient
-from ..core import runtime
+from ..core import delivery, runtime
 from ..core.config import Config
 from ..core.errors import Permanent
 from ..core.status import StatusDocument
@@ -47,9 +44,9 @@ class PublisherConsumer:
             cfg.amqp, NAME, self._session, tick=self._tick,
             on_state=lambda up: self.status.set(broker_connected=up),
         )
-        self._conn: pika.BlockingConnection | None = None
+        self._conn: amqp.Connection | None = None
 
-    def _session(self, conn: pika.BlockingConnection) -> None:
+    def _session(self, conn: amqp.Connection) -> None:
         a = self.cfg.amqp
         self._conn = conn
         ch = conn.channel()
@@ -63,17 +60,23 @@ class PublisherConsumer:
         ch.basic_consume(a.publisher_queue, self._on_message)
         log.info("consuming %s", a.publisher_queue)
 
-    def _on_message(self, ch: BlockingChannel, method, props, body: bytes) -> None:
-        d = amqp.delivery_from(self.cfg.amqp.publisher_queue, method, props, body)
-        amqp.settle(ch, self.cfg.amqp, d, lambda d: self.handle(ch, d),
-                    self.cfg.publisher.max_attempts, NAME,
-                    on_dead_letter=self._dead_lettered)
+    def _on_message(self, ch: amqp.Channel, method, props, body: bytes) -> None:
+        d = amqp.delivery_from(self.cfg.amqp.publisher_queue, ch, method, props, body,
+                               cfg=self.cfg.amqp, daemon=NAME)
+        try:
+            self.handle(ch, d)
+            verdict = delivery.ok()
+        except amqp.CONNECTION_ERRORS:
+            raise  # nothing acked: the broker delivers it again
+        except Exception as exc:
+            verdict = delivery.verdict_for(exc, d.attempts, self.cfg.publisher.max_attempts,
+                                           retry_transient_forever=False)
+        delivery.apply(d, verdict)
+        if verdict.action == delivery.DEAD:
+            self.status.incr(verdict.repository or "-", "dead_lettered")
         self.status.flush(force=True)
 
-    def _dead_lettered(self, repo: str) -> None:
-        self.status.incr(repo or "-", "dead_lettered")
-
-    def handle(self, ch: BlockingChannel, d: amqp.Delivery) -> None:
+    def handle(self, ch: amqp.Channel, d: amqp.Delivery) -> None:
         """Provision or deprovision; raises Transient / Permanent on failure."""
         try:
             req = parse_request(d.body, self.cfg.cvmfs.domain, self.cfg.publisher.max_message_bytes)

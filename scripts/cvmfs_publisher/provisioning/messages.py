@@ -1,4 +1,7 @@
-"""Messages on the publisher queue (DESIGN §2) and control announcements.
+"""Messages on the publisher queue (DESIGN §2).
+
+The announcements publisher-consumer sends once a repository is created or
+deleted are in :mod:`cvmfs_publisher.core.announcements`.
 
 Two accepted forms of a provisioning request:
 
@@ -95,26 +98,3 @@ def parse_request(body: bytes, domain: str, max_bytes: int = 65536) -> Provision
     except InvalidName as exc:
         raise BadMessage(str(exc)) from None
     return ProvisionRequest(action, fields["user"], subject, repository, kind)
-
-
-def announcement(event: str, repository: str, label: str, queue: str) -> bytes:
-    """Body of a control-exchange announcement (``created`` / ``deleted``)."""
-    return json.dumps(
-        {"event": event, "repository": repository, "label": label, "queue": queue},
-        sort_keys=True,
-    ).encode()
-
-
-def parse_announcement(body: bytes) -> dict[str, str]:
-    """Parse a control announcement; raises :class:`BadMessage`."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadMessage("control message is not JSON") from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("event") not in ("created", "deleted")
-        or not all(isinstance(doc.get(k), str) and doc.get(k) for k in ("repository", "queue"))
-    ):
-        raise BadMessage("control message lacks event/repository/queue")
-    return doc

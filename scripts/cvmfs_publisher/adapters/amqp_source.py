@@ -1,0 +1,479 @@
+"""The RabbitMQ event source: one quorum queue per repository (DESIGN §1, §3).
+
+Implements :class:`cvmfs_publisher.pipeline.source.EventSource`; the
+consumers daemon knows nothing else about RabbitMQ.
+
+**Which queues.** The broker is the registry: at start-up, after every
+reconnection and every ``consumers.refresh_interval`` seconds, the queues
+bound to the ``notification`` exchange are listed through the management
+API; each one whose name is a repository label (``<label>.<domain>`` is a
+valid repository) is consumed. The source also listens on the control
+exchange (its own exclusive queue bound to ``repository.#``): a repository
+announced ``created`` by publisher-consumer is consumed at once, one
+announced ``deleted`` is dropped at once, without a restart. A listing
+taken before an announcement never undoes it, and a queue missing from a
+listing is dropped only once it no longer exists (a listing can be taken
+mid-change; an existing queue's messages are still its repository's).
+
+**Threads.** pika's BlockingConnection is not thread-safe, so the
+*connection thread* (:meth:`run`, in
+:class:`cvmfs_publisher.adapters.amqp.ReconnectingConsumer`) owns the
+connection and every channel: it receives deliveries, and every ack, retry
+and dead-letter happens there (:meth:`settle` from another thread hands the
+verdict over with ``add_callback_threadsafe``). A *discovery thread* lists
+queues and reads their depths through the management API, so a slow HTTP
+call never delays an ack.
+
+One channel per repository queue, each with prefetch ``prefetch`` (quorum
+queues have no channel-wide prefetch): a channel error on one repository
+(its queue deleted) never touches the others.
+
+**Settlement.** A verdict whose delivery's channel has closed since (or
+whose connection was replaced) is not applied: the broker delivers the
+message again, which the pipeline makes harmless. If the retry or
+dead-letter copy, or the ack, fails on a channel, the message is given back
+(``nack``, requeue). Transient failures go to the delay queue
+``<label>.retry.<N>s`` of their attempt rather than ``nack(requeue)``: a
+requeue comes back at once (no backoff), counts against the quorum queue's
+delivery limit and would block the messages behind it.
+
+**Shutdown.** :meth:`request_stop`: stop consuming, withdraw deliveries not
+started, let running ones finish and settle (at most ``drain_seconds``),
+close the connection (what is still unacked goes back to the queue).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+
+from ..core import delivery as settlement
+from ..core.announcements import BadAnnouncement, parse_announcement
+from ..core.config import Config
+from ..core.delivery import Verdict
+from ..core.names import InvalidName, repository_of, validate_repository
+from ..core.status import StatusDocument
+from . import amqp
+from .rabbitmq_api import ManagementAPI
+
+log = logging.getLogger(__name__)
+
+#: Re-subscription backoff for a queue whose consume failed (e.g. 404), capped.
+RESUBSCRIBE_MAX = 30.0
+
+
+@dataclass(eq=False)
+class RepoQueue:
+    """One repository queue and its consumption state (connection thread only)."""
+
+    queue: str
+    repository: str
+    opened: bool = False
+    channel: BlockingChannel | None = None
+    tag: str = ""
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+@dataclass(eq=False)
+class QueueDelivery(amqp.Delivery):
+    """A delivery with the session it belongs to (void once the connection is replaced)."""
+
+    generation: int = 0
+    rq: RepoQueue | None = None
+
+
+class RepositoryQueues:
+    """The event source of the module docstring."""
+
+    def __init__(self, cfg: Config, status: StatusDocument, name: str, *,
+                 prefetch: int, drain_seconds: float,
+                 mgmt: ManagementAPI | None = None) -> None:
+        self.cfg = cfg
+        self.status = status
+        self.name = name
+        self.prefetch = prefetch
+        self.drain_seconds = drain_seconds
+        self.mgmt = mgmt or ManagementAPI(cfg.amqp)
+        self.consumer = amqp.ReconnectingConsumer(
+            cfg.amqp, name, self._session, tick=self._tick, on_state=self._on_state,
+            tick_interval=0.2)
+        self._target: Any = None  # the pipeline.source.Consumer being served
+        # Connection-thread state.
+        self._conn: pika.BlockingConnection | None = None
+        self._generation = 0
+        self._pub: BlockingChannel | None = None
+        self._queues: dict[str, RepoQueue] = {}
+        self._announced: dict[str, tuple[str, float]] = {}
+        self._draining_since = 0.0
+        self._thread = 0
+        # Shared between threads.
+        self._lock = threading.Lock()
+        self._listing: tuple[float, dict[str, str]] | None = None
+        self._snapshot: tuple[RepoQueue, ...] = ()
+        self._unsettled = 0
+        self._drain = threading.Event()
+        self._refresh_now = threading.Event()
+        self._discovery_stop = threading.Event()
+
+    # ------------------------------------------------------------------ EventSource
+
+    def run(self, consumer: Any) -> None:
+        """Serve ``consumer`` until :meth:`request_stop` (see the module docstring)."""
+        self._target = consumer
+        self._thread = threading.get_ident()
+        discovery = threading.Thread(target=self._discovery, name="discovery", daemon=True)
+        discovery.start()
+        try:
+            self.consumer.run()
+        finally:
+            self._discovery_stop.set()
+            discovery.join(timeout=15)
+
+    def request_stop(self) -> None:
+        """Drain and stop (safe from a signal handler: only sets flags)."""
+        self._drain.set()
+        conn = self.consumer.connection
+        if conn is None or not conn.is_open:
+            self.consumer.stop()  # nothing to settle on: stop at once
+
+    def settle(self, delivery: Any, verdict: Verdict) -> None:
+        """Apply ``verdict`` on the connection thread (from any thread)."""
+        d: QueueDelivery = delivery
+        if threading.get_ident() == self._thread:
+            self._apply(d, verdict)
+            return
+        with self._lock:
+            self._unsettled += 1
+        try:
+            self._conn_of(d).add_callback_threadsafe(
+                functools.partial(self._apply_callback, d, verdict))
+        except Exception as exc:  # connection gone: the broker redelivers the message
+            with self._lock:
+                self._unsettled -= 1
+            log.info("repository=%s key=%s outcome=%s-unacked reason=connection closed (%s); "
+                     "the broker delivers it again", verdict.repository, verdict.key,
+                     verdict.action, type(exc).__name__)
+
+    def queues(self) -> list[str]:
+        """The queues served now (connection-thread state; for tests and logs)."""
+        return list(self._queues)
+
+    # ------------------------------------------------------------------ settlement
+
+    def _conn_of(self, d: QueueDelivery) -> pika.BlockingConnection:
+        conn = d.channel.connection
+        if conn is None:
+            raise ConnectionError("channel without a connection")
+        return conn
+
+    def _apply_callback(self, d: QueueDelivery, verdict: Verdict) -> None:
+        try:
+            self._apply(d, verdict)
+        finally:
+            with self._lock:
+                self._unsettled -= 1
+
+    def _apply(self, d: QueueDelivery, verdict: Verdict) -> None:
+        """Connection thread: the verdict, unless its channel or connection is gone."""
+        rq = d.rq
+        if (d.generation != self._generation or rq is None or rq.channel is not d.channel
+                or not d.channel.is_open or self._queues.get(rq.queue) is not rq):
+            log.info("repository=%s key=%s outcome=%s-unacked reason=channel closed; the "
+                     "broker delivers it again", verdict.repository, verdict.key,
+                     verdict.action)
+            return
+        try:
+            settlement.apply(d, verdict)
+        except pika.exceptions.AMQPChannelError as exc:
+            log.warning("repository=%s key=%s outcome=%s-failed reason=%s: %s; returned to "
+                        "the queue", verdict.repository, verdict.key, verdict.action,
+                        type(exc).__name__, exc)
+            d.give_back()
+            return
+        self._target.settled(verdict)
+
+    def _publisher(self) -> BlockingChannel:
+        """The confirm-mode channel for retry and dead-letter copies (reopened if closed)."""
+        if self._pub is None or not self._pub.is_open:
+            assert self._conn is not None
+            self._pub = self._conn.channel()
+            self._pub.confirm_delivery()
+        return self._pub
+
+    # ------------------------------------------------------------------ session
+
+    def _on_state(self, up: bool) -> None:
+        self.status.set(broker_connected=up)
+        if not up and self._drain.is_set():
+            self.consumer.stop()  # draining and the broker is gone: nothing left to ack
+
+    def _session(self, conn: pika.BlockingConnection) -> None:
+        """(Re)connect: declare, subscribe to announcements, list and consume queues."""
+        a = self.cfg.amqp
+        self._generation += 1
+        gen = self._generation
+        self._conn = conn
+        for rq in self._queues.values():
+            rq.channel, rq.tag, rq.failures, rq.retry_at = None, "", 0, 0.0
+        # Deliveries of the old connection that did not start: the broker delivers them again.
+        self._target.withdraw(lambda d: getattr(d, "generation", gen) != gen)
+        self._pub = None
+        amqp.declare_common(self._publisher(), a)
+        ctl = conn.channel()
+        control_queue = ctl.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        ctl.queue_bind(control_queue, a.control_exchange, routing_key="repository.#")
+        ctl.basic_consume(control_queue, self._on_control, auto_ack=True)
+        if self._drain.is_set():
+            return
+        started = time.time()
+        try:
+            self._apply_listing(started, self.mgmt.queues_bound_to(a.notification_exchange))
+        except Exception as exc:
+            log.warning("listing the queues bound to %s failed: %s; consuming the known "
+                        "ones, retrying soon", a.notification_exchange, exc)
+            self._refresh_now.set()
+        self._sync_consumers()
+
+    def _repository_for(self, queue: str, repository: str = "") -> str | None:
+        """The repository a queue serves, or None when it is not a repository queue."""
+        name = repository or repository_of(queue, self.cfg.cvmfs.domain)
+        try:
+            validate_repository(name, self.cfg.cvmfs.domain)
+        except InvalidName as exc:
+            log.debug("queue=%s is not a repository queue (%s): ignored", queue, exc)
+            return None
+        return name
+
+    def _apply_listing(self, fetched_at: float, bound: dict[str, str]) -> None:
+        """Consume the listed queues, drop the vanished ones (unless announced since)."""
+        listed = set()
+        for queue in bound:
+            repo = self._repository_for(queue)
+            if repo is None:
+                continue
+            listed.add(queue)
+            event = self._announced.get(queue)
+            if event and event[0] == "deleted" and event[1] >= fetched_at:
+                continue
+            self._want(queue, repo)
+        for queue in list(self._queues):
+            if queue in listed:
+                continue
+            event = self._announced.get(queue)
+            if event and event[0] == "created" and event[1] >= fetched_at:
+                continue
+            if self._conn is not None and amqp.queue_exists(self._conn, queue):
+                # Unbound but still there (a listing taken mid-change, an operator
+                # pausing a repository): its messages are still this repository's.
+                log.debug("queue=%s not bound to %s but exists: still consumed", queue,
+                          self.cfg.amqp.notification_exchange)
+                continue
+            self._unwant(queue, "queue deleted")
+
+    def _want(self, queue: str, repository: str) -> None:
+        if queue in self._queues:
+            return
+        self._queues[queue] = RepoQueue(queue, repository)
+        self.status.repo(repository)
+        with self._lock:
+            self._snapshot = tuple(self._queues.values())
+
+    def _unwant(self, queue: str, why: str) -> None:
+        rq = self._queues.pop(queue, None)
+        if rq is None:
+            return
+        ch, rq.channel = rq.channel, None
+        if ch is not None and ch.is_open:
+            try:
+                ch.close()
+            except pika.exceptions.AMQPChannelError as exc:
+                log.debug("closing channel of %s: %s", queue, exc)
+        self._target.withdraw(lambda d: getattr(d, "rq", None) is rq)
+        with self._lock:  # with the snapshot, so discovery cannot report it again
+            self._snapshot = tuple(self._queues.values())
+            self._target.close(rq.repository)
+        log.info("repository=%s queue=%s outcome=dropped reason=%s", rq.repository, queue, why)
+
+    def _sync_consumers(self) -> None:
+        """Consume every wanted queue that is not consumed (with per-queue backoff)."""
+        if self._drain.is_set() or self._conn is None:
+            return
+        now = time.monotonic()
+        for rq in list(self._queues.values()):
+            if rq.channel is not None and rq.channel.is_open:
+                continue
+            if now >= rq.retry_at:
+                self._start(rq)
+
+    def _start(self, rq: RepoQueue) -> None:
+        assert self._conn is not None
+        gen = self._generation
+        ch: BlockingChannel | None = None
+        try:
+            if not rq.opened:
+                self._target.open(rq.repository)
+                rq.opened = True
+            ch = self._conn.channel()
+            amqp.declare_retry_queues(ch, self.cfg.amqp, rq.queue)
+            ch.basic_qos(prefetch_count=self.prefetch)
+            ch.add_on_cancel_callback(functools.partial(self._on_cancelled, rq))
+            rq.tag = ch.basic_consume(rq.queue, functools.partial(self._on_message, rq, gen))
+        except Exception as exc:
+            # One repository's problem (queue missing, staging unusable...) must not
+            # stop the others; only a lost connection ends the session.
+            if isinstance(exc, (pika.exceptions.AMQPConnectionError, ConnectionError)):
+                raise
+            rq.failures += 1
+            delay = min(RESUBSCRIBE_MAX, 2.0 ** rq.failures)
+            rq.retry_at = time.monotonic() + delay
+            if ch is not None and ch.is_open:
+                ch.close()
+            self.status.repo(rq.repository, last_error=f"cannot consume: {exc}"[:300])
+            log.warning("repository=%s queue=%s outcome=not-consuming retry_in=%.0fs reason=%s",
+                        rq.repository, rq.queue, delay, exc)
+            return
+        rq.channel, rq.failures = ch, 0
+        log.info("repository=%s queue=%s outcome=consuming prefetch=%d", rq.repository,
+                 rq.queue, self.prefetch)
+
+    def _on_cancelled(self, rq: RepoQueue, frame: Any) -> None:
+        """The broker cancelled our consumer (queue deleted): re-check soon."""
+        log.warning("repository=%s queue=%s outcome=cancelled-by-broker", rq.repository, rq.queue)
+        ch, rq.channel = rq.channel, None
+        rq.failures += 1
+        rq.retry_at = time.monotonic() + min(RESUBSCRIBE_MAX, 2.0 ** rq.failures)
+        if ch is not None and ch.is_open and self._conn is not None:
+            self._conn.add_callback_threadsafe(functools.partial(_close_quietly, ch))
+        self._refresh_now.set()
+
+    def _on_control(self, ch: BlockingChannel, method: Basic.Deliver,
+                    props: BasicProperties, body: bytes) -> None:
+        try:
+            doc = parse_announcement(body)
+        except BadAnnouncement as exc:
+            log.warning("control message ignored: %s", exc)
+            return
+        queue = doc["queue"]
+        repo = self._repository_for(queue, doc["repository"])
+        if repo is None:
+            return
+        self._announced[queue] = (doc["event"], time.time())
+        if doc["event"] == "created":
+            log.info("repository=%s queue=%s outcome=announced-created", repo, queue)
+            self._want(queue, repo)
+            self._sync_consumers()
+        else:
+            self._unwant(queue, "announced deleted")
+
+    def _on_message(self, rq: RepoQueue, gen: int, ch: BlockingChannel,
+                    method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
+        if self._drain.is_set():
+            return  # left unacked: back to the queue when the connection closes
+        d = QueueDelivery(rq.queue, method, props, body, ch, self._publisher, self.cfg.amqp,
+                          self.name, dict(props.headers or {}), gen, rq)
+        self._target.deliver(rq.repository, d)
+
+    # ------------------------------------------------------------------ timers
+
+    def _tick(self) -> None:
+        """Connection thread, every 0.2 s: listings, re-subscriptions, draining."""
+        with self._lock:
+            listing, self._listing = self._listing, None
+        if listing is not None and not self._drain.is_set():
+            self._apply_listing(*listing)
+        if self._drain.is_set():
+            self._drain_step()
+            return
+        horizon = time.time() - 2 * max(1.0, self.cfg.consumers.refresh_interval)
+        for queue in [q for q, (_, t) in self._announced.items() if t < horizon]:
+            del self._announced[queue]
+        self._sync_consumers()
+
+    def _drain_step(self) -> None:
+        if not self._draining_since:
+            self._draining_since = time.monotonic()
+            log.info("%s stopping: finishing running downloads (at most %.0fs)", self.name,
+                     self.drain_seconds)
+            for rq in self._queues.values():
+                if rq.channel is not None and rq.channel.is_open and rq.tag:
+                    try:
+                        rq.channel.basic_cancel(rq.tag)
+                    except pika.exceptions.AMQPChannelError as exc:
+                        log.debug("cancel %s: %s", rq.queue, exc)
+            withdrawn = self._target.withdraw(lambda d: True)
+            if withdrawn:
+                log.info("%d messages not started go back to their queues", withdrawn)
+        with self._lock:
+            unsettled = self._unsettled
+        idle = not self._target.busy() and unsettled == 0
+        if idle or time.monotonic() - self._draining_since > self.drain_seconds:
+            if not idle:
+                log.warning("%s stopping with downloads still running: their messages go "
+                            "back to the queue", self.name)
+            self.consumer.stop()
+
+    def _discovery(self) -> None:
+        """Listing every refresh_interval (or on demand) and queue depths.
+
+        One failed round is logged and the next one tried.
+        """
+        next_listing = time.monotonic() + self.cfg.consumers.refresh_interval
+        interval = max(0.1, min(1.0, self.cfg.status.interval))
+        while not self._discovery_stop.wait(interval):
+            try:
+                next_listing = self._discovery_round(next_listing)
+            except Exception:
+                log.exception("discovery round failed; retrying")
+
+    def _discovery_round(self, next_listing: float) -> float:
+        """One round of :meth:`_discovery`; returns when the next listing is due."""
+        a, c = self.cfg.amqp, self.cfg.consumers
+        now = time.monotonic()
+        if self._refresh_now.is_set() or now >= next_listing:
+            self._refresh_now.clear()
+            started = time.time()
+            try:
+                bound = self.mgmt.queues_bound_to(a.notification_exchange)
+            except Exception as exc:
+                log.warning("listing the queues bound to %s failed: %s",
+                            a.notification_exchange, exc)
+                return now + min(c.refresh_interval, 5.0)
+            with self._lock:
+                self._listing = (started, bound)
+            self._queue_depths()
+            return now + c.refresh_interval
+        return next_listing
+
+    def _queue_depths(self) -> None:
+        depths: dict[RepoQueue, int] = {}
+        for rq in self._snapshot:
+            try:
+                depths[rq] = self.mgmt.queue_depth(rq.queue)
+            except Exception as exc:
+                log.debug("queue depth of %s: %s", rq.queue, exc)
+                break
+        with self._lock:  # only for repositories still served
+            live = set(self._snapshot)
+            for rq, depth in depths.items():
+                if rq in live:
+                    self.status.repo(rq.repository, queue_depth=depth)
+
+
+def _close_quietly(ch: BlockingChannel) -> None:
+    """Close a channel that may already be closing (never a reason to reconnect)."""
+    if ch.is_open:
+        try:
+            ch.close()
+        except pika.exceptions.AMQPChannelError as exc:
+            log.debug("closing a cancelled channel: %s", exc)
+

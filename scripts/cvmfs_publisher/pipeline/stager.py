@@ -1,0 +1,146 @@
+"""The stager: the consumers' side of the event source (DESIGN §2, §3).
+
+Implements :class:`cvmfs_publisher.pipeline.source.Consumer`: it gets each
+repository's deliveries from the event source, validates them on the
+source's thread (:func:`cvmfs_publisher.pipeline.intake.targets`, cheap),
+runs the downloads on the pool (:class:`cvmfs_publisher.pipeline.dispatch.Dispatcher`:
+fair across repositories, in arrival order per path) and hands every
+delivery back to the source with its verdict, decided by the one policy of
+:mod:`cvmfs_publisher.core.delivery`. A change is acknowledged only once it
+is durable in staging. Transient failures are retried **forever** (an
+outage must not turn accepted changes into dead letters, DESIGN §3); a bug
+at most ``consumers.max_attempts`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..core import delivery
+from ..core.config import Config
+from ..core.delivery import Delivery, Verdict
+from ..core.status import StatusDocument
+from ..staging.area import Staging
+from . import intake
+from .dispatch import Dispatcher, Job
+from .object_keys import Target
+from .source import EventSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Work:
+    """One message on its way through a download worker."""
+
+    repository: str
+    delivery: Delivery
+    targets: list[Target]
+
+
+class Stager:
+    """Stages the events an :class:`EventSource` delivers (see the module docstring)."""
+
+    def __init__(self, cfg: Config, status: StatusDocument, s3: Any) -> None:
+        self.cfg = cfg
+        self.status = status
+        self.s3 = s3
+        self.dispatcher = Dispatcher(max(1, cfg.consumers.downloads), self._work,
+                                     name="download")
+        self.source: EventSource | None = None
+        self._lock = threading.Lock()
+        self._stagings: dict[str, Staging] = {}
+
+    def serve(self, source: EventSource) -> None:
+        """Run the download pool and ``source`` until the source stops."""
+        self.source = source
+        self.dispatcher.start()
+        try:
+            source.run(self)
+        finally:
+            self.dispatcher.close(timeout=0)
+
+    def open(self, repository: str) -> None:
+        """The repository's staging, created and swept of an earlier crash's leftovers."""
+        st = Staging(self.cfg.cvmfs.staging_dir, repository).ensure()
+        removed = st.sweep()
+        if removed:
+            log.info("repository=%s outcome=swept leftovers=%d (an earlier crash)",
+                     repository, removed)
+        with self._lock:
+            self._stagings[repository] = st
+
+    def close(self, repository: str) -> None:
+        with self._lock:  # with the pending counts, so report() cannot add it back
+            self._stagings.pop(repository, None)
+            self.status.drop_repo(repository)
+
+    def deliver(self, repository: str, d: Delivery) -> None:
+        """Source's thread: validate (cheap), then queue the downloads."""
+        self.status.repo(repository, last_event=time.time())
+        try:  # the source is the bucket's queue, named after its label
+            found = intake.targets(d.body, d.source, repository, self.cfg)
+        except Exception as exc:
+            self._settle(d, exc, repository, intake.first_key(d.body))
+            return
+        if not found:
+            self._source().settle(d, delivery.ok(repository))
+            return
+        self.dispatcher.submit(repository, [t.path for t in found], Work(repository, d, found))
+
+    def withdraw(self, which: Callable[[Delivery], bool]) -> int:
+        return len(self.dispatcher.drop(lambda w: which(w.delivery)))
+
+    def busy(self) -> bool:
+        return self.dispatcher.running() > 0
+
+    def settled(self, verdict: Verdict) -> None:
+        if verdict.action == delivery.ACK:
+            return
+        self.status.incr(verdict.repository, "errors")
+        self.status.repo(verdict.repository, last_error=verdict.reason[:300])
+        if verdict.action == delivery.DEAD:
+            self.status.incr(verdict.repository, "dead_lettered")
+
+    def _work(self, job: Job) -> None:
+        """Download worker: stage every target, then hand the verdict to the source."""
+        w: Work = job.item
+        with self._lock:
+            staging = self._stagings.get(w.repository)
+        if staging is None:  # dropped meanwhile: the message is no longer ours
+            return
+        try:
+            intake.stage(self.s3, staging, w.delivery.source, w.targets, w.repository)
+        except intake.StageFailed as failed:
+            self._settle(w.delivery, failed.error, w.repository, failed.key)
+            return
+        self._source().settle(w.delivery, delivery.ok(w.repository, intake.describe(w.targets)))
+
+    def _settle(self, d: Delivery, exc: BaseException, repository: str, key: str) -> None:
+        self._source().settle(d, delivery.verdict_for(
+            exc, d.attempts, self.cfg.consumers.max_attempts, retry_transient_forever=True,
+            repository=repository, key=key))
+
+    def _source(self) -> EventSource:
+        assert self.source is not None, "serve() first"
+        return self.source
+
+    def report(self) -> None:
+        """Pending counts into the status document (for repositories still served)."""
+        with self._lock:
+            stagings = dict(self._stagings)
+        counts = {}
+        for repository, st in stagings.items():
+            try:
+                counts[repository] = st.pending_count()
+            except OSError:
+                pass
+        with self._lock:
+            for repository, n in counts.items():
+                if self._stagings.get(repository) is stagings[repository]:
+                    self.status.repo(repository, pending=n)
