@@ -54,6 +54,19 @@ def classify(exc: Exception, what: str, repository: str = "") -> Exception:
     return exc
 
 
+def object_missing(exc: Exception) -> bool:
+    """The *object* does not exist: 404 / ``NoSuchKey``, never ``NoSuchBucket``.
+
+    A missing bucket is not a deletion of every key: it is a repository that
+    is not provisioned (DESIGN §4), which :func:`classify` makes Permanent.
+    """
+    if not isinstance(exc, botocore.exceptions.ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code != "NoSuchBucket" and (code in ("NoSuchKey", "404", "NotFound") or status == 404)
+
+
 class RGW:
     """S3 and SNS clients on one RGW endpoint."""
 

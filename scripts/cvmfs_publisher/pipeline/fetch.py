@@ -40,18 +40,14 @@ published (bad symlink target) are :class:`Permanent`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import botocore.exceptions
-
-from ..adapters.rgw import classify
+from ..adapters.rgw import classify, object_missing
 from ..core.errors import Permanent, PublisherError, Transient
-from ..staging.area import Entry, Staging, entry_name
+from ..staging.area import Entry, Staging
 from . import modes
 from . import object_keys as keymap
 
@@ -60,8 +56,6 @@ log = logging.getLogger("cvmfs-publisher.fetch")
 CHUNK = 1 << 20  # bytes per read: the only buffer, whatever the object size
 HEAD_BYTES = 4096  # first bytes kept for the content sniffing of modes.decide
 _GZIP_MAGIC = b"\x1f\x8b"
-_NOT_FOUND = ("NoSuchKey", "404", "NotFound")
-_NO_BUCKET = "NoSuchBucket"
 
 
 class PathConflict(Permanent):
@@ -93,15 +87,6 @@ def _client(s3: Any) -> Any:
     return getattr(s3, "s3", s3)
 
 
-def _not_found(exc: Exception) -> bool:
-    """The *object* does not exist (a missing bucket is not a deletion: see _s3_error)."""
-    if not isinstance(exc, botocore.exceptions.ClientError):
-        return False
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code != _NO_BUCKET and (code in _NOT_FOUND or status == 404)
-
-
 def _s3_error(exc: Exception, what: str, repository: str) -> PublisherError:
     """Transient or Permanent; anything unknown from the S3 stack is Transient.
 
@@ -121,18 +106,6 @@ def _ancestors(path: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _staged_state(staging: Staging, path: str) -> Entry | None:
-    """The pending entry of ``path``, else the one in the batch being published."""
-    entry = staging.pending_get(path)
-    if entry is not None:
-        return entry
-    try:
-        with open(staging.batch_dir / entry_name(path), "rb") as fh:
-            return Entry.from_dict(json.loads(fh.read()))
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return None
-
-
 def check_ancestors(s3: Any, staging: Staging, bucket: str, path: str,
                     repository: str = "") -> None:
     """Refuse ``path`` if an ancestor is staged as a symlink or file that S3 still holds.
@@ -148,7 +121,7 @@ def check_ancestors(s3: Any, staging: Staging, bucket: str, path: str,
     """
     client = _client(s3)
     for ancestor in _ancestors(path):
-        entry = _staged_state(staging, ancestor)
+        entry = staging.staged_get(ancestor)
         if entry is None or entry.op not in ("symlink", "put"):
             continue
         key = entry.key
@@ -158,7 +131,7 @@ def check_ancestors(s3: Any, staging: Staging, bucket: str, path: str,
         try:
             client.head_object(Bucket=bucket, Key=key)
         except Exception as exc:
-            if _not_found(exc):
+            if object_missing(exc):
                 continue
             raise _s3_error(exc, f"HEAD {key!r}", repository) from None
         what = f"a symlink to {entry.target!r}" if entry.op == "symlink" else "a file"
@@ -209,8 +182,7 @@ def _stage_object(staging: Staging, entry: Entry) -> Entry:
     try:
         return staging.stage(entry)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staging.objects / entry.object)
+        staging.discard_object(entry.object)
         raise
 
 
@@ -221,7 +193,7 @@ def _fetch(client: Any, staging: Staging, bucket: str, target: keymap.Target,
     try:
         resp = client.get_object(Bucket=bucket, Key=target.key)
     except Exception as exc:
-        if _not_found(exc):
+        if object_missing(exc):
             op = "ingest-delete" if tarball else "delete"
             return Fetched(staging.stage(Entry(target.path, op, key=target.key, time=started)))
         raise _s3_error(exc, f"GET {target.key!r}", repository) from None

@@ -206,6 +206,11 @@ class Staging:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
 
+    def discard_object(self, oid: str) -> None:
+        """Drop a committed object that no entry references (its staging failed)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.objects / oid).unlink()
+
     # -- readers ---------------------------------------------------------------------------
 
     @staticmethod
@@ -259,6 +264,20 @@ class Staging:
 
     def pending_get(self, path: str) -> Entry | None:
         return self._read(self.pending / entry_name(path))
+
+    def staged_get(self, path: str) -> Entry | None:
+        """The pending entry of ``path``, else the one in the batch being published.
+
+        No lock: each read sees a whole entry (they are replaced by rename),
+        and a batch taken meanwhile only moves the entry from one to the other.
+        """
+        entry = self.pending_get(path)
+        if entry is not None:
+            return entry
+        try:
+            return self._read(self.batch_dir / entry_name(path))
+        except (NotADirectoryError, ValueError, TypeError):
+            return None
 
     def object_path(self, entry: Entry) -> Path:
         return self.objects / entry.object
