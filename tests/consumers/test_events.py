@@ -43,23 +43,13 @@ def test_real_samples_are_present() -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        (PUT, ObjectEvent(
-            name="ObjectCreated:Put", bucket="nbkt", key="cvmfs/a.txt", size=3,
-            etag="47bce5c74f589f4867dbd57e9ca9f808", sequencer="9F57066B48A44704",
-            time="2026-11-25T03:35:59.069988Z", created=True, removed=False)),
+        (PUT, ObjectEvent(name="ObjectCreated:Put", bucket="nbkt", key="cvmfs/a.txt")),
         ("ceph-16.2.15-ObjectCreated-Copy.json", ObjectEvent(
-            name="ObjectCreated:Copy", bucket="nbkt", key="cvmfs/c.txt", size=3,
-            etag="47bce5c74f589f4867dbd57e9ca9f808", sequencer="9F57066B7E0D7E32",
-            time="2026-11-25T03:35:59.846119Z", created=True, removed=False)),
+            name="ObjectCreated:Copy", bucket="nbkt", key="cvmfs/c.txt")),
         ("ceph-16.2.15-ObjectCreated-CompleteMultipartUpload.json", ObjectEvent(
-            name="ObjectCreated:CompleteMultipartUpload", bucket="nbkt", key="cvmfs/big.bin",
-            size=5243904, etag="06547d4ad90095b351fc5fe1da89d500-2",
-            sequencer="A057066B92DFE416", time="2026-11-25T03:36:00.384094Z",
-            created=True, removed=False)),
+            name="ObjectCreated:CompleteMultipartUpload", bucket="nbkt", key="cvmfs/big.bin")),
         ("ceph-16.2.15-ObjectRemoved-Delete.json", ObjectEvent(
-            name="ObjectRemoved:Delete", bucket="nbkt", key="cvmfs/a.txt", size=3,
-            etag="47bce5c74f589f4867dbd57e9ca9f808", sequencer="A057066BC0EDEB34",
-            time="2026-11-25T03:36:00.887872Z", created=False, removed=True)),
+            name="ObjectRemoved:Delete", bucket="nbkt", key="cvmfs/a.txt")),
     ],
 )
 def test_real_bodies(name: str, expected: ObjectEvent) -> None:
@@ -118,7 +108,8 @@ def test_event_names(event_name: str, created: bool, removed: bool) -> None:
     doc["Records"][0]["eventName"] = event_name
     (event,) = parse_message(_body(doc))
     assert event.name == event_name.removeprefix("s3:")
-    assert (event.created, event.removed) == (created, removed)
+    assert (event.name.startswith("ObjectCreated:"),
+            event.name.startswith("ObjectRemoved:")) == (created, removed)
 
 
 def test_aws_record_keeps_the_key_encoded() -> None:
@@ -131,9 +122,7 @@ def test_aws_record_keeps_the_key_encoded() -> None:
     }]})
     (event,) = parse_message(body)
     assert event.key == "cvmfs/a+b%2Bc.txt"
-    assert event.size is None
-    assert event.etag == ""
-    assert event.removed
+    assert event.name == "ObjectRemoved:Delete"
 
 
 def test_raw_keys_pass_through_unchanged() -> None:
@@ -144,18 +133,18 @@ def test_raw_keys_pass_through_unchanged() -> None:
         assert parse_message(_body(doc))[0].key == key
 
 
-@pytest.mark.parametrize(("size", "expected"), [(0, 0), ("0", 0), (" 42 ", 42),
-                                                (5243904, 5243904), (None, None)])
-def test_sizes(size: object, expected: int | None) -> None:
+@pytest.mark.parametrize("size", [0, "0", " 42 ", 5243904, None])
+def test_sizes(size: object) -> None:
+    """Every size RGW or AWS sends is accepted (the value itself is never used)."""
     doc = _load(PUT)
     doc["Records"][0]["s3"]["object"]["size"] = size
-    assert parse_message(_body(doc))[0].size == expected
+    assert parse_message(_body(doc))[0].key == doc["Records"][0]["s3"]["object"]["key"]
 
 
 def test_size_absent() -> None:
     doc = _load(PUT)
     del doc["Records"][0]["s3"]["object"]["size"]
-    assert parse_message(_body(doc))[0].size is None
+    assert parse_message(_body(doc))[0].key == doc["Records"][0]["s3"]["object"]["key"]
 
 
 def test_bytearray_and_memoryview_bodies() -> None:

@@ -46,20 +46,16 @@ class BadEvent(Permanent):
 class ObjectEvent:
     """One record: "key K of bucket B changed" (created or removed).
 
-    ``name`` is normalised without ``s3:`` (``"ObjectCreated:Put"``);
-    ``size`` is None when the record has none. ``etag``, ``sequencer`` and
-    ``time`` are informational (logs; S3 is asked for the current state).
+    ``name`` is normalised without ``s3:`` (``"ObjectCreated:Put"``). Only
+    the bucket and the key are used (S3 is asked for the current state), so
+    only they are kept; the record's other fields (``size``, ``eTag``,
+    ``sequencer``, ``eventTime``) are still checked, because a record whose
+    shape is wrong means a producer we do not understand (DESIGN §4).
     """
 
     name: str
     bucket: str
     key: str
-    size: int | None
-    etag: str
-    sequencer: str
-    time: str
-    created: bool
-    removed: bool
 
 
 def _shown(value: object) -> str:
@@ -84,19 +80,20 @@ def _string(parent: dict[str, Any], name: str, where: str, required: bool = Fals
     return value
 
 
-def _size(value: object, where: str) -> int | None:
+def _check_size(value: object, where: str) -> None:
+    """A number or a numeric string, or absent (AWS deletes)."""
     if value is None:
-        return None
+        return
     # bool is an int subclass, and floats (1.5, NaN) are not object sizes.
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
+        return
     if isinstance(value, str) and _SIZE.fullmatch(value.strip()):
-        return int(value.strip())
+        return
     raise BadEvent(f"{where}: 'size' is not a non-negative integer: {_shown(value)}")
 
 
-def _event_name(value: object, where: str) -> tuple[str, str]:
-    """Return (normalised name, family) or raise BadEvent."""
+def _event_name(value: object, where: str) -> str:
+    """Return the normalised name or raise BadEvent."""
     if not isinstance(value, str):
         raise BadEvent(f"{where}: 'eventName' missing or not a string")
     name = value.removeprefix("s3:")
@@ -106,27 +103,25 @@ def _event_name(value: object, where: str) -> tuple[str, str]:
             f"{where}: unknown eventName {_shown(value)} "
             "(expected ObjectCreated:* or ObjectRemoved:*)"
         )
-    return name, family
+    return name
 
 
 def _record(record: object, index: int) -> ObjectEvent:
     where = f"record {index}"
     if not isinstance(record, dict):
         raise BadEvent(f"{where}: not a JSON object")
-    name, family = _event_name(record.get("eventName"), where)
+    name = _event_name(record.get("eventName"), where)
     s3 = _mapping(record, "s3", where)
     bucket = _mapping(s3, "bucket", f"{where}.s3")
     obj = _mapping(s3, "object", f"{where}.s3")
+    _check_size(obj.get("size"), f"{where}.s3.object")
+    for field_name in ("eTag", "sequencer"):
+        _string(obj, field_name, f"{where}.s3.object")
+    _string(record, "eventTime", where)
     return ObjectEvent(
         name=name,
         bucket=_string(bucket, "name", f"{where}.s3.bucket", required=True),
         key=_string(obj, "key", f"{where}.s3.object", required=True),
-        size=_size(obj.get("size"), f"{where}.s3.object"),
-        etag=_string(obj, "eTag", f"{where}.s3.object"),
-        sequencer=_string(obj, "sequencer", f"{where}.s3.object"),
-        time=_string(record, "eventTime", where),
-        created=family == "ObjectCreated",
-        removed=family == "ObjectRemoved",
     )
 
 
