@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _SUBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._+-]{0,254}$")
@@ -49,26 +48,6 @@ def validate_subject(subject: str) -> str:
     if not isinstance(subject, str) or not _SUBJECT.match(subject) or ".." in subject:
         raise InvalidName(f"subject {subject!r} is not a safe Vault path component")
     return subject
-
-
-@dataclass(frozen=True)
-class Repository:
-    """A repository and the names derived from it."""
-
-    name: str
-    domain: str
-
-    @property
-    def label(self) -> str:
-        return label_of(self.name)
-
-    @property
-    def bucket(self) -> str:
-        return self.label
-
-    @property
-    def queue(self) -> str:
-        return self.label
 
 
 def vault_path(repository: str, kind: str, subject: str) -> str:

@@ -87,7 +87,6 @@ class StatusDocument:
         self.min_interval = min_interval
         self._lock = threading.Lock()
         self._last_flush = 0.0
-        self._dirty = True
         self._doc: dict[str, Any] = {
             "daemon": daemon,
             "version": __version__,
@@ -105,14 +104,12 @@ class StatusDocument:
         """Set daemon-level fields (``healthy``, ``broker_connected``, ...)."""
         with self._lock:
             self._doc.update(fields)
-            self._dirty = True
 
     def repo(self, name: str, **fields: Any) -> None:
         """Create or update one repository's entry."""
         with self._lock:
             entry = self._doc["repositories"].setdefault(name, dict(REPO_DEFAULTS))
             entry.update(fields)
-            self._dirty = True
 
     def incr(self, name: str, field: str, by: int = 1) -> None:
         """Add ``by`` to a repository counter (and to the daemon total for dead letters)."""
@@ -121,19 +118,11 @@ class StatusDocument:
             entry[field] = entry.get(field, 0) + by
             if field == "dead_lettered":
                 self._doc["dead_lettered"] += by
-            self._dirty = True
-
-    def incr_daemon(self, field: str, by: int = 1) -> None:
-        """Add ``by`` to a daemon-level counter."""
-        with self._lock:
-            self._doc[field] = self._doc.get(field, 0) + by
-            self._dirty = True
 
     def drop_repo(self, name: str) -> None:
         """Forget a repository (deprovisioned)."""
         with self._lock:
             self._doc["repositories"].pop(name, None)
-            self._dirty = True
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy of the current document."""
@@ -141,11 +130,10 @@ class StatusDocument:
             return json.loads(json.dumps(self._doc))
 
     def flush(self, force: bool = False) -> None:
-        """Write the document if it changed (or ``force``), rate-limited.
+        """Write the document, at most every ``min_interval`` s (at once with ``force``).
 
-        The ``updated`` stamp is refreshed on every write, and at least every
-        ``min_interval`` seconds even without changes, so that a stale
-        document means a stuck daemon.
+        It is written whether or not anything changed, with a fresh
+        ``updated`` stamp: a stale document means a stuck daemon.
         """
         now = time.time()
         if not force and now - self._last_flush < self.min_interval:
@@ -153,7 +141,6 @@ class StatusDocument:
         with self._lock:
             self._doc["updated"] = now
             doc = json.loads(json.dumps(self._doc))
-            self._dirty = False
         atomic_write_json(self.path, doc)
         self._last_flush = now
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.names import InvalidName, validate_repository, validate_subject
@@ -40,9 +40,6 @@ class ProvisionRequest:
     subject: str
     repository: str
     kind: str
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
 
 
 def _text(body: bytes, max_bytes: int) -> str:
