@@ -113,7 +113,7 @@ def test_event_names(event_name: str, created: bool, removed: bool) -> None:
 
 
 def test_aws_record_keeps_the_key_encoded() -> None:
-    # AWS URL-encodes keys; decoding is keys.map_key's job when configured.
+    # AWS URL-encodes keys; decoding is object_keys.map_key's job when configured.
     body = _body({"Records": [{
         "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "eu-west-1",
         "eventTime": "2024-01-01T00:00:00.000Z", "eventName": "s3:ObjectRemoved:Delete",

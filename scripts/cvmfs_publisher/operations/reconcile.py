@@ -56,7 +56,7 @@ from ..adapters.rgw import RGW, classify
 from ..core.config import Config
 from ..core.errors import Permanent, PublisherError
 from ..core.names import label_of, validate_repository
-from ..pipeline import object_keys as keymap
+from ..pipeline import object_keys
 from ..pipeline.fetch import stage_key
 from ..staging.area import Entry, Staging
 
@@ -93,7 +93,7 @@ class Change:
     reason: str
     key: str = ""
     size: int = 0
-    kind: str = keymap.FILE  # the key's kind (keys.map_key): file, rclone symlink, tarball
+    kind: str = object_keys.FILE  # map_key: file, rclone symlink, tarball
 
     def line(self) -> str:
         mark = {"put": "+" if self.reason == "missing" else "~", "delete": "-",
@@ -174,8 +174,8 @@ def list_bucket(s3: Any, bucket: str, prefix: str, tarball_dir: str,
             plan.objects += 1
             key = obj["Key"]
             try:
-                target = keymap.map_key(key, prefix, tarball_dir)
-            except keymap.UnsafeKey as exc:
+                target = object_keys.map_key(key, prefix, tarball_dir)
+            except object_keys.UnsafeKey as exc:
                 plan.skipped.append((key, str(exc)))
                 continue
             if target is None:
@@ -317,7 +317,7 @@ def _walk_dir(w: _Walk, rel_dir: str, stack: list[str]) -> None:
         for d in it:
             rel = f"{rel_dir}/{d.name}" if rel_dir else d.name
             w.plan.tree_entries += 1
-            if d.name.startswith(keymap.RESERVED_PREFIX) or (
+            if d.name.startswith(object_keys.RESERVED_PREFIX) or (
                     not rel_dir and d.name in KEEP_AT_ROOT and rel not in w.wanted):
                 w.plan.kept += 1
                 continue
@@ -326,7 +326,7 @@ def _walk_dir(w: _Walk, rel_dir: str, stack: list[str]) -> None:
             except FileNotFoundError:
                 continue
             want = w.wanted.pop(rel, None)
-            if want is not None and want.kind == keymap.TARBALL:
+            if want is not None and want.kind == object_keys.TARBALL:
                 # Its content comes from the tarball: never walked, never pruned.
                 if not stat.S_ISDIR(st.st_mode):
                     w.plan.changes.append(Change("ingest", rel, "not a directory", want.key,
@@ -373,7 +373,7 @@ def _compare(w: _Walk, rel: str, full: str, st: os.stat_result, want: Wanted) ->
         w.plan.changes.append(Change("put", rel, "not a regular file", want.key, want.size,
                                      want.kind))
         return
-    if want.kind == keymap.SYMLINK_RCLONE:
+    if want.kind == object_keys.SYMLINK_RCLONE:
         w.plan.changes.append(Change("put", rel, "a file where the bucket has a symlink",
                                      want.key, want.size, want.kind))
         return
@@ -402,7 +402,7 @@ def diff(root: Path, wanted: dict[str, Wanted], plan: Plan, *, quick: bool = Fal
         for a in _ancestors(path):
             wanted_dirs.add(a)
     for path in list(wanted):
-        if path in wanted_dirs and wanted[path].kind != keymap.TARBALL:
+        if path in wanted_dirs and wanted[path].kind != object_keys.TARBALL:
             # S3 allows keys "a" and "a/b"; a file system does not: the directory wins.
             w = wanted.pop(path)
             plan.skipped.append((w.key, "other objects use this path as a directory"))
@@ -420,7 +420,7 @@ def diff(root: Path, wanted: dict[str, Wanted], plan: Plan, *, quick: bool = Fal
                 plan.changes.append(Change("put", rel, "content differs", want.key, want.size,
                                            want.kind))
     for path, want in wanted.items():
-        op = "ingest" if want.kind == keymap.TARBALL else "put"
+        op = "ingest" if want.kind == object_keys.TARBALL else "put"
         plan.changes.append(Change(op, path, "missing", want.key, want.size, want.kind))
 
 
@@ -434,7 +434,7 @@ def _stage_one(s3: Any, bucket: str, st: Staging, ch: Change, repo: str) -> None
     if ch.op == "delete":
         st.stage(Entry(ch.path, "delete", time=time.time()))
         return
-    stage_key(s3, st, bucket, keymap.Target(ch.kind, ch.path, ch.key), repo)
+    stage_key(s3, st, bucket, object_keys.Target(ch.kind, ch.path, ch.key), repo)
 
 
 def stage_changes(s3: Any, bucket: str, st: Staging, plan: Plan, workers: int) -> None:

@@ -48,8 +48,7 @@ from typing import Any, Protocol
 from ..adapters.rgw import classify, object_missing
 from ..core.errors import Permanent, PublisherError, Transient
 from ..staging.area import Entry, Staging
-from . import modes
-from . import object_keys as keymap
+from . import modes, object_keys
 
 log = logging.getLogger("cvmfs-publisher.fetch")
 
@@ -186,10 +185,10 @@ def _stage_object(staging: Staging, entry: Entry) -> Entry:
         raise
 
 
-def _fetch(client: Any, staging: Staging, bucket: str, target: keymap.Target,
+def _fetch(client: Any, staging: Staging, bucket: str, target: object_keys.Target,
            repository: str) -> Fetched:
     started = time.time()
-    tarball = target.kind == keymap.TARBALL
+    tarball = target.kind == object_keys.TARBALL
     try:
         resp = client.get_object(Bucket=bucket, Key=target.key)
     except Exception as exc:
@@ -205,7 +204,7 @@ def _fetch(client: Any, staging: Staging, bucket: str, target: keymap.Target,
         decision = modes.decide(resp.get("Metadata") or {}, head, target.key)
         if tarball:
             if decision.kind == modes.SYMLINK:
-                raise keymap.UnsafeKey(f"tarball key {target.key!r} holds a symlink "
+                raise object_keys.UnsafeKey(f"tarball key {target.key!r} holds a symlink "
                                        "(mode S_IFLNK): not ingested", repository)
             check_ancestors(client, staging, bucket, target.path, repository)
             oid, size = _stream(body, head, staging)
@@ -233,7 +232,7 @@ def _fetch(client: Any, staging: Staging, bucket: str, target: keymap.Target,
             body.close()
 
 
-def fetch_key(s3: Any, staging: Staging, bucket: str, target: keymap.Target,
+def fetch_key(s3: Any, staging: Staging, bucket: str, target: object_keys.Target,
               repository: str = "") -> Fetched:
     """Stage what S3 holds now for ``target`` (see the module docstring).
 
@@ -251,7 +250,7 @@ def fetch_key(s3: Any, staging: Staging, bucket: str, target: keymap.Target,
                         f"{exc.strerror or type(exc).__name__}", repository) from None
 
 
-def stage_key(s3: Any, staging: Staging, bucket: str, target: keymap.Target,
+def stage_key(s3: Any, staging: Staging, bucket: str, target: object_keys.Target,
               repository: str = "") -> Entry:
     """Bring the staged state of ``target`` to what S3 holds now; return the staged entry.
 
