@@ -69,7 +69,11 @@ def redact(text: str) -> str:
 
 def setup(daemon: str, log_dir: str | None, level: str = "INFO", *, max_bytes: int = 10 << 20,
           backups: int = 5, stdout: bool = True, secrets: Iterable[str] = ()) -> logging.Logger:
-    """Configure the root logger for ``daemon``; returns the daemon's logger.
+    """Configure the root logger for ``daemon``; returns the package's logger.
+
+    Every module logs to ``logging.getLogger(__name__)`` (one naming scheme:
+    the module's dotted name), so a line says where it comes from and the
+    file it is in says which daemon.
 
     The file is ``<log_dir>/<daemon>.log``, rotated by size. If the directory
     cannot be created the daemon still logs to stdout and says so once.
@@ -104,7 +108,7 @@ def setup(daemon: str, log_dir: str | None, level: str = "INFO", *, max_bytes: i
     # Libraries are chatty at INFO (pika logs every connection step).
     for noisy in ("pika", "botocore", "boto3", "urllib3", "hvac"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    log = logging.getLogger(daemon)
+    log = logging.getLogger("cvmfs_publisher")
     if problem:
         log.warning(problem)
     return log

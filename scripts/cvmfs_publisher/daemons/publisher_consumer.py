@@ -26,7 +26,7 @@ from ..provision import Provisioner
 from ..provisioning.messages import BadMessage, parse_request
 
 NAME = "publisher-consumer"
-log = logging.getLogger(NAME)
+log = logging.getLogger(__name__)
 
 
 class PublisherConsumer:

@@ -60,7 +60,7 @@ from ..pipeline import object_keys
 from ..pipeline.fetch import stage_key
 from ..staging.area import Entry, Staging
 
-log = logging.getLogger("cvmfs-publisher.reconcile")
+log = logging.getLogger(__name__)
 
 #: Root entries that mkfs creates and the bucket never holds.
 KEEP_AT_ROOT = frozenset({"new_repository"})

@@ -37,7 +37,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger("cvmfs-publisher.dispatch")
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)

@@ -50,7 +50,7 @@ from ..core.errors import Permanent, PublisherError, Transient
 from ..staging.area import Entry, Staging
 from . import modes, object_keys
 
-log = logging.getLogger("cvmfs-publisher.fetch")
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes per read: the only buffer, whatever the object size
 HEAD_BYTES = 4096  # first bytes kept for the content sniffing of modes.decide

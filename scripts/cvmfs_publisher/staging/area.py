@@ -50,6 +50,8 @@ from typing import IO, Any
 
 from ..core import durable
 
+log = logging.getLogger(__name__)
+
 OPS = ("put", "symlink", "delete", "ingest", "ingest-delete")
 
 
@@ -248,7 +250,7 @@ class Staging:
         corrupt.mkdir(mode=0o750, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, corrupt / f"{path.name}.{uuid.uuid4().hex[:8]}")
-        logging.getLogger(__name__).error(
+        log.error(
             "repository=%s step=staging outcome=corrupt-entry file=%s reason=%s; moved to %s, "
             "run 'cvmfs-publisher reconcile %s'", self.repo, path.name, exc, corrupt, self.repo)
 
