@@ -1,8 +1,9 @@
 """cvmfs-publisher: S3 (Ceph RGW) uploads to published CernVM-FS repositories.
 
-The package holds one module per concept (config, amqp, vault, rgw, cvmfs,
-staging, events, ...); each daemon under ``daemons/`` is a thin composition
-of them.
+One module per concept, in layers (docs/ARCHITECTURE.md): ``core/`` (shared,
+no outside system), ``adapters/`` (one per outside system), ``pipeline/``
+(S3 event -> staged change), ``staging/``, ``provisioning/``, ``operations/``
+(operator tools) and ``daemons/`` (the three main modules, which compose them).
 """
 
 __version__ = "0.1.0"

@@ -1,1 +1,1 @@
-"""The three daemons: thin compositions of the package's modules."""
+"""The three daemons' main modules: each composes the layers below (see docs/ARCHITECTURE.md)."""

@@ -1,8 +1,12 @@
 """Staging: the pending changes of one repository, on the shared volume.
 
-Layout under ``<staging_dir>/<repo>/`` (``/data/cvmfs/<repo>``)::
+Layout under ``<staging_dir>/<repo>/`` (``/data/cvmfs/<repo>``), meant to be
+private to this module: the consumers and reconciliation use the
+:class:`Staging` API, never these paths::
 
-    .lock                 flock(2) file: every mutation and every batch take holds it
+    .lock                 flock(2) file, held briefly: to rename an entry into pending/,
+                          to take, finish or sweep a batch (never during a download
+                          or an fsync: objects have unique names nobody else writes)
     pending/<h>.json      one entry per repository path (h = sha256 of the path):
                           the *latest* wanted state of that path
     objects/<id>          content of staged files and tarballs (referenced by entries)
