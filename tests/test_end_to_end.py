@@ -6,14 +6,16 @@ files in a published revision of the (test double's) repository.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import json
+import lzma
 import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,14 +47,14 @@ def daemons(stack: Stack) -> Iterator[dict[str, subprocess.Popen]]:
             p.wait()
 
 
-def _tarball() -> bytes:
+def _tarball(compress: Callable[[bytes], bytes] = gzip.compress) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         body = b"#!/bin/sh\necho tool\n"
         info = tarfile.TarInfo("bin/tool")
         info.size, info.mode = len(body), 0o755
         tar.addfile(info, io.BytesIO(body))
-    return gzip.compress(buf.getvalue())
+    return compress(buf.getvalue())
 
 
 def test_upload_to_published_revision(stack: Stack, broker, openbao, daemons) -> None:
@@ -74,9 +76,14 @@ def test_upload_to_published_revision(stack: Stack, broker, openbao, daemons) ->
         rgw.s3.put_object(Bucket=label, Key="cvmfs/doc/read me.txt", Body=b"text\n")
         rgw.s3.put_object(Bucket=label, Key="cvmfs/old.txt", Body=b"old\n")
         rgw.s3.put_object(Bucket=label, Key="cvmfs/pkg/tool-1.0.tar.gz", Body=_tarball())
+        rgw.s3.put_object(Bucket=label, Key="cvmfs/pkg/tool-2.0.tar.xz",
+                          Body=_tarball(lzma.compress))
+        rgw.s3.put_object(Bucket=label, Key="cvmfs/pkg/tool-3.0.tar.bz2",
+                          Body=_tarball(bz2.compress))
         tree = Path(published_tree(root, repo))
-        wait_until("first publication", lambda: (tree / "old.txt").exists()
-                   and (tree / "software/pkg/tool-1.0/bin/tool").exists(), 60)
+        wait_until("first publication", lambda: (tree / "old.txt").exists() and all(
+            (tree / f"software/pkg/tool-{v}/bin/tool").exists() for v in ("1.0", "2.0", "3.0")),
+            60)
         rgw.s3.delete_object(Bucket=label, Key="cvmfs/old.txt")
         wait_until("deletion published", lambda: not (tree / "old.txt").exists(), 60)
         assert (tree / "bin/hello.sh").read_bytes() == b"#!/bin/sh\necho hi\n"

@@ -7,9 +7,11 @@ what it uploaded.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import json
+import lzma
 import os
 import random
 import shutil
@@ -59,6 +61,7 @@ def test_files_overwrites_names_deletes_copy_multipart_tarballs(env: Env) -> Non
     bucket = r.label
     tar = make_tar({"pkg/bin/x": b"x"})
     targz = gzip.compress(make_tar({"pkg/y": b"y"}))
+    tarbz2, tarxz = bz2.compress(tar), lzma.compress(tar)
     part1, part2 = os.urandom(5 << 20), b"the end"
     with running(env.cfg, r.label):
         env.put(r, "cvmfs/a.txt", b"v1")
@@ -85,6 +88,8 @@ def test_files_overwrites_names_deletes_copy_multipart_tarballs(env: Env) -> Non
         env.put(r, "cvmfs/pkg.tar", tar)
         env.put(r, "cvmfs/sub/pkg2.tar.gz", targz)
         env.put(r, "cvmfs/pkg3.tgz", targz)
+        env.put(r, "cvmfs/pkg4.tar.bz2", tarbz2)
+        env.put(r, "cvmfs/pkg5.tar.xz", tarxz)
         env.put(r, "cvmfs/gone.tar", tar)
         env.s3.delete_object(Bucket=bucket, Key="cvmfs/gone.tar")
         env.put(r, "outside/ignored.txt", b"no event: outside the filter prefix")
@@ -107,6 +112,8 @@ def test_files_overwrites_names_deletes_copy_multipart_tarballs(env: Env) -> Non
             "software/pkg": State("ingest", digest=sha(tar), compression="none"),
             "software/sub/pkg2": State("ingest", digest=sha(targz), compression="gzip"),
             "software/pkg3": State("ingest", digest=sha(targz), compression="gzip"),
+            "software/pkg4": State("ingest", digest=sha(tarbz2), compression="bzip2"),
+            "software/pkg5": State("ingest", digest=sha(tarxz), compression="xz"),
             "software/gone": State("ingest-delete"),
             "s3cmd.sh": put_state(b"plain text", 0o755),
             "rclone-mode": put_state(b"plain text", 0o755),

@@ -7,8 +7,10 @@ disagrees with the name, and what a failed fetch leaves in staging.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +94,16 @@ def test_tarball_compression_comes_from_the_content(s3: Any, st: Staging) -> Non
     with Stubber(s3) as stub:
         get(stub, "cvmfs/lying.tar", gzip.compress(tar))
         get(stub, "cvmfs/plain.tgz", tar)
-        a = fetch.stage_key(s3, st, BUCKET, target("cvmfs/lying.tar"))
-        b = fetch.stage_key(s3, st, BUCKET, target("cvmfs/plain.tgz"))
-    assert (a.op, a.path, a.compression) == ("ingest", "software/lying", "gzip")
-    assert (b.op, b.path, b.compression) == ("ingest", "software/plain", "none")
+        get(stub, "cvmfs/b.tar.bz2", bz2.compress(tar))
+        get(stub, "cvmfs/x.tar.xz", lzma.compress(tar))
+        get(stub, "cvmfs/x-in-gz.tar.gz", lzma.compress(tar))
+        staged = [fetch.stage_key(s3, st, BUCKET, target(key)) for key in (
+            "cvmfs/lying.tar", "cvmfs/plain.tgz", "cvmfs/b.tar.bz2", "cvmfs/x.tar.xz",
+            "cvmfs/x-in-gz.tar.gz")]
+    assert [(e.op, e.path, e.compression) for e in staged] == [
+        ("ingest", "software/lying", "gzip"), ("ingest", "software/plain", "none"),
+        ("ingest", "software/b", "bzip2"), ("ingest", "software/x", "xz"),
+        ("ingest", "software/x-in-gz", "xz")]
 
 
 def test_symlink_named_like_a_tarball_is_refused(s3: Any, st: Staging) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_publisher.core import tarballs
 from cvmfs_publisher.core.errors import Permanent
 from cvmfs_publisher.pipeline.object_keys import (
     MAX_COMPONENT_BYTES,
@@ -47,7 +48,8 @@ except ImportError:  # pragma: no cover - hypothesis is a test extra
         ("cvmfs/.CVMFSCATALOG", ".CVMFSCATALOG"),  # CVMFS names are case-sensitive
         ("cvmfs/x.cvmfscatalog", "x.cvmfscatalog"),
         ("cvmfs/cvmfs/a", "cvmfs/a"),
-        ("cvmfs/a.tar.bz2", "a.tar.bz2"),  # only .tar, .tar.gz, .tgz are ingested
+        ("cvmfs/a.tbz2", "a.tbz2"),  # only the suffixes of core.tarballs are ingested
+        ("cvmfs/a.tar.zst", "a.tar.zst"),
         ("cvmfs/A.TAR", "A.TAR"),  # suffixes are case-sensitive
         ("cvmfs/a.tar.gz.txt", "a.tar.gz.txt"),
         ("cvmfs/\u200b", "\u200b"),  # format characters are not control characters
@@ -84,6 +86,8 @@ def test_ignored_keys(key: str) -> None:
         ("cvmfs/pkg/foo-1.0.tar.gz", "software/pkg/foo-1.0"),
         ("cvmfs/foo.tgz", "software/foo"),
         ("cvmfs/foo.tar", "software/foo"),
+        ("cvmfs/foo.tar.bz2", "software/foo"),
+        ("cvmfs/pkg/foo-2.0.tar.xz", "software/pkg/foo-2.0"),
         ("cvmfs/a/b/c.d.tar", "software/a/b/c.d"),
         ("cvmfs/software/foo.tar", "software/software/foo"),
         ("cvmfs/x.tar.tar", "software/x.tar"),
@@ -356,7 +360,7 @@ if given is not None:
     ).filter(
         lambda s: s not in (".", "..")
         and not s.startswith(".cvmfs")
-        and not s.endswith((".tar", ".tar.gz", ".tgz", ".rclonelink"))
+        and not s.endswith((*tarballs.SUFFIXES, ".rclonelink"))
     )
 
     @settings(max_examples=500, deadline=None, database=None,

@@ -70,10 +70,14 @@ sys.exit(rc)
 """
 
 
-def tarball(members: dict[str, bytes | str], gz: bool = False) -> bytes:
-    """A tar (or tar.gz) archive: ``{name: content}``; a ``str`` value is a symlink target."""
+def tarball(members: dict[str, bytes | str], gz: bool | str = False) -> bytes:
+    """A tar archive: ``{name: content}``; a ``str`` value is a symlink target.
+
+    ``gz``: False (plain), True (gzip), or ``"bz2"`` / ``"xz"``.
+    """
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tf:
+    mode = {False: "w", True: "w:gz", "bz2": "w:bz2", "xz": "w:xz"}[gz]
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             if isinstance(data, str):
@@ -169,13 +173,16 @@ class SyncEnv:
     def delete(self, path: str, repo: str = REPO, t: float | None = None) -> Entry:
         return self._stage(repo, Entry(path, "delete", key=f"cvmfs/{path}"), t)
 
-    def ingest(self, name: str, data: bytes, gz: bool = False, repo: str = REPO,
+    def ingest(self, name: str, data: bytes, gz: bool | str = False, repo: str = REPO,
                t: float | None = None) -> Entry:
+        """Stage a tarball as the consumers do (``gz`` as in :func:`tarball`)."""
         st = self.staging(repo)
         oid = self._object(st, data)
+        compression, suffix = {False: ("none", ""), True: ("gzip", ".gz"),
+                               "bz2": ("bzip2", ".bz2"), "xz": ("xz", ".xz")}[gz]
         return self._stage(repo, Entry(f"software/{name}", "ingest", object=oid,
-                                       compression="gzip" if gz else "none",
-                                       key=f"cvmfs/{name}.tar{'.gz' if gz else ''}"), t)
+                                       compression=compression,
+                                       key=f"cvmfs/{name}.tar{suffix}"), t)
 
     def ingest_delete(self, name: str, repo: str = REPO, t: float | None = None) -> Entry:
         return self._stage(repo, Entry(f"software/{name}", "ingest-delete"), t)

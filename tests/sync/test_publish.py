@@ -150,8 +150,9 @@ def test_unsafe_entry_is_skipped_not_blocking(env: SyncEnv) -> None:
     assert env.clean()
 
 
-@pytest.mark.parametrize("gz", [False, True], ids=["tar", "tar.gz"])
-def test_tarball_ingest_replace_and_delete(env: SyncEnv, gz: bool) -> None:
+@pytest.mark.parametrize("gz", [False, True, "bz2", "xz"],
+                         ids=["tar", "tar.gz", "tar.bz2", "tar.xz"])
+def test_tarball_ingest_replace_and_delete(env: SyncEnv, gz: bool | str) -> None:
     env.put("plain", b"p")
     env.ingest("pkg", tarball({"bin/tool": b"v1", "./lib/x.so": b"so", "ln": "bin/tool"},
                               gz=gz), gz=gz)

@@ -19,11 +19,9 @@ them per path, see :mod:`cvmfs_publisher.pipeline.dispatch`).
 What the object becomes (DESIGN §2): its metadata and first bytes decide
 (:func:`cvmfs_publisher.pipeline.modes.decide`): a file (0644/0755) or a symlink
 (s3fs ``mode`` with S_IFLNK, rclone ``.rclonelink``) whose body, at most
-4095 bytes and read into memory, is the link target. Tarballs (``*.tar``,
-``*.tar.gz``, ``*.tgz``) are staged for ``cvmfs_server ingest``; their
-compression is taken from the content (gzip magic), not the name, because
-ingest reads only uncompressed tar and a mislabelled file must still be
-decompressed correctly.
+4095 bytes and read into memory, is the link target. Tarballs
+(:mod:`cvmfs_publisher.core.tarballs`) are staged for ``cvmfs_server
+ingest`` with the compression their content shows, not their name.
 
 Staging holds entries, never a tree: nothing here creates a path from the
 key, so a user's symlink can never be followed when writing. As defence in
@@ -46,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..adapters.rgw import classify, object_missing
+from ..core import tarballs
 from ..core.errors import Permanent, PublisherError, Transient
 from ..staging.area import Entry, Staging
 from . import modes, object_keys
@@ -54,7 +53,6 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes per read: the only buffer, whatever the object size
 HEAD_BYTES = 4096  # first bytes kept for the content sniffing of modes.decide
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class PathConflict(Permanent):
@@ -208,7 +206,7 @@ def _fetch(client: Any, staging: Staging, bucket: str, target: object_keys.Targe
                                        "(mode S_IFLNK): not ingested", repository)
             check_ancestors(client, staging, bucket, target.path, repository)
             oid, size = _stream(body, head, staging)
-            compression = "gzip" if head.startswith(_GZIP_MAGIC) else "none"
+            compression = tarballs.compression_of(head)
             entry = Entry(target.path, "ingest", object=oid, compression=compression,
                           key=target.key, size=size, etag=etag, time=started)
             return Fetched(_stage_object(staging, entry), "content")

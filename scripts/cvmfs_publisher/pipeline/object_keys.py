@@ -41,14 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_plus
 
+from ..core import tarballs
 from ..core.errors import Permanent
 
 MAX_COMPONENT_BYTES = 255  # NAME_MAX
 MAX_PATH_BYTES = 4096  # PATH_MAX
 RESERVED_PREFIX = ".cvmfs"
 RCLONE_SUFFIX = ".rclonelink"
-# Longest first: "x.tar.gz" must lose ".tar.gz", not be taken for a plain file.
-TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 FILE = "file"
 SYMLINK_RCLONE = "symlink-rclone"
@@ -180,12 +179,10 @@ def map_key(
     if rel.endswith(RCLONE_SUFFIX):
         kind, path = SYMLINK_RCLONE, rel[: -len(RCLONE_SUFFIX)]
     else:
-        for suffix in TARBALL_SUFFIXES:
-            if rel.endswith(suffix):
-                base = _tarball_base(tarball_dir)
-                stem = rel[: -len(suffix)]
-                kind, path = TARBALL, f"{base}/{stem}" if base else stem
-                break
+        stem = tarballs.split(rel)
+        if stem is not None:
+            base = _tarball_base(tarball_dir)
+            kind, path = TARBALL, f"{base}/{stem}" if base else stem
     if kind != FILE:
         if not path or path.endswith("/"):
             raise UnsafeKey(f"unsafe object key {_shown(key)}: nothing before the {kind} suffix")

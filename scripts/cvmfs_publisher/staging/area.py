@@ -29,7 +29,7 @@ Entry (JSON)::
 
     {"path": "tools/bin/run.sh", "op": "put"|"symlink"|"delete"|"ingest"|"ingest-delete",
      "mode": 493, "object": "<id>", "target": "<symlink target>",
-     "compression": "none"|"gzip", "key": "cvmfs/tools/bin/run.sh", "size": 12,
+     "compression": "none"|"gzip"|"bzip2"|"xz", "key": "cvmfs/tools/bin/run.sh", "size": 12,
      "etag": "...", "seq": 17, "time": 1764130000.0, "first_time": 1764129990.0}
 
 ``ingest`` / ``ingest-delete`` entries are keyed by their ingest directory
