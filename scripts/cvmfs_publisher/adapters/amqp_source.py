@@ -118,12 +118,9 @@ class RepositoryQueues:
         self._thread = 0
         # Shared between threads.
         self._lock = threading.Lock()
-        self._listing: tuple[float, dict[str, str]] | None = None
-        self._snapshot: tuple[RepoQueue, ...] = ()
         self._unsettled = 0
         self._drain = threading.Event()
-        self._refresh_now = threading.Event()
-        self._discovery_stop = threading.Event()
+        self.discovery = Discovery(cfg, status, self.mgmt, self._lock)
 
     # ------------------------------------------------------------------ EventSource
 
@@ -131,13 +128,11 @@ class RepositoryQueues:
         """Serve ``consumer`` until :meth:`request_stop` (see the module docstring)."""
         self._target = consumer
         self._thread = threading.get_ident()
-        discovery = threading.Thread(target=self._discovery, name="discovery", daemon=True)
-        discovery.start()
+        self.discovery.start()
         try:
             self.consumer.run()
         finally:
-            self._discovery_stop.set()
-            discovery.join(timeout=15)
+            self.discovery.stop()
 
     def request_stop(self) -> None:
         """Drain and stop (safe from a signal handler: only sets flags)."""
@@ -237,11 +232,11 @@ class RepositoryQueues:
             return
         started = time.time()
         try:
-            self._apply_listing(started, self.mgmt.queues_bound_to(a.notification_exchange))
+            self._apply_listing(started, self.discovery.list_now())
         except Exception as exc:
             log.warning("listing the queues bound to %s failed: %s; consuming the known "
                         "ones, retrying soon", a.notification_exchange, exc)
-            self._refresh_now.set()
+            self.discovery.refresh()
         self._sync_consumers()
 
     def _repository_for(self, queue: str, repository: str = "") -> str | None:
@@ -286,7 +281,7 @@ class RepositoryQueues:
         self._queues[queue] = RepoQueue(queue, repository)
         self.status.repo(repository)
         with self._lock:
-            self._snapshot = tuple(self._queues.values())
+            self.discovery.served = tuple(self._queues.values())
 
     def _unwant(self, queue: str, why: str) -> None:
         rq = self._queues.pop(queue, None)
@@ -299,8 +294,8 @@ class RepositoryQueues:
             except pika.exceptions.AMQPChannelError as exc:
                 log.debug("closing channel of %s: %s", queue, exc)
         self._target.withdraw(lambda d: getattr(d, "rq", None) is rq)
-        with self._lock:  # with the snapshot, so discovery cannot report it again
-            self._snapshot = tuple(self._queues.values())
+        with self._lock:  # with the served set, so discovery cannot report it again
+            self.discovery.served = tuple(self._queues.values())
             self._target.close(rq.repository)
         log.info("repository=%s queue=%s outcome=dropped reason=%s", rq.repository, queue, why)
 
@@ -354,7 +349,7 @@ class RepositoryQueues:
         rq.retry_at = time.monotonic() + min(RESUBSCRIBE_MAX, 2.0 ** rq.failures)
         if ch is not None and ch.is_open and self._conn is not None:
             self._conn.add_callback_threadsafe(functools.partial(_close_quietly, ch))
-        self._refresh_now.set()
+        self.discovery.refresh()
 
     def _on_control(self, ch: BlockingChannel, method: Basic.Deliver,
                     props: BasicProperties, body: bytes) -> None:
@@ -387,8 +382,7 @@ class RepositoryQueues:
 
     def _tick(self) -> None:
         """Connection thread, every 0.2 s: listings, re-subscriptions, draining."""
-        with self._lock:
-            listing, self._listing = self._listing, None
+        listing = self.discovery.take()
         if listing is not None and not self._drain.is_set():
             self._apply_listing(*listing)
         if self._drain.is_set():
@@ -422,33 +416,80 @@ class RepositoryQueues:
                             "back to the queue", self.name)
             self.consumer.stop()
 
-    def _discovery(self) -> None:
+
+class Discovery:
+    """The discovery thread: which queues exist, and how deep the served ones are.
+
+    Every ``consumers.refresh_interval`` seconds (or soon after
+    :meth:`refresh`) it lists the queues bound to the notification exchange
+    and hands the listing to the connection thread (:meth:`take`); after
+    each listing it reads the depth of every served queue into the status
+    document. ``lock`` is the source's: ``served`` changes under it, so a
+    queue dropped meanwhile never gets its depth reported again.
+    """
+
+    def __init__(self, cfg: Config, status: StatusDocument, mgmt: ManagementAPI,
+                 lock: threading.Lock) -> None:
+        self.cfg = cfg
+        self.status = status
+        self.mgmt = mgmt
+        self.lock = lock
+        self.served: tuple[RepoQueue, ...] = ()
+        self._listing: tuple[float, dict[str, str]] | None = None
+        self._refresh_now = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="discovery", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def list_now(self) -> dict[str, str]:
+        """The queues bound to the notification exchange (raises when the API fails)."""
+        return self.mgmt.queues_bound_to(self.cfg.amqp.notification_exchange)
+
+    def refresh(self) -> None:
+        """List again soon (safe from any thread)."""
+        self._refresh_now.set()
+
+    def take(self) -> tuple[float, dict[str, str]] | None:
+        """The latest listing and when it was started, once; None when there is none."""
+        with self.lock:
+            listing, self._listing = self._listing, None
+        return listing
+
+    def _run(self) -> None:
         """Listing every refresh_interval (or on demand) and queue depths.
 
         One failed round is logged and the next one tried.
         """
         next_listing = time.monotonic() + self.cfg.consumers.refresh_interval
         interval = max(0.1, min(1.0, self.cfg.status.interval))
-        while not self._discovery_stop.wait(interval):
+        while not self._stop.wait(interval):
             try:
-                next_listing = self._discovery_round(next_listing)
+                next_listing = self._round(next_listing)
             except Exception:
                 log.exception("discovery round failed; retrying")
 
-    def _discovery_round(self, next_listing: float) -> float:
-        """One round of :meth:`_discovery`; returns when the next listing is due."""
+    def _round(self, next_listing: float) -> float:
+        """One round of :meth:`_run`; returns when the next listing is due."""
         a, c = self.cfg.amqp, self.cfg.consumers
         now = time.monotonic()
         if self._refresh_now.is_set() or now >= next_listing:
             self._refresh_now.clear()
             started = time.time()
             try:
-                bound = self.mgmt.queues_bound_to(a.notification_exchange)
+                bound = self.list_now()
             except Exception as exc:
                 log.warning("listing the queues bound to %s failed: %s",
                             a.notification_exchange, exc)
                 return now + min(c.refresh_interval, 5.0)
-            with self._lock:
+            with self.lock:
                 self._listing = (started, bound)
             self._queue_depths()
             return now + c.refresh_interval
@@ -456,14 +497,14 @@ class RepositoryQueues:
 
     def _queue_depths(self) -> None:
         depths: dict[RepoQueue, int] = {}
-        for rq in self._snapshot:
+        for rq in self.served:
             try:
                 depths[rq] = self.mgmt.queue_depth(rq.queue)
             except Exception as exc:
                 log.debug("queue depth of %s: %s", rq.queue, exc)
                 break
-        with self._lock:  # only for repositories still served
-            live = set(self._snapshot)
+        with self.lock:  # only for repositories still served
+            live = set(self.served)
             for rq, depth in depths.items():
                 if rq in live:
                     self.status.repo(rq.repository, queue_depth=depth)
