@@ -15,7 +15,6 @@ broker.
 from __future__ import annotations
 
 import logging
-import signal
 import ssl
 import threading
 import time
@@ -28,6 +27,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
+from ..core import runtime
 from ..core.backoff import Backoff
 from ..core.config import AmqpConfig
 from ..core.logs import redact
@@ -279,8 +279,7 @@ class ReconnectingConsumer:
         self._stop = threading.Event()
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.stop())
+        runtime.stop_on_signals(self.stop)
 
     def stop(self) -> None:
         """Ask the loop to end after the message in hand (safe from signal handlers)."""

@@ -10,7 +10,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,15 @@ class Runtime:
 
 def _exit_during_startup(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+def stop_on_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM / SIGINT call ``stop`` (which must only set flags: it runs in a handler).
+
+    Replaces the start-up handlers once the daemon has something to finish.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop())
 
 
 def start(name: str, description: str, argv: Sequence[str] | None = None) -> Runtime:

@@ -25,7 +25,6 @@ downloads to settle (at most :data:`DRAIN_SECONDS`); exit 0.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from collections.abc import Sequence
 
@@ -62,8 +61,7 @@ class RepoConsumers:
         self._hk_stop = threading.Event()
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.request_stop())
+        runtime.stop_on_signals(self.request_stop)
 
     def request_stop(self) -> None:
         """Drain and stop (safe from a signal handler)."""
