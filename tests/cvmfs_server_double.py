@@ -114,7 +114,8 @@ expires or ``drop_lease`` (the admin's ``DELETE /api/v1/leases-by-path``) remove
 
 Helpers for tests (import ``tests.cvmfs_server_double``): ``published_tree``,
 ``revisions``, ``current_revision``, ``calls``, ``inject_fault``,
-``clear_faults``, ``leases``, ``drop_lease``, ``violations``, ``unmount_all``,
+``clear_faults``, ``leases``, ``drop_lease``, ``kill_during_publish``, ``violations``,
+``unmount_all``,
 ``in_transaction``,
 ``union_dir``, ``spool_dir``, ``double_env``.
 """
@@ -2922,6 +2923,30 @@ def unmount_all(root: str | os.PathLike[str]) -> None:
         for point in sorted(set(points), key=len, reverse=True):
             with contextlib.suppress(OSError):
                 _libc().umount2(os.fsencode(point), _MNT_DETACH)
+
+
+def kill_during_publish(root: str | os.PathLike[str], repo: str) -> None:
+    """Leaves ``repo`` as a publish killed with its process group leaves it
+    (README §6 B: in a transaction, overlay read-only, stale is_publishing.lock,
+    ``list`` says ``in transaction - unhealthy``; gateway mode: lease held)."""
+    import subprocess  # only the tests' helpers start processes
+
+    env = double_env(root)
+    subprocess.run([sys.executable, str(DOUBLE_PATH), "transaction", repo], env=env,
+                   check=True, capture_output=True, cwd="/")
+    proc = subprocess.Popen(
+        [sys.executable, str(DOUBLE_PATH), "publish", repo], env={**env, ENV_PUBLISH_DELAY: "60"},
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        cwd="/", start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(b"Waiting for upload"):
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def double_env(root: str | os.PathLike[str], **extra: str) -> dict[str, str]:
