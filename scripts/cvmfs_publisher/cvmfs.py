@@ -31,6 +31,7 @@ import atexit
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -207,7 +208,7 @@ class CvmfsServer:
                 argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/",
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - see _die_with_parent
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),  # noqa: PLW1509
             )
         except OSError as exc:
             raise CvmfsError(step, repo, -1, "", f"cannot run {self.command}: {exc.strerror}") \
@@ -308,7 +309,7 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _PRCTL = _LIBC.prctl  # resolved here: the child between fork and exec only calls it
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """In the child before exec: SIGKILL when the thread that started it dies.
 
     Why here and not only ``killpg`` at exit: a daemon killed with SIGKILL
@@ -321,6 +322,8 @@ def _die_with_parent() -> None:
     them (a publish worker), never from one that exits first.
     """
     _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl: no signal would come
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 #: Process group ids (= pids: each child leads its own) of commands running now.

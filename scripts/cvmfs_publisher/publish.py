@@ -863,12 +863,11 @@ class BatchPublisher:
         if now - since < self.lease_held_after:
             return ""
         gateway = self.cfg.cvmfs.gateway_url.rstrip("/")
-        return (f"{_tool_message(exc)} | the gateway has held lease {repo}/ for more than "
-                f"{now - since:.0f}s, longer than any publish takes: probably leaked (rmfs of "
-                "a repository in a transaction, or a publisher that died). Way out: "
-                f"`cvmfs_server abort -f {repo}` on the publisher that holds it, or on the "
-                f"gateway, with its admin key, DELETE {gateway}/leases-by-path/{repo}/ ; "
-                "otherwise it expires after the gateway's max_lease_time (2 h by default)")
+        # The way out first: the status document keeps the first 300 characters.
+        return (f"lease {repo}/ busy for {now - since:.0f}s, longer than a publish: leaked? "
+                f"Way out: `cvmfs_server abort -f {repo}` on its publisher, or "
+                f"DELETE {gateway}/leases-by-path/{repo}/ (gateway admin key); else it expires "
+                f"(max_lease_time, 2 h) | {_tool_message(exc)}")
 
     def abort(self, repo: str) -> None:
         """``abort -f`` until the repository is out of its transaction.
