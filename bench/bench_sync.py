@@ -42,12 +42,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
+from cvmfs_publisher.adapters.cvmfs import CvmfsServer, Result  # noqa: E402
 from cvmfs_publisher.core import config as config_mod  # noqa: E402
 from cvmfs_publisher.core.status import StatusDocument  # noqa: E402
-from cvmfs_publisher.cvmfs import CvmfsServer, Result  # noqa: E402
 from cvmfs_publisher.daemons.repo_sync import NAME, RepoSync  # noqa: E402
 from cvmfs_publisher.operations.reconcile import reconcile  # noqa: E402
-from cvmfs_publisher.publish import BatchPublisher  # noqa: E402
+from cvmfs_publisher.publishing.batch import BatchPublisher  # noqa: E402
 from cvmfs_publisher.staging.area import Entry, Staging  # noqa: E402
 from tests.cvmfs_server_double import (  # noqa: E402
     DOUBLE_PATH,

@@ -5,7 +5,7 @@ RGW topics push to ``amqp://127.0.0.1:5672/<vhost>``, so the ``notification``
 exchange the daemon lists is ours alone, whatever else runs on the machine's
 broker (RGW keeps one AMQP connection per push URL, so another vhost is also
 another connection: no "exchange mismatch"). Repositories are provisioned by
-the real :class:`cvmfs_publisher.provision.Provisioner` (Vault keys in
+the real :class:`cvmfs_publisher.provisioning.provisioner.Provisioner` (Vault keys in
 OpenBao, ``mkfs`` on the cvmfs_server double, queue, bucket, topic,
 notification, ``created`` announcement) and deprovisioned by it.
 """
@@ -35,6 +35,7 @@ import pika.exceptions
 from botocore.config import Config as BotoConfig
 
 from cvmfs_publisher.adapters import amqp
+from cvmfs_publisher.adapters.cvmfs import CvmfsServer
 from cvmfs_publisher.adapters.rabbitmq_api import ManagementAPI
 from cvmfs_publisher.adapters.rgw import RGW
 from cvmfs_publisher.adapters.vault import VaultClient
@@ -42,10 +43,9 @@ from cvmfs_publisher.core import config as config_mod
 from cvmfs_publisher.core import logs
 from cvmfs_publisher.core.config import Config
 from cvmfs_publisher.core.status import StatusDocument
-from cvmfs_publisher.cvmfs import CvmfsServer
 from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers
-from cvmfs_publisher.provision import Provisioner
 from cvmfs_publisher.provisioning.messages import ProvisionRequest
+from cvmfs_publisher.provisioning.provisioner import Provisioner
 from cvmfs_publisher.staging.area import Staging
 from tests.conftest import DOMAIN, REPO_ROOT, Stack, unique_label
 

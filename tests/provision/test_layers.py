@@ -10,11 +10,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_publisher.adapters import amqp
-from cvmfs_publisher.adapters.rgw import RGW
-from cvmfs_publisher.adapters.vault import VaultClient
-from cvmfs_publisher.core import config
-from cvmfs_publisher.core.errors import Permanent, Transient
-from cvmfs_publisher.cvmfs import (
+from cvmfs_publisher.adapters.cvmfs import (
     CommandTimeout,
     CvmfsError,
     CvmfsServer,
@@ -24,6 +20,10 @@ from cvmfs_publisher.cvmfs import (
     TransactionBusy,
     TransactionRefused,
 )
+from cvmfs_publisher.adapters.rgw import RGW
+from cvmfs_publisher.adapters.vault import VaultClient
+from cvmfs_publisher.core import config
+from cvmfs_publisher.core.errors import Permanent, Transient
 from tests.conftest import Stack
 from tests.cvmfs_server_double import calls, inject_fault
 

@@ -197,7 +197,7 @@ def test_cvmfs_server_dies_with_its_caller(env: SyncEnv) -> None:
     env.put("f", b"x")
     env.publisher().publish(REPO)  # the repository exists
     inject_fault(env.root, "transaction", delay=60)
-    script = ("import sys; from cvmfs_publisher.cvmfs import CvmfsServer; "
+    script = ("import sys; from cvmfs_publisher.adapters.cvmfs import CvmfsServer; "
               "from cvmfs_publisher.core import config; "
               "cfg = config.load(sys.argv[1]); CvmfsServer(cfg.cvmfs).transaction(sys.argv[2])")
     cfg_path = env.workdir / "caller.yaml"

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from cvmfs_publisher.publish import PublishError
+from cvmfs_publisher.publishing.batch import PublishError
 from tests.cvmfs_server_double import drop_lease, inject_fault, spool_dir, union_dir
 
 from .conftest import REPO, SyncEnv, files_of

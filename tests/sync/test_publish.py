@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher.publish import Entry, Phase, Tree, plan
+from cvmfs_publisher.publishing.batch import Entry, Phase, Tree, plan
 from tests.cvmfs_server_double import union_dir
 
 from .conftest import REPO, SyncEnv, files_of, tarball

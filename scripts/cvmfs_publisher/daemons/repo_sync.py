@@ -5,7 +5,7 @@ Every ``sync.poll_interval`` it looks at each repository's staging area
 pending and either nothing was staged for ``sync.quiet_seconds`` (a burst
 is over: one publish for the whole burst) or the oldest pending change has
 waited ``sync.max_delay_seconds`` (a never-ending trickle still gets
-published). The work itself is :class:`cvmfs_publisher.publish.BatchPublisher`.
+published). The work itself is :class:`cvmfs_publisher.publishing.batch.BatchPublisher`.
 
 Repositories are independent: each publish runs in a small thread pool, one
 at a time per repository, and a failing repository backs off alone (capped
@@ -34,13 +34,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..adapters.cvmfs import CvmfsServer, kill_children
 from ..core import runtime
 from ..core.backoff import Backoff
 from ..core.config import Config
 from ..core.names import InvalidName, validate_repository
 from ..core.status import StatusDocument
-from ..cvmfs import CvmfsServer, kill_children
-from ..publish import BatchPublisher, Outcome, PublishError
+from ..publishing.batch import BatchPublisher, Outcome, PublishError
 from ..staging import area as staging
 
 NAME = "cvmfs-repo-sync"

@@ -20,16 +20,16 @@ from pathlib import Path
 import pika
 import pika.adapters.blocking_connection
 
-from .adapters import amqp
-from .adapters.rabbitmq_api import ManagementAPI
-from .adapters.rgw import RGW
-from .adapters.vault import RepositoryKeys, VaultClient
-from .core.announcements import announcement
-from .core.config import Config
-from .core.errors import Transient
-from .core.names import label_of, vault_path
-from .cvmfs import CvmfsError, CvmfsServer, NotInTransaction
-from .provisioning.messages import ProvisionRequest
+from ..adapters import amqp
+from ..adapters.cvmfs import CvmfsError, CvmfsServer, NotInTransaction
+from ..adapters.rabbitmq_api import ManagementAPI
+from ..adapters.rgw import RGW
+from ..adapters.vault import RepositoryKeys, VaultClient
+from ..core.announcements import announcement
+from ..core.config import Config
+from ..core.errors import Transient
+from ..core.names import label_of, vault_path
+from .messages import ProvisionRequest
 
 log = logging.getLogger(__name__)
 

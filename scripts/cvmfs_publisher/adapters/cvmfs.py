@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .core.config import CvmfsConfig
+from ..core.config import CvmfsConfig
 
 log = logging.getLogger(__name__)
 

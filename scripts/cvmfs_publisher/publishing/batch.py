@@ -69,11 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .core.backoff import Backoff
-from .core.config import Config
-from .core.errors import PublisherError
-from .core.logs import redact
-from .cvmfs import (
+from ..adapters.cvmfs import (
     EBUSY,
     CvmfsError,
     CvmfsServer,
@@ -83,8 +79,12 @@ from .cvmfs import (
     TransactionRefused,
     tool_lines,
 )
-from .pipeline.object_keys import UnsafeKey, validate_path
-from .staging.area import Entry, Staging
+from ..core.backoff import Backoff
+from ..core.config import Config
+from ..core.errors import PublisherError
+from ..core.logs import redact
+from ..pipeline.object_keys import UnsafeKey, validate_path
+from ..staging.area import Entry, Staging
 
 log = logging.getLogger("cvmfs-repo-sync.publish")
 
