@@ -44,7 +44,7 @@ from ..publishing.batch import BatchPublisher, Outcome, PublishError
 from ..staging import area as staging
 
 NAME = "cvmfs-repo-sync"
-log = logging.getLogger(NAME)
+log = logging.getLogger(__name__)
 
 #: Publishes running at once (each is mostly waiting for cvmfs_server).
 WORKERS = 4

@@ -17,9 +17,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pika
-import pika.adapters.blocking_connection
-
 from ..adapters import amqp
 from ..adapters.cvmfs import CvmfsError, CvmfsServer, NotInTransaction
 from ..adapters.rabbitmq_api import ManagementAPI
@@ -96,8 +93,8 @@ class Provisioner:
 
     # -- create -------------------------------------------------------------------------
 
-    def create(self, req: ProvisionRequest, conn: pika.BlockingConnection,
-               ch: pika.adapters.blocking_connection.BlockingChannel) -> list[str]:
+    def create(self, req: ProvisionRequest, conn: amqp.Connection,
+               ch: amqp.Channel) -> list[str]:
         """Provision ``req.repository``; returns the steps that changed something."""
         repo, label = req.repository, label_of(req.repository)
         changed: list[str] = []
@@ -173,8 +170,8 @@ class Provisioner:
                             "retried later)" if exc.step == "abort" else str(exc),
                             repo) from None
 
-    def _ensure_queue(self, conn: pika.BlockingConnection,
-                      ch: pika.adapters.blocking_connection.BlockingChannel, label: str) -> bool:
+    def _ensure_queue(self, conn: amqp.Connection,
+                      ch: amqp.Channel, label: str) -> bool:
         """Declare the repository queue, or adopt one an older deployment declared."""
         a = self.cfg.amqp
         changed = False
@@ -221,8 +218,8 @@ class Provisioner:
 
     # -- delete -------------------------------------------------------------------------
 
-    def delete(self, req: ProvisionRequest, conn: pika.BlockingConnection,
-               ch: pika.adapters.blocking_connection.BlockingChannel) -> list[str]:
+    def delete(self, req: ProvisionRequest, conn: amqp.Connection,
+               ch: amqp.Channel) -> list[str]:
         """Undo :meth:`create`: notification, topic, queue, repository, keys, staging."""
         repo, label = req.repository, label_of(req.repository)
         changed: list[str] = []

@@ -86,7 +86,7 @@ from ..core.logs import redact
 from ..pipeline.object_keys import UnsafeKey, validate_path
 from ..staging.area import Entry, Staging
 
-log = logging.getLogger("cvmfs-repo-sync.publish")
+log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
