@@ -1,8 +1,8 @@
 """Shared fixtures: real services on loopback, started once per session.
 
 Services come from ``devstack`` (the same code the local
-demo uses): the machine's RabbitMQ (started if absent), an OpenBao dev
-server, a one-node Ceph RGW. Only ``cvmfs_server`` is a test double
+demo uses): a RabbitMQ node of the suite's own (the machine's broker is
+never touched), an OpenBao dev server, a one-node Ceph RGW. Only ``cvmfs_server`` is a test double
 (``tests/cvmfs_server_double.py``).
 """
 
@@ -41,8 +41,11 @@ def session_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def broker() -> rabbit_mod.Broker:
-    return rabbit_mod.ensure_broker()
+def broker(session_dir: Path) -> Iterator[rabbit_mod.Broker]:
+    """The suite's own RabbitMQ node: its ``stop_app``/``restart_app`` are hermetic."""
+    node = rabbit_mod.RabbitNode(session_dir / "rabbitmq").start()
+    yield node.broker()
+    node.stop()
 
 
 @pytest.fixture(scope="session")

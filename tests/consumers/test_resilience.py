@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from cvmfs_publisher.staging.area import Staging
-from devstack import rabbitmq as rabbit_mod
+from devstack.rabbitmq import Broker
 from tests.consumers.support import (
     Env,
     Process,
@@ -58,7 +58,7 @@ def wait_drained(env: Env, repo: Repo, timeout: float = 20.0) -> None:
                and unacked(env, repo.label) == 0, timeout, 0.2)
 
 
-def test_broker_restart_in_a_burst_of_1000_events(env: Env) -> None:
+def test_broker_restart_in_a_burst_of_1000_events(env: Env, broker: Broker) -> None:
     r = env.provision()
     items = burst("restart")
     env.put_many(r, items)  # 1000 real events wait in the repository's quorum queue
@@ -66,7 +66,7 @@ def test_broker_restart_in_a_burst_of_1000_events(env: Env) -> None:
     with running(cfg, r.label) as daemon:
         wait_until("consumption under way", lambda: len(env.staged(r)) >= 150, 60, 0.1)
         in_hand = len(env.staged(r))
-        rabbit_mod.restart_app()
+        broker.restart_app()
         env.wait_staged(r, expected(items), timeout=90, exact=True)
         wait_drained(env, r)
         conn = daemon.source.consumer.connection
