@@ -84,6 +84,15 @@ class ManagementAPI:
         q = self.queue(name)
         return int(q.get("messages", 0) or 0) if q else 0
 
+    def queue_depths(self) -> dict[str, int]:
+        """``{queue: messages}`` of every queue of the virtual host, in one call.
+
+        One call instead of one per queue: with 1,000 repositories the
+        per-queue calls cost the consumers a second of CPU per listing.
+        """
+        rows = self._call("GET", f"/api/queues/{self.vhost}?columns=name,messages") or []
+        return {r["name"]: int(r.get("messages", 0) or 0) for r in rows if "name" in r}
+
     def put_policy(self, name: str, pattern: str, definition: dict[str, Any],
                    apply_to: str = "queues", priority: int = 10) -> None:
         """Create or replace a policy (idempotent)."""

@@ -114,6 +114,8 @@ class AmqpConfig:
     dead_letter_queue: str = "cvmfs.dead-letter"
     delivery_limit: int = 5
     retry_delays: list[int] = field(default_factory=lambda: [5, 30, 120, 600])
+    #: the shared delay queues are <retry_prefix>.<delay>s (one per delay, all queues)
+    retry_prefix: str = "cvmfs.retry"
 
 
 @dataclass
