@@ -209,6 +209,8 @@ class SyncConfig:
     quiet_seconds: float = 2.0
     max_delay_seconds: float = 30.0
     poll_interval: float = 0.5
+    #: every repository is looked at this often even without an inotify event
+    scan_interval: float = 60.0
     backoff_initial: float = 5.0
     backoff_max: float = 300.0
     transaction_retries: int = 10
@@ -384,6 +386,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("amqp.retry_delays: expected a non-empty list of positive seconds")
     if cfg.sync.quiet_seconds < 0 or cfg.sync.max_delay_seconds < cfg.sync.quiet_seconds:
         raise ConfigError("sync.max_delay_seconds: must be >= sync.quiet_seconds >= 0")
+    if cfg.sync.poll_interval <= 0 or cfg.sync.scan_interval < cfg.sync.poll_interval:
+        raise ConfigError("sync.scan_interval: must be >= sync.poll_interval > 0")
     if not cfg.s3.prefix.endswith("/"):
         raise ConfigError("s3.prefix: must end with '/'")
     domain = cfg.cvmfs.domain
