@@ -262,7 +262,9 @@ class RepoSync:
         why = ""
         if timing is not None:
             oldest, newest = timing
-            if oldest - max(state.last_start, self.started) >= self.cfg.sync.quiet_seconds:
+            # before its first publish here, a repository counts as quiet up to the start
+            last = state.last_start or self.started - self.cfg.sync.quiet_seconds
+            if oldest - last >= self.cfg.sync.quiet_seconds:
                 why = "leading edge"
             elif now - newest >= self.cfg.sync.quiet_seconds:
                 why = "quiet"
