@@ -212,8 +212,10 @@ def main() -> None:
         t0 = time.monotonic()
         procs["repo_consumers"] = start("repo_consumers", cfg_file, env, work / "consumers.out")
         procs["repo_sync"] = start("repo_sync", cfg_file, env, work / "sync.out")
-        wait(lambda: all(consumed_queues(broker).get(label, 0) > 0 for label in labels),
-             600, "a consumer on every repository queue", 1.0)
+        def all_consumed() -> bool:  # one listing per look: it takes seconds with 5,000 queues
+            consumers = consumed_queues(broker)
+            return all(consumers.get(label, 0) > 0 for label in labels)
+        wait(all_consumed, 900, "a consumer on every repository queue", 1.0)
         print(f"consumers subscribed to {args.count} queues in {time.monotonic() - t0:.1f} s",
               flush=True)
         time.sleep(10)  # start-up work (recovery scan, first listing) is over

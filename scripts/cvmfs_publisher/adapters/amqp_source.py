@@ -527,7 +527,7 @@ class Discovery:
         with self.lock:  # only for repositories still served
             for rq in self.served:
                 self.status.repo(rq.repository, queue_depth=depths.get(rq.queue, 0))
-            served = {rq.queue for rq in self.served} | {self.cfg.amqp.publisher_queue}
+            served = {rq.queue for rq in self.served}  # the publisher queue's: its daemon's
             self._legacy = [name for name in depths if _legacy_of(name) in served]
 
 
