@@ -46,6 +46,18 @@ def test_burst_after_its_first_change_is_coalesced_into_one_more_publish(env: Sy
     assert env.clean()
 
 
+def test_changes_staged_before_the_start_follow_their_window(env: SyncEnv) -> None:
+    now = env.clock[0]
+    env.put("a", b"1", t=now - 1.0)  # a burst in progress when the daemon (re)started
+    daemon = env.daemon(sync={"quiet_seconds": 2.0, "max_delay_seconds": 30.0})
+    assert daemon.tick(now + 0.5) == [REPO, OTHER]  # the start-up recoveries, without "a"
+    assert daemon.tick(now + 0.6) == []
+    env.put("b", b"2", t=now + 0.7)
+    assert daemon.tick(now + 0.8) == []  # part of the same burst: no leading edge
+    assert daemon.tick(now + 2.8) == [REPO]
+    assert [sorted(r["added"]) for r in env.revisions()] == [["a", "b"]]
+
+
 def test_quiet_window_after_the_leading_edge(env: SyncEnv) -> None:
     daemon = env.daemon(sync={"quiet_seconds": 2.0, "max_delay_seconds": 30.0})
     daemon.tick(T0)
