@@ -102,3 +102,18 @@ def test_a_stop_request_ends_the_wait(tmp_path: Path) -> None:
         assert wake.next() == set()  # returned although nothing is due for an hour
     finally:
         watch.close()
+
+
+def test_a_staging_root_created_after_the_start_is_watched_once_it_exists(tmp_path: Path
+                                                                          ) -> None:
+    root = tmp_path / "staging"
+    watch = PendingWatch(root)
+    try:
+        assert watch.wait(3600) is None  # no root yet: look again (soon), at everything
+        Staging(root, A).ensure()
+        assert watch.wait(0) == set()  # now the root is watched
+        watch.watch(A)
+        stage(root, A, "x")
+        assert wait_for(watch, A) == {A}
+    finally:
+        watch.close()

@@ -83,6 +83,10 @@ class Inotify:
         self._keys[wd] = key
         return True
 
+    def watching(self, key: Hashable) -> bool:
+        """Whether a watch with ``key`` is in place (its directory may have gone since)."""
+        return key in self._keys.values()
+
     def wake(self) -> None:
         """End a :meth:`wait` in progress (safe from a signal handler)."""
         try:

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 _ROOT = ("root", "")
 
+#: How often a staging root that does not exist yet is looked for (seconds).
+ROOT_RETRY = 0.5
+
 
 class PendingWatch:
     """inotify on a staging root; :meth:`wait` returns the repositories that changed."""
@@ -36,7 +39,6 @@ class PendingWatch:
     def __init__(self, staging_dir: str | os.PathLike[str]) -> None:
         self.root = Path(staging_dir)
         self._watched: set[str] = set()
-        self._root_watched = False
         self._woken = threading.Event()  # the stop request, without inotify
         try:
             self._ino: inotify.Inotify | None = inotify.Inotify()
@@ -70,11 +72,10 @@ class PendingWatch:
             self._woken.wait(max(0.0, timeout))
             self._woken.clear()
             return None
-        if not self._root_watched:
-            self._root_watched = self._ino.add(self.root, inotify.IN_CREATE | inotify.IN_MOVED_TO,
-                                               _ROOT)
-            if not self._root_watched:  # no staging root yet: nothing can be pending
-                self._woken.wait(max(0.0, timeout))
+        if not self._ino.watching(_ROOT):  # the first wait, or the root was removed
+            if not self._ino.add(self.root, inotify.IN_CREATE | inotify.IN_MOVED_TO, _ROOT):
+                # no staging root yet: nothing can be pending; look again soon
+                self._woken.wait(max(0.0, min(timeout, ROOT_RETRY)))
                 self._woken.clear()
                 return None
         keys = self._ino.wait(timeout)
