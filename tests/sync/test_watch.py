@@ -80,9 +80,9 @@ def test_wakeups_idle_change_at_once_active_ones_per_poll_and_a_first_scan(tmp_p
         for repo in (A, B):
             watch.watch(repo)
         active.add(B)
-        assert wake.next() == {B}  # nothing changed: the active one at its poll
+        assert wake.next() == [B]  # nothing changed: the active one at its poll
         stage(tmp_path, A, "x")
-        assert wake.next() == {A, B}  # the idle one that changed, with the active one
+        assert wake.next() == [A, B]  # the idle one that changed first, then the active one
     finally:
         watch.close()
 
@@ -99,7 +99,7 @@ def test_a_stop_request_ends_the_wait(tmp_path: Path) -> None:
     try:
         assert wake.next() is None
         threading.Timer(0.2, stop).start()
-        assert wake.next() == set()  # returned although nothing is due for an hour
+        assert wake.next() == []  # returned although nothing is due for an hour
     finally:
         watch.close()
 

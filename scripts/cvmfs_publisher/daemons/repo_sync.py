@@ -274,14 +274,14 @@ class RepoSync:
             return True, bool(why), "start-up recovery" + (f", {why}" if why else "")
         return bool(why), True, why
 
-    def tick(self, now: float | None = None, only: set[str] | None = None) -> list[str]:
+    def tick(self, now: float | None = None, only: list[str] | None = None) -> list[str]:
         """One poll: start the publishes that are due; returns their repositories.
 
-        ``only``: look at these repositories only (None: every one there is).
+        ``only``: look at these repositories only, in this order (None: every one there is).
         """
         now = self.clock() if now is None else now
         started = []
-        repos = staging.repositories(self.cfg.cvmfs.staging_dir) if only is None else sorted(only)
+        repos = staging.repositories(self.cfg.cvmfs.staging_dir) if only is None else only
         for repo in repos:
             if self._stop.is_set():
                 break

@@ -123,8 +123,12 @@ class Wakeups:
         self.stopping = stopping
         self.next_scan = 0.0  # the first call scans
 
-    def next(self) -> set[str] | None:
-        """The repositories to look at now (None: all of them)."""
+    def next(self) -> list[str] | None:
+        """The repositories to look at now, the ones that woke up first (None: all of them).
+
+        First, because a hot repository's look (listing its pending entries)
+        must not delay a quiet one's leading-edge publish.
+        """
         now = time.monotonic()
         if now >= self.next_scan:
             self.next_scan = now + self.scan_interval
@@ -140,4 +144,4 @@ class Wakeups:
             changed |= got
             if changed - active or time.monotonic() >= deadline:
                 break  # an idle repository woke up, or the active ones are due
-        return changed | active
+        return sorted(changed - active) + sorted(active)
