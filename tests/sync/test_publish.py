@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_publisher.publishing.batch import Entry, Phase, Tree, plan
+from cvmfs_publisher.publishing.plan import Phase, plan
+from cvmfs_publisher.publishing.tree import Tree
+from cvmfs_publisher.staging.area import Entry
 from tests.cvmfs_server_double import union_dir
 
 from .conftest import REPO, SyncEnv, files_of, tarball

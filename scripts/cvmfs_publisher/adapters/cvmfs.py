@@ -103,6 +103,21 @@ class CommandTimeout(CvmfsError):
     """The command ran longer than ``cvmfs.command_timeout``."""
 
 
+def tool_message(exc: CvmfsError) -> str:
+    """The tool's own words, on one line (stderr first, else stdout).
+
+    The first line (usually the cause, e.g. the gateway's reply) and the last
+    ones (the verdict); the ``Executed Command:`` and ``Stacktrace:`` trailers
+    are only noise.
+    """
+    for text in (exc.stderr, exc.stdout):
+        lines = tool_lines(text)
+        if lines:
+            picked = list(dict.fromkeys([lines[0], *lines[-3:]]))
+            return " | ".join(picked)[:600]
+    return "no output"
+
+
 def _last_lines(text: str, n: int = 3) -> str:
     return " | ".join(tool_lines(text)[-n:])
 

@@ -50,21 +50,13 @@ Crash points (SIGKILL of the daemon) and what the next start does:
 
 from __future__ import annotations
 
-import bisect
-import bz2
-import contextlib
 import errno
-import gzip
 import logging
-import lzma
 import os
-import shutil
 import stat
-import tarfile
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -77,20 +69,20 @@ from ..adapters.cvmfs import (
     PublishInProgress,
     TransactionBusy,
     TransactionRefused,
-    tool_lines,
+    tool_message,
 )
+from ..core import tarballs
 from ..core.backoff import Backoff
 from ..core.config import Config
 from ..core.errors import PublisherError
 from ..core.logs import redact
 from ..pipeline.object_keys import UnsafeKey, validate_path
 from ..staging.area import Entry, Staging
+from .plan import Phase, plan
+from .tree import READ_FLAGS, Tree, file_mode
 
 log = logging.getLogger(__name__)
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_CHUNK = 1 << 20
 TXN_OPS = ("put", "symlink", "delete")
 
 
@@ -110,23 +102,8 @@ class PublishError(PublisherError):
 
     @classmethod
     def from_cvmfs(cls, exc: CvmfsError) -> PublishError:
-        detail = _tool_message(exc)
+        detail = tool_message(exc)
         return cls(exc.repository, exc.step, exc.rc, detail)
-
-
-def _tool_message(exc: CvmfsError) -> str:
-    """The tool's own words, on one line (stderr first, else stdout).
-
-    The first line (usually the cause, e.g. the gateway's reply) and the last
-    ones (the verdict); the ``Executed Command:`` and ``Stacktrace:`` trailers
-    are only noise.
-    """
-    for text in (exc.stderr, exc.stdout):
-        lines = tool_lines(text)
-        if lines:
-            picked = list(dict.fromkeys([lines[0], *lines[-3:]]))
-            return " | ".join(picked)[:600]
-    return "no output"
 
 
 class _Skip(Exception):
@@ -166,346 +143,9 @@ class Outcome:
                 f"took={self.seconds:.2f}s{' replay' if self.replay else ''}")
 
 
-# --------------------------------------------------------------------------- phases
-
-
-@dataclass
-class Phase:
-    """One ``transaction``+``publish`` (``kind="txn"``) or one tarball (``"ingest"``).
-
-    ``parents``: directories a later ingest needs (in gateway mode the parent
-    of ``--base_dir`` must exist); created at the end of the phase.
-    """
-
-    kind: str
-    entries: list[Entry] = field(default_factory=list)
-    parents: list[str] = field(default_factory=list)
-
-
-def _ancestors(path: str) -> Iterator[str]:
-    """``a/b/c`` -> ``a``, ``a/b`` (proper ancestors, shortest first)."""
-    idx = path.find("/")
-    while idx != -1:
-        yield path[:idx]
-        idx = path.find("/", idx + 1)
-
-
-def plan(entries: list[Entry], is_dir: Callable[[str], bool]) -> list[Phase]:
-    """Cut a batch into phases; staging order is kept between overlapping paths.
-
-    Why: ``ingest`` cannot run inside a transaction, so a batch that mixes
-    files and tarballs needs several publishes; the fewest that respect the
-    order of changes to the same paths. Two paths overlap when one is equal
-    to or inside the other (a deletion of ``a`` and a file ``a/b`` must stay
-    in order). Inside a transaction phase entries are applied in staging
-    order, so overlapping file changes may share a phase; an entry that
-    follows an ingest of an overlapping path goes to a phase after it.
-
-    ``is_dir(path)``: is ``path`` a real directory of the published tree now
-    (decides whether an ingest-only batch needs a transaction to create the
-    parent of its ingest directory). Runs in O(entries x depth).
-    """
-    phases: list[Phase] = []
-    txn_idx: list[int] = []  # indices of transaction phases, ascending
-    at: dict[str, int] = {}  # path -> lowest phase allowed for a later overlapping entry
-    below: dict[str, int] = {}  # dir -> same, for entries strictly under it
-    below_txn: dict[str, int] = {}  # dir -> same, file changes only (may prune the dir)
-
-    def constraint(path: str) -> int:
-        lo = at.get(path, 0)
-        for a in _ancestors(path):
-            lo = max(lo, at.get(a, 0))
-        return max(lo, below.get(path, 0))
-
-    def parent_constraint(path: str) -> tuple[int, bool]:
-        """For creating ``path``: what could remove it (itself, an ancestor, a
-        deletion below it that prunes it) must come first."""
-        hits = [at[a] for a in (*_ancestors(path), path) if a in at]
-        if path in below_txn:
-            hits.append(below_txn[path])
-        return max(hits, default=0), bool(hits)
-
-    def record(path: str, value: int, txn: bool) -> None:
-        at[path] = max(at.get(path, 0), value)
-        for a in _ancestors(path):
-            below[a] = max(below.get(a, 0), value)
-            if txn:
-                below_txn[a] = max(below_txn.get(a, 0), value)
-
-    def txn_at_or_after(lo: int) -> int | None:
-        i = bisect.bisect_left(txn_idx, lo)
-        return txn_idx[i] if i < len(txn_idx) else None
-
-    def new_txn() -> int:
-        phases.append(Phase("txn"))
-        txn_idx.append(len(phases) - 1)
-        return len(phases) - 1
-
-    for e in sorted(entries, key=lambda x: x.seq):
-        if e.is_ingest:
-            parent = e.path.rpartition("/")[0]
-            if parent and e.op == "ingest":
-                lo, conflict = parent_constraint(parent)
-                k = txn_at_or_after(lo)
-                if k is None and (conflict or not is_dir(parent)):
-                    k = new_txn()
-                if k is not None and parent not in phases[k].parents:
-                    phases[k].parents.append(parent)
-            phases.append(Phase("ingest", [e]))
-            # Whatever overlaps an ingest and comes later goes after it.
-            record(e.path, len(phases), txn=False)
-        else:
-            lo = constraint(e.path)
-            k = txn_at_or_after(lo)
-            if k is None:
-                k = new_txn()
-            phases[k].entries.append(e)
-            record(e.path, k, txn=True)
-    return phases
-
-
-# --------------------------------------------------------------------------- the tree
-
-
-class Tree:
-    """A directory tree reached only through directory fds, never following a symlink.
-
-    Why: paths come from users. Every component is opened with
-    ``O_NOFOLLOW`` relative to its parent's fd, so a symlink in the
-    repository (``evil -> /etc``) can never redirect a write, a deletion or
-    a comparison outside ``root``; where a directory is needed and a symlink
-    or a file is found, that entry is replaced by a directory (the newer
-    change wins, as in the bucket).
-    """
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.fd = os.open(self.root, _DIR_FLAGS)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Tree:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def open_dir(self, parts: list[str], create: bool) -> int | None:
-        """fd of the directory ``parts`` (caller closes), or None when absent."""
-        fd = os.dup(self.fd)
-        try:
-            for name in parts:
-                try:
-                    nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                        raise
-                    if not create:
-                        os.close(fd)
-                        return None
-                    if exc.errno != errno.ENOENT:
-                        _remove_at(fd, name)  # a symlink or a file where a directory goes
-                    os.mkdir(name, 0o755, dir_fd=fd)
-                    nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                    os.fchmod(nfd, 0o755)
-                os.close(fd)
-                fd = nfd
-            return fd
-        except BaseException:
-            os.close(fd)
-            raise
-
-    @staticmethod
-    def split(rel: str) -> tuple[list[str], str]:
-        parts = rel.split("/")
-        return parts[:-1], parts[-1]
-
-    def lstat(self, rel: str) -> os.stat_result | None:
-        """lstat of ``rel`` (None when it, or a real directory on its way, is absent)."""
-        dirs, name = self.split(rel)
-        pfd = self.open_dir(dirs, create=False)
-        if pfd is None:
-            return None
-        try:
-            return os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        finally:
-            os.close(pfd)
-
-    def is_dir(self, rel: str) -> bool:
-        fd = self.open_dir(rel.split("/") if rel else [], create=False)
-        if fd is None:
-            return False
-        os.close(fd)
-        return True
-
-    def readlink(self, rel: str) -> str | None:
-        dirs, name = self.split(rel)
-        pfd = self.open_dir(dirs, create=False)
-        if pfd is None:
-            return None
-        try:
-            return os.readlink(name, dir_fd=pfd)
-        except OSError:
-            return None
-        finally:
-            os.close(pfd)
-
-    def same_content(self, rel: str, src_fd: int) -> bool:
-        """Does the regular file ``rel`` hold exactly the bytes of ``src_fd``?"""
-        dirs, name = self.split(rel)
-        pfd = self.open_dir(dirs, create=False)
-        if pfd is None:
-            return False
-        try:
-            fd = os.open(name, _READ_FLAGS, dir_fd=pfd)
-        except OSError:
-            return False
-        finally:
-            os.close(pfd)
-        try:
-            os.lseek(src_fd, 0, os.SEEK_SET)
-            while True:
-                a = os.read(fd, _CHUNK)
-                b = os.read(src_fd, _CHUNK)
-                if a != b:
-                    return False
-                if not a:
-                    return True
-        finally:
-            os.close(fd)
-
-    def write_file(self, rel: str, src_fd: int, mode: int) -> None:
-        """Replace ``rel`` (whatever it is) with a regular file copied from ``src_fd``."""
-        dirs, name = self.split(rel)
-        pfd = self.open_dir(dirs, create=True)
-        assert pfd is not None
-        try:
-            _remove_at(pfd, name)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=pfd)
-            try:
-                os.lseek(src_fd, 0, os.SEEK_SET)
-                _copy_fd(src_fd, fd)
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-        finally:
-            os.close(pfd)
-
-    def symlink(self, rel: str, target: str) -> None:
-        """Replace ``rel`` with a symlink to ``target`` (data: never resolved)."""
-        dirs, name = self.split(rel)
-        pfd = self.open_dir(dirs, create=True)
-        assert pfd is not None
-        try:
-            _remove_at(pfd, name)
-            os.symlink(target, name, dir_fd=pfd)
-        finally:
-            os.close(pfd)
-
-    def delete(self, rel: str) -> bool:
-        """Remove ``rel`` (a directory with its content) and the parents it left empty."""
-        dirs, name = self.split(rel)
-        pfd = self.open_dir(dirs, create=False)
-        if pfd is None:
-            return False
-        try:
-            removed = _remove_at(pfd, name)
-        finally:
-            os.close(pfd)
-        if removed:
-            self._prune(dirs)
-        return removed
-
-    def _prune(self, dirs: list[str]) -> None:
-        """rmdir the now-empty parents, deepest first (S3 has no empty directories)."""
-        for depth in range(len(dirs), 0, -1):
-            pfd = self.open_dir(dirs[:depth - 1], create=False)
-            if pfd is None:
-                return
-            try:
-                os.rmdir(dirs[depth - 1], dir_fd=pfd)
-            except OSError:
-                return
-            finally:
-                os.close(pfd)
-
-    def makedirs(self, rel: str) -> None:
-        fd = self.open_dir(rel.split("/"), create=True)
-        if fd is not None:
-            os.close(fd)
-
-
-def _remove_at(dir_fd: int, name: str) -> bool:
-    """Remove ``name`` in ``dir_fd``, whatever its type, never following a symlink."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: symlink-attack safe on Linux
-    else:
-        os.unlink(name, dir_fd=dir_fd)
-    return True
-
-
-def _copy_fd(src: int, dst: int) -> None:
-    """Kernel-side copy when possible (sendfile), plain read/write otherwise."""
-    try:
-        while os.sendfile(dst, src, None, 1 << 30) > 0:
-            pass
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
-            raise
-    while True:
-        chunk = os.read(src, _CHUNK)
-        if not chunk:
-            return
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view):]
-
-
-def file_mode(mode: int) -> int:
-    """Only 0755 or 0644 reach the repository (DESIGN §2), whatever was staged."""
-    return 0o755 if mode & stat.S_IXUSR else 0o644
-
-
-# --------------------------------------------------------------------------- tarballs
-
-
-_MAGIC: list[tuple[bytes, str]] = [(b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"),
-                                   (b"\xfd7zXZ\x00", "xz")]
-
-
-def _compression(head: bytes, declared: str) -> str:
-    """The compression of a tarball, from its first bytes: a ``.tar`` that is in
-    fact gzipped is still ingested, and ``declared`` (from the key) is only a hint."""
-    del declared
-    for magic, name in _MAGIC:
-        if head.startswith(magic):
-            return name
-    return "none"
-
-
-def _decompressing(raw: IO[bytes], kind: str) -> IO[bytes]:
-    if kind == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    if kind == "bzip2":
-        return bz2.BZ2File(raw, "rb")  # type: ignore[return-value]
-    if kind == "xz":
-        return lzma.LZMAFile(raw, "rb")  # type: ignore[return-value]
-    return raw
-
-
 def _open_object(path: Path) -> IO[bytes]:
-    fd = os.open(path, _READ_FLAGS)
+    """A staged object, opened without following a link; _Skip unless a regular file."""
+    fd = os.open(path, READ_FLAGS)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise _Skip(f"staged object {path.name} is not a regular file")
@@ -515,85 +155,15 @@ def _open_object(path: Path) -> IO[bytes]:
     return os.fdopen(fd, "rb")
 
 
-def _kind_of(raw: IO[bytes], declared: str) -> str:
-    """pread: the fd's position must stay at 0 (the tool reads the fd itself)."""
-    return _compression(os.pread(raw.fileno(), 512, 0), declared)
-
-
-def check_tarball(path: Path, declared: str = "none") -> str:
-    """Why this tarball must not be ingested ("" when it may be).
-
-    Why a full pass before ``ingest``: the tool publishes whatever it could
-    read, so a truncated or corrupt upload would become a half-published
-    directory; and a member that escapes the base directory (absolute,
-    ``..``) or a device node has no business in a repository. Streaming
-    (``r|``): constant memory for any size.
-    """
+def check_tarball(path: Path) -> str:
+    """Why the staged tarball must not be ingested ("" when it may be)."""
     try:
         with _open_object(path) as raw:
-            dec = _decompressing(raw, _kind_of(raw, declared))
-            with tarfile.open(fileobj=dec, mode="r|") as tf:
-                while (m := tf.next()) is not None:
-                    tf.members = []  # streaming: do not keep every member in memory
-                    name = m.name[2:] if m.name.startswith("./") else m.name
-                    parts = [p for p in name.split("/") if p not in ("", ".")]
-                    if name.startswith("/") or ".." in parts:
-                        return f"member {m.name[:200]!r} escapes the base directory"
-                    if m.islnk():
-                        link = [p for p in m.linkname.split("/") if p not in ("", ".")]
-                        if m.linkname.startswith("/") or ".." in link:
-                            return f"hard link {m.name[:200]!r} points outside the tarball"
-                    elif not (m.isreg() or m.isdir() or m.issym()):
-                        return f"member {m.name[:200]!r} is a device or fifo"
+            return tarballs.check(raw)
     except FileNotFoundError:
         return "staged object is missing"
     except _Skip as exc:
         return str(exc)
-    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError) as exc:
-        return f"not a readable tar archive: {type(exc).__name__}: {str(exc)[:200]}"
-    return ""
-
-
-@contextlib.contextmanager
-def tar_stream(path: Path, declared: str = "none") -> Iterator[IO[bytes]]:
-    """An uncompressed tar stream with a real fd, for the tool's standard input.
-
-    ``cvmfs_server ingest`` reads uncompressed tar only; compressed tarballs
-    are decompressed on the fly by a thread writing into a pipe, so nothing
-    is written to disk and memory stays constant.
-    """
-    raw = _open_object(path)
-    kind = _kind_of(raw, declared)
-    if kind == "none":
-        with raw:
-            yield raw
-        return
-    r, w = os.pipe()
-    out = os.fdopen(w, "wb")
-    reader = os.fdopen(r, "rb")
-    failure: list[BaseException] = []
-
-    def pump() -> None:
-        try:
-            with raw, out:
-                shutil.copyfileobj(_decompressing(raw, kind), out, _CHUNK)
-        except BrokenPipeError:
-            pass  # the tool stopped reading: its exit code tells why
-        except BaseException as exc:  # reported after the tool returns
-            failure.append(exc)
-
-    t = threading.Thread(target=pump, name="tar-decompress", daemon=True)
-    t.start()
-    try:
-        yield reader
-    finally:
-        reader.close()
-        t.join()
-    if failure:
-        raise OSError(errno.EIO, f"decompressing the tarball failed: {failure[0]}")
-
-
-# --------------------------------------------------------------------------- publisher
 
 
 class BatchPublisher:
@@ -836,7 +406,7 @@ class BatchPublisher:
             except TransactionRefused as exc:
                 raise PublishError(
                     repo, exc.step, exc.rc,
-                    f"{_tool_message(exc)} | the gateway refuses every transaction of this "
+                    f"{tool_message(exc)} | the gateway refuses every transaction of this "
                     "repository until an operator acts (expired whitelist: re-sign it on the "
                     "stratum 0; layout mismatch: migrate the repository); the batch stays "
                     "staged and is retried rarely", needs_operator=True) from None
@@ -848,7 +418,7 @@ class BatchPublisher:
                     raise PublishError.from_cvmfs(exc) from None
                 delay = backoff.next()
                 log.warning("repository=%s step=transaction rc=%d error=%s outcome=retry "
-                            "attempt=%d/%d in %.2fs", repo, exc.rc, _tool_message(exc),
+                            "attempt=%d/%d in %.2fs", repo, exc.rc, tool_message(exc),
                             attempt, retries, delay)
                 self.stop.wait(delay)
             except CvmfsError as exc:
@@ -867,7 +437,7 @@ class BatchPublisher:
         return (f"lease {repo}/ busy for {now - since:.0f}s, longer than a publish: leaked? "
                 f"Way out: `cvmfs_server abort -f {repo}` on its publisher, or "
                 f"DELETE {gateway}/leases-by-path/{repo}/ (gateway admin key); else it expires "
-                f"(max_lease_time, 2 h) | {_tool_message(exc)}")
+                f"(max_lease_time, 2 h) | {tool_message(exc)}")
 
     def abort(self, repo: str) -> None:
         """``abort -f`` until the repository is out of its transaction.
@@ -892,10 +462,10 @@ class BatchPublisher:
             except CvmfsError as exc:
                 if not self.server.in_transaction(repo):
                     log.warning("repository=%s step=abort rc=%d error=%s outcome=not in a "
-                                "transaction any more", repo, exc.rc, _tool_message(exc))
+                                "transaction any more", repo, exc.rc, tool_message(exc))
                     return
                 delay = backoff.next()
-                msg = _tool_message(exc)
+                msg = tool_message(exc)
                 log.error("repository=%s step=abort rc=%d error=%s outcome=still in its "
                           "transaction, retrying in %.1fs", repo, exc.rc, msg, delay)
                 self.on_problem(repo, f"abort rc={exc.rc}: {msg}")
@@ -911,7 +481,7 @@ class BatchPublisher:
         lock = self.server.publish_lock(repo)
         log.warning("repository=%s step=abort rc=%d error=%s outcome=waiting: a publish still "
                     "holds %s (orphaned by a daemon killed alone?), waiting up to %.0fs for "
-                    "it to end before aborting", repo, exc.rc, _tool_message(exc), lock, limit)
+                    "it to end before aborting", repo, exc.rc, tool_message(exc), lock, limit)
         self.on_problem(repo, f"abort waits for a running publish ({lock})")
         t0 = time.monotonic()
         while not self.server.wait_publish_lock(repo, timeout=min(1.0, limit)):
@@ -919,7 +489,7 @@ class BatchPublisher:
             if self.stop.is_set() or waited >= limit:
                 why = "shutting down" if self.stop.is_set() else f"still held after {waited:.0f}s"
                 raise PublishError(repo, "abort", exc.rc,
-                                   f"{_tool_message(exc)} ({why}: the publish holding {lock} "
+                                   f"{tool_message(exc)} ({why}: the publish holding {lock} "
                                    "has not ended; if no cvmfs_server or cvmfs_swissknife "
                                    "process of this repository runs, the lock is stale and the "
                                    "next try takes it over; retried later)") from None
@@ -933,7 +503,7 @@ class BatchPublisher:
         calls: gateway mode refuses ``-d`` with ``-t``)."""
         obj = st.object_path(e)
         if e.op == "ingest":
-            why = check_tarball(obj, e.compression)
+            why = check_tarball(obj)
             if why:
                 self._skipped(repo, e, f"tarball refused: {why}", out)
                 return
@@ -947,7 +517,7 @@ class BatchPublisher:
                 out.ingest_deleted += 1
         if e.op == "ingest":
             def ingest() -> Any:
-                with tar_stream(obj, e.compression) as stream:
+                with tarballs.stream(_open_object(obj)) as stream:
                     return self.server.ingest_tar(repo, e.path, stream)
             self._ingest_call(repo, ingest)
             out.publishes += 1
