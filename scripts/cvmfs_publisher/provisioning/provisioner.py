@@ -118,37 +118,11 @@ class Provisioner:
         return changed
 
     def _ensure_repository(self, repo: str, keys_dir: Path) -> bool:
-        """mkfs unless it exists; a failed mkfs' leftover is removed first.
-
-        Never ``rmfs`` a repository in a transaction: rmfs drops the session
-        token but not the gateway lease, and the repository created again would
-        get 16 (lease busy) from every transaction for the lease's lifetime
-        (cvmfs README §10). ``list`` calls such a repository ``in transaction -
-        unhealthy`` after a crash; it is repaired by the sync daemon (abort -f,
-        then the batch replayed), not recreated. A failed mkfs is recognised by
-        what it did not create (server.conf, the spool, the keys), or, outside a
-        transaction, by ``unhealthy`` (DESIGN §2).
-        """
+        """mkfs unless it exists (:meth:`CvmfsServer.create_repository`); Transient on failure."""
         try:
-            if self.cvmfs.exists(repo):
-                if self.cvmfs.in_transaction(repo):
-                    log.warning("repository=%s step=mkfs outcome=left-to-sync: in a transaction "
-                                "(a crash's leftover): not recreated (rmfs would leak its "
-                                "gateway lease); cvmfs-repo-sync repairs it with abort -f and "
-                                "replays its batch", repo)
-                    return False
-                missing = self.cvmfs.installed(repo)
-                if not missing and self.cvmfs.healthy(repo):
-                    return False
-                log.warning("repository=%s step=mkfs outcome=leftover: %s, removing it with "
-                            "rmfs -f and creating it again", repo,
-                            f"{', '.join(missing)} missing" if missing else
-                            "unhealthy outside a transaction")
-                self.cvmfs.rmfs(repo)
-            self.cvmfs.mkfs_gateway(repo, str(keys_dir))
+            return self.cvmfs.create_repository(repo, str(keys_dir))
         except CvmfsError as exc:
             raise Transient(str(exc), repo) from None
-        return True
 
     def _remove_repository(self, repo: str) -> None:
         """``abort -f`` when in a transaction, then ``rmfs -f``; Transient (retried

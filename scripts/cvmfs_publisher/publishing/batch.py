@@ -188,6 +188,7 @@ class BatchPublisher:
         self.stop = stop or threading.Event()
         self.on_problem = on_problem or (lambda repo, text: None)
         self._busy_since: dict[str, float] = {}  # repo -> first 16 of the current streak
+        self._checked: set[str] = set()  # repositories create_repository has seen whole
 
     # -- entry points ----------------------------------------------------------------
 
@@ -228,16 +229,20 @@ class BatchPublisher:
         return True
 
     def ensure_repository(self, repo: str) -> bool:
-        """mkfs (gateway mode) when absent; True if it was created."""
-        if self.server.exists(repo):
+        """Create the repository when absent, or a failed mkfs' leftover again.
+
+        The full check (:meth:`CvmfsServer.create_repository`: files, ``list``)
+        runs once per repository and process; afterwards only its absence does.
+        True if it was created.
+        """
+        if repo in self._checked and self.server.exists(repo):
             return False
-        log.info("repository=%s step=mkfs outcome=creating: absent from %s, keys from %s",
-                 repo, self.cfg.cvmfs.repositories_dir, self.cfg.cvmfs.keys_dir)
         try:
-            self.server.mkfs_gateway(repo, self.cfg.cvmfs.keys_dir)
+            created = self.server.create_repository(repo, self.cfg.cvmfs.keys_dir)
         except CvmfsError as exc:
             raise PublishError.from_cvmfs(exc) from None
-        return True
+        self._checked.add(repo)
+        return created
 
     # -- one batch -------------------------------------------------------------------
 
