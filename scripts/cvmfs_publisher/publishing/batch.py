@@ -78,8 +78,10 @@ from ..core.errors import PublisherError
 from ..core.logs import redact
 from ..pipeline.object_keys import UnsafeKey, validate_path
 from ..staging.area import Entry, Staging
+from .backend import PublishBackend, TreeReader, TreeWriter
+from .cvmfs_backend import CvmfsBackend
 from .plan import Phase, plan
-from .tree import READ_FLAGS, Tree, file_mode
+from .tree import READ_FLAGS, file_mode
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +184,10 @@ class BatchPublisher:
 
     def __init__(self, cfg: Config, server: CvmfsServer | None = None,
                  stop: threading.Event | None = None,
-                 on_problem: Callable[[str, str], None] | None = None) -> None:
+                 on_problem: Callable[[str, str], None] | None = None,
+                 backend: PublishBackend | None = None) -> None:
         self.cfg = cfg
-        self.server = server or CvmfsServer(cfg.cvmfs)
+        self.backend = backend or CvmfsBackend(server or CvmfsServer(cfg.cvmfs))
         self.stop = stop or threading.Event()
         self.on_problem = on_problem or (lambda repo, text: None)
         self._busy_since: dict[str, float] = {}  # repo -> first 16 of the current streak
@@ -204,7 +207,9 @@ class BatchPublisher:
         st = self.staging(repo)
         if not st.root.is_dir():
             return None
-        stale = self.server.exists(repo) and self.recover(repo)
+        # Once per batch, before anything else: a transaction a crash left open.
+        checked = self.backend.exists(repo)
+        stale = checked and self.recover(repo)
         replay = st.has_batch()
         entries = st.take_batch() if (take_pending or replay) else []
         if replay and not entries:
@@ -213,7 +218,7 @@ class BatchPublisher:
             replay = False
         if not entries:
             return None
-        outcome = self.apply(repo, st, entries)
+        outcome = self.apply(repo, st, entries, recovered=checked)
         outcome.replay = replay
         outcome.aborted_stale += int(stale)
         st.finish_batch()
@@ -221,7 +226,7 @@ class BatchPublisher:
 
     def recover(self, repo: str) -> bool:
         """Abort a transaction left open by a crash; True if there was one."""
-        if not self.server.in_transaction(repo):
+        if not self.backend.in_transaction(repo):
             return False
         log.warning("repository=%s step=recover outcome=stale-transaction: "
                     "in_transaction.lock found, aborting it (abort -f)", repo)
@@ -235,10 +240,10 @@ class BatchPublisher:
         runs once per repository and process; afterwards only its absence does.
         True if it was created.
         """
-        if repo in self._checked and self.server.exists(repo):
+        if repo in self._checked and self.backend.exists(repo):
             return False
         try:
-            created = self.server.create_repository(repo, self.cfg.cvmfs.keys_dir)
+            created = self.backend.create_repository(repo, self.cfg.cvmfs.keys_dir)
         except CvmfsError as exc:
             raise PublishError.from_cvmfs(exc) from None
         self._checked.add(repo)
@@ -246,8 +251,15 @@ class BatchPublisher:
 
     # -- one batch -------------------------------------------------------------------
 
-    def apply(self, repo: str, st: Staging, entries: list[Entry]) -> Outcome:
-        """Publish ``entries`` into ``repo`` (does not touch staging)."""
+    def apply(self, repo: str, st: Staging, entries: list[Entry],
+              recovered: bool = False) -> Outcome:
+        """Publish ``entries`` into ``repo`` (does not touch staging).
+
+        ``recovered``: the caller already aborted a stale transaction of this
+        repository for this batch (:meth:`publish` does), so it is not looked
+        for again. Every phase leaves the repository out of its transaction
+        (published or aborted), so later phases need no recovery either.
+        """
         t0 = time.monotonic()
         out = Outcome(repo, entries=len(entries))
         good = []
@@ -261,33 +273,29 @@ class BatchPublisher:
                 continue
             good.append(e)
         self.ensure_repository(repo)
-        if self.recover(repo):
+        if not recovered and self.recover(repo):
             out.aborted_stale += 1
-        with self._tree(repo) as tree:
-            phases = plan(good, tree.is_dir)
-        for phase in phases:
-            if phase.kind == "txn":
-                self._txn_phase(repo, st, phase, out)
-            else:
-                self._ingest_phase(repo, st, phase.entries[0], out)
+        published = _Published(self, repo)
+        try:
+            phases = plan(good, published.tree().is_dir)
+            for phase in phases:
+                if phase.kind == "txn":
+                    self._txn_phase(repo, st, phase, out, published)
+                else:
+                    self._ingest_phase(repo, st, phase.entries[0], out, published)
+        finally:
+            published.close()
         out.seconds = time.monotonic() - t0
         return out
 
-    def _tree(self, repo: str, step: str = "open") -> Tree:
-        """The published layer (``<spool>/<repo>/rdonly``), as a :class:`Tree`.
-
-        Why not the union ``/cvmfs/<repo>``: while a transaction is open (one
-        left by a publish still running as an orphan, say) it shows the
-        unpublished content, and "already published" would drop a batch that
-        was never published (cvmfs README §10). PublishError if unusable.
-        """
-        published = self.server.published(repo)
+    def _tree(self, repo: str, step: str = "open") -> TreeReader:
+        """The published revision's tree (PublishError if unusable)."""
         try:
-            return Tree(published)
+            return self.backend.reader(repo)
         except OSError as exc:
             code = exc.errno or -1
             raise PublishError(repo, step, code, f"{errno.errorcode.get(code, code)} "
-                               f"{exc.strerror} ({published})") from None
+                               f"{exc.strerror} ({self.backend.where(repo)})") from None
 
     def _skipped(self, repo: str, e: Entry, why: str, out: Outcome) -> None:
         out.skipped += 1
@@ -298,14 +306,14 @@ class BatchPublisher:
 
     # -- transaction phases ------------------------------------------------------------
 
-    def _in_place(self, tree: Tree, st: Staging, phase: Phase) -> bool:
+    def _in_place(self, tree: TreeReader, st: Staging, phase: Phase) -> bool:
         """Is every change of the phase already in the published tree?"""
         try:
             return self._all_in_place(tree, st, phase)
         except _Skip:
             return False
 
-    def _all_in_place(self, tree: Tree, st: Staging, phase: Phase) -> bool:
+    def _all_in_place(self, tree: TreeReader, st: Staging, phase: Phase) -> bool:
         for p in phase.parents:
             if not tree.is_dir(p):
                 return False
@@ -341,24 +349,25 @@ class BatchPublisher:
         except (OSError, UnicodeDecodeError) as exc:
             raise _Skip(f"symlink without a readable target: {exc}") from None
 
-    def _txn_phase(self, repo: str, st: Staging, phase: Phase, out: Outcome) -> None:
-        with self._tree(repo) as tree:
-            if self._in_place(tree, st, phase):
-                out.unchanged += len(phase.entries)
-                log.info("repository=%s step=apply outcome=already-published entries=%d "
-                         "(nothing to publish)", repo, len(phase.entries))
-                return
+    def _txn_phase(self, repo: str, st: Staging, phase: Phase, out: Outcome,
+                   published: _Published) -> None:
+        if self._in_place(published.tree(), st, phase):
+            out.unchanged += len(phase.entries)
+            log.info("repository=%s step=apply outcome=already-published entries=%d "
+                     "(nothing to publish)", repo, len(phase.entries))
+            return
+        published.changed()  # a new revision (or an abort) follows: read it afresh
         self._open_transaction(repo)
         out.transactions += 1
         step = "apply"
         try:
-            with Tree(self.server.union(repo)) as tree:
+            with self.backend.writer(repo) as tree:
                 for e in phase.entries:
                     self._apply_entry(repo, tree, st, e, out)
                 for p in phase.parents:
                     tree.makedirs(p)
             step = "publish"
-            self.server.publish(repo)
+            self.backend.publish(repo)
         except BaseException as exc:
             # Whatever happened (even KeyboardInterrupt), never leave it open.
             self.abort(repo)
@@ -373,7 +382,8 @@ class BatchPublisher:
             raise
         out.publishes += 1
 
-    def _apply_entry(self, repo: str, tree: Tree, st: Staging, e: Entry, out: Outcome) -> None:
+    def _apply_entry(self, repo: str, tree: TreeWriter, st: Staging, e: Entry,
+                     out: Outcome) -> None:
         try:
             if e.op == "delete":
                 if tree.delete(e.path):
@@ -403,9 +413,10 @@ class BatchPublisher:
         attempt = 0
         while True:
             attempt += 1
-            self.recover(repo)
+            if attempt > 1:
+                self.recover(repo)  # a 17 (already open) is a leftover: abort it first
             try:
-                self.server.transaction(repo)
+                self.backend.transaction(repo)
                 self._busy_since.pop(repo, None)
                 return
             except TransactionRefused as exc:
@@ -457,7 +468,7 @@ class BatchPublisher:
         backoff = Backoff(self.cfg.sync.backoff_initial, self.cfg.sync.backoff_max)
         while True:
             try:
-                self.server.abort(repo)
+                self.backend.abort(repo)
                 log.info("repository=%s step=abort outcome=aborted", repo)
                 return
             except NotInTransaction:
@@ -465,7 +476,7 @@ class BatchPublisher:
             except PublishInProgress as exc:
                 self._wait_for_publish(repo, exc)
             except CvmfsError as exc:
-                if not self.server.in_transaction(repo):
+                if not self.backend.in_transaction(repo):
                     log.warning("repository=%s step=abort rc=%d error=%s outcome=not in a "
                                 "transaction any more", repo, exc.rc, tool_message(exc))
                     return
@@ -483,13 +494,13 @@ class BatchPublisher:
         """Wait (bounded by ``cvmfs.command_timeout``, logged) until the publish
         holding ``is_publishing.lock`` ends; PublishError when it does not."""
         limit = self.cfg.cvmfs.command_timeout
-        lock = self.server.publish_lock(repo)
+        lock = self.backend.publish_lock(repo)
         log.warning("repository=%s step=abort rc=%d error=%s outcome=waiting: a publish still "
                     "holds %s (orphaned by a daemon killed alone?), waiting up to %.0fs for "
                     "it to end before aborting", repo, exc.rc, tool_message(exc), lock, limit)
         self.on_problem(repo, f"abort waits for a running publish ({lock})")
         t0 = time.monotonic()
-        while not self.server.wait_publish_lock(repo, timeout=min(1.0, limit)):
+        while not self.backend.wait_publish_lock(repo, timeout=min(1.0, limit)):
             waited = time.monotonic() - t0
             if self.stop.is_set() or waited >= limit:
                 why = "shutting down" if self.stop.is_set() else f"still held after {waited:.0f}s"
@@ -503,7 +514,8 @@ class BatchPublisher:
 
     # -- ingest phases ---------------------------------------------------------------
 
-    def _ingest_phase(self, repo: str, st: Staging, e: Entry, out: Outcome) -> None:
+    def _ingest_phase(self, repo: str, st: Staging, e: Entry, out: Outcome,
+                      published: _Published) -> None:
         """``ingest -d`` the old directory, then ``ingest -t -`` the tarball (two
         calls: gateway mode refuses ``-d`` with ``-t``)."""
         obj = st.object_path(e)
@@ -512,18 +524,18 @@ class BatchPublisher:
             if why:
                 self._skipped(repo, e, f"tarball refused: {why}", out)
                 return
-        self.recover(repo)
-        with self._tree(repo) as tree:
-            present = tree.lstat(e.path) is not None
+        present = published.tree().lstat(e.path) is not None
+        if present or e.op == "ingest":
+            published.changed()  # each ingest call is a new revision
         if present:
-            self._ingest_call(repo, lambda: self.server.ingest_delete(repo, e.path))
+            self._ingest_call(repo, lambda: self.backend.ingest_delete(repo, e.path))
             out.publishes += 1
             if e.op == "ingest-delete":
                 out.ingest_deleted += 1
         if e.op == "ingest":
             def ingest() -> Any:
                 with tarballs.stream(_open_object(obj)) as stream:
-                    return self.server.ingest_tar(repo, e.path, stream)
+                    return self.backend.ingest_tar(repo, e.path, stream)
             self._ingest_call(repo, ingest)
             out.publishes += 1
             out.ingested += 1
@@ -532,11 +544,38 @@ class BatchPublisher:
         try:
             call()
         except CvmfsError as exc:
-            if self.server.in_transaction(repo):  # ingest aborts itself; make sure
+            if self.backend.in_transaction(repo):  # ingest aborts itself; make sure
                 self.abort(repo)
             raise PublishError.from_cvmfs(exc) from None
         except (OSError, _Skip) as exc:
-            if self.server.in_transaction(repo):
+            if self.backend.in_transaction(repo):
                 self.abort(repo)
             code = getattr(exc, "errno", None) or -1
             raise PublishError(repo, "ingest", code, str(exc)) from None
+
+
+class _Published:
+    """The published tree of one repository during one batch, opened once per revision.
+
+    Why: it is read before every phase (is it already in place, is the
+    ingest directory there), and only a publish changes it: a new revision
+    is a new mount, so after :meth:`changed` the next :meth:`tree` opens it
+    again; until then every phase reads through the same directory fd.
+    """
+
+    def __init__(self, publisher: BatchPublisher, repo: str) -> None:
+        self.publisher, self.repo = publisher, repo
+        self._tree: TreeReader | None = None
+
+    def tree(self) -> TreeReader:
+        if self._tree is None:
+            self._tree = self.publisher._tree(self.repo)
+        return self._tree
+
+    def changed(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        tree, self._tree = self._tree, None
+        if tree is not None:
+            tree.__exit__(None, None, None)
