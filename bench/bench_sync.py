@@ -45,9 +45,10 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 from cvmfs_publisher.adapters.cvmfs import CvmfsServer, Result  # noqa: E402
 from cvmfs_publisher.core import config as config_mod  # noqa: E402
 from cvmfs_publisher.core.status import StatusDocument  # noqa: E402
-from cvmfs_publisher.daemons.repo_sync import NAME, RepoSync  # noqa: E402
+from cvmfs_publisher.daemons.repo_sync import NAME  # noqa: E402
 from cvmfs_publisher.operations.reconcile import reconcile  # noqa: E402
 from cvmfs_publisher.publishing.batch import BatchPublisher  # noqa: E402
+from cvmfs_publisher.publishing.scheduler import RepoSync  # noqa: E402
 from cvmfs_publisher.staging.area import Entry, Staging  # noqa: E402
 from tests.cvmfs_server_double import (  # noqa: E402
     DOUBLE_PATH,

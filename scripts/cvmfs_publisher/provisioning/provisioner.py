@@ -22,10 +22,12 @@ from ..adapters.cvmfs import CvmfsError, CvmfsServer, NotInTransaction
 from ..adapters.rabbitmq_api import ManagementAPI
 from ..adapters.rgw import RGW
 from ..adapters.vault import RepositoryKeys, VaultClient
+from ..core import durable
 from ..core.announcements import announcement
 from ..core.config import Config
 from ..core.errors import Transient
 from ..core.names import label_of, vault_path
+from ..staging.area import Staging
 from .messages import ProvisionRequest
 
 log = logging.getLogger(__name__)
@@ -56,19 +58,11 @@ def write_keys(keys_dir: Path, repo: str, keys: RepositoryKeys) -> bool:
     try:
         for ext, content in wanted.items():
             p = tmp / f"{repo}.{ext}"
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(content)
-                fh.flush()
-                os.fsync(fh.fileno())
+            durable.write_new(p, content.encode("utf-8"), 0o600)
             os.chmod(p, KEY_MODES[ext])
         for ext in wanted:
             os.replace(tmp / f"{repo}.{ext}", keys_dir / f"{repo}.{ext}")
-        dfd = os.open(keys_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        durable.fsync_dir(keys_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True
@@ -214,9 +208,7 @@ class Provisioner:
             self._remove_repository(repo)
             changed.append("rmfs")
         remove_keys(Path(self.cfg.cvmfs.keys_dir), repo)
-        staging = Path(self.cfg.cvmfs.staging_dir) / repo
-        if staging.is_dir() and not staging.is_symlink():
-            shutil.rmtree(staging)
+        if Staging(self.cfg.cvmfs.staging_dir, repo).remove():
             changed.append("staging")
         amqp.publish_confirmed(ch, self.cfg.amqp.control_exchange, f"repository.deleted.{label}",
                                announcement("deleted", repo, label, label),

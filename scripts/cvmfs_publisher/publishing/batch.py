@@ -205,7 +205,7 @@ class BatchPublisher:
         :class:`PublishError`; the batch then stays in staging.
         """
         st = self.staging(repo)
-        if not st.root.is_dir():
+        if not st.exists():
             return None
         # Once per batch, before anything else: a transaction a crash left open.
         checked = self.backend.exists(repo)
