@@ -62,50 +62,23 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..adapters.cvmfs import (
-    EBUSY,
     CvmfsError,
     CvmfsServer,
-    NotInTransaction,
-    PublishInProgress,
-    TransactionBusy,
-    TransactionRefused,
-    tool_message,
 )
 from ..core import tarballs
-from ..core.backoff import Backoff
 from ..core.config import Config
-from ..core.errors import PublisherError
-from ..core.logs import redact
 from ..pipeline.object_keys import UnsafeKey, validate_path
 from ..staging.area import Entry, Staging
 from .backend import PublishBackend, TreeReader, TreeWriter
 from .cvmfs_backend import CvmfsBackend
+from .errors import PublishError
 from .plan import Phase, plan
+from .transactions import Transactions
 from .tree import READ_FLAGS, file_mode
 
 log = logging.getLogger(__name__)
 
 TXN_OPS = ("put", "symlink", "delete")
-
-
-class PublishError(PublisherError):
-    """A step that failed: the batch stays in staging and is retried with backoff.
-
-    ``rc`` is the tool's exit code, or the errno of a failed file operation.
-    ``needs_operator``: True when retrying cannot help until someone acts (the
-    detail says what to do); the daemon then retries rarely.
-    """
-
-    def __init__(self, repository: str, step: str, rc: int, message: str,
-                 needs_operator: bool = False) -> None:
-        self.step, self.rc, self.detail = step, rc, redact(message)
-        self.needs_operator = needs_operator
-        super().__init__(f"step={step} rc={rc} error={self.detail}", repository)
-
-    @classmethod
-    def from_cvmfs(cls, exc: CvmfsError) -> PublishError:
-        detail = tool_message(exc)
-        return cls(exc.repository, exc.step, exc.rc, detail)
 
 
 class _Skip(Exception):
@@ -169,18 +142,13 @@ def check_tarball(path: Path) -> str:
 
 
 class BatchPublisher:
-    """Applies staged batches with ``cvmfs_server`` (one repository per call, thread-safe).
+    """Applies staged batches through the publish backend (one repository per call, thread-safe).
 
     ``stop``: set on SIGTERM; waits (retries) give up early, but a phase in
     hand is finished (published or aborted). ``on_problem(repo, text)`` is
     told about a repository stuck in a failing abort, so the status document
     can show it while the retries go on.
     """
-
-    #: ``transaction`` answering 16 for longer than this is no publish of
-    #: another host any more (the real tool took 9.7 s for 200 MB): the lease
-    #: is reported as held, with the way out.
-    lease_held_after = 120.0
 
     def __init__(self, cfg: Config, server: CvmfsServer | None = None,
                  stop: threading.Event | None = None,
@@ -190,8 +158,12 @@ class BatchPublisher:
         self.backend = backend or CvmfsBackend(server or CvmfsServer(cfg.cvmfs))
         self.stop = stop or threading.Event()
         self.on_problem = on_problem or (lambda repo, text: None)
-        self._busy_since: dict[str, float] = {}  # repo -> first 16 of the current streak
+        self.transactions = Transactions(cfg, self.backend, self.stop, self._problem)
         self._checked: set[str] = set()  # repositories create_repository has seen whole
+
+    def _problem(self, repo: str, text: str) -> None:
+        """Through self: a caller may set ``on_problem`` after construction."""
+        self.on_problem(repo, text)
 
     # -- entry points ----------------------------------------------------------------
 
@@ -209,7 +181,7 @@ class BatchPublisher:
             return None
         # Once per batch, before anything else: a transaction a crash left open.
         checked = self.backend.exists(repo)
-        stale = checked and self.recover(repo)
+        stale = checked and self.transactions.recover(repo)
         replay = st.has_batch()
         entries = st.take_batch() if (take_pending or replay) else []
         if replay and not entries:
@@ -223,15 +195,6 @@ class BatchPublisher:
         outcome.aborted_stale += int(stale)
         st.finish_batch()
         return outcome
-
-    def recover(self, repo: str) -> bool:
-        """Abort a transaction left open by a crash; True if there was one."""
-        if not self.backend.in_transaction(repo):
-            return False
-        log.warning("repository=%s step=recover outcome=stale-transaction: "
-                    "in_transaction.lock found, aborting it (abort -f)", repo)
-        self.abort(repo)
-        return True
 
     def ensure_repository(self, repo: str) -> bool:
         """Create the repository when absent, or a failed mkfs' leftover again.
@@ -273,7 +236,7 @@ class BatchPublisher:
                 continue
             good.append(e)
         self.ensure_repository(repo)
-        if not recovered and self.recover(repo):
+        if not recovered and self.transactions.recover(repo):
             out.aborted_stale += 1
         published = _Published(self, repo)
         try:
@@ -357,7 +320,7 @@ class BatchPublisher:
                      "(nothing to publish)", repo, len(phase.entries))
             return
         published.changed()  # a new revision (or an abort) follows: read it afresh
-        self._open_transaction(repo)
+        self.transactions.open(repo)
         out.transactions += 1
         step = "apply"
         try:
@@ -370,7 +333,7 @@ class BatchPublisher:
             self.backend.publish(repo)
         except BaseException as exc:
             # Whatever happened (even KeyboardInterrupt), never leave it open.
-            self.abort(repo)
+            self.transactions.abort(repo)
             if isinstance(exc, CvmfsError):
                 raise PublishError.from_cvmfs(exc) from None
             if isinstance(exc, OSError):
@@ -405,113 +368,6 @@ class BatchPublisher:
         except _Skip as exc:
             self._skipped(repo, e, str(exc), out)
 
-    def _open_transaction(self, repo: str) -> None:
-        """``transaction``; 16 (lease busy) and 17 (already open) are retried."""
-        retries = max(0, self.cfg.sync.transaction_retries)
-        backoff = Backoff(min(0.5, self.cfg.sync.backoff_initial),
-                          min(5.0, self.cfg.sync.backoff_max))
-        attempt = 0
-        while True:
-            attempt += 1
-            if attempt > 1:
-                self.recover(repo)  # a 17 (already open) is a leftover: abort it first
-            try:
-                self.backend.transaction(repo)
-                self._busy_since.pop(repo, None)
-                return
-            except TransactionRefused as exc:
-                raise PublishError(
-                    repo, exc.step, exc.rc,
-                    f"{tool_message(exc)} | the gateway refuses every transaction of this "
-                    "repository until an operator acts (expired whitelist: re-sign it on the "
-                    "stratum 0; layout mismatch: migrate the repository); the batch stays "
-                    "staged and is retried rarely", needs_operator=True) from None
-            except TransactionBusy as exc:
-                held = self._lease_held(repo, exc)
-                if held:
-                    raise PublishError(repo, exc.step, exc.rc, held) from None
-                if attempt > retries or self.stop.is_set():
-                    raise PublishError.from_cvmfs(exc) from None
-                delay = backoff.next()
-                log.warning("repository=%s step=transaction rc=%d error=%s outcome=retry "
-                            "attempt=%d/%d in %.2fs", repo, exc.rc, tool_message(exc),
-                            attempt, retries, delay)
-                self.stop.wait(delay)
-            except CvmfsError as exc:
-                raise PublishError.from_cvmfs(exc) from None
-
-    def _lease_held(self, repo: str, exc: CvmfsError) -> str:
-        """For a 16 (lease busy) lasting longer than a publish: what to tell the operator."""
-        if exc.rc != EBUSY:
-            return ""
-        now = time.monotonic()
-        since = self._busy_since.setdefault(repo, now)
-        if now - since < self.lease_held_after:
-            return ""
-        gateway = self.cfg.cvmfs.gateway_url.rstrip("/")
-        # The way out first: the status document keeps the first 300 characters.
-        return (f"lease {repo}/ busy for {now - since:.0f}s, longer than a publish: leaked? "
-                f"Way out: `cvmfs_server abort -f {repo}` on its publisher, or "
-                f"DELETE {gateway}/leases-by-path/{repo}/ (gateway admin key); else it expires "
-                f"(max_lease_time, 2 h) | {tool_message(exc)}")
-
-    def abort(self, repo: str) -> None:
-        """``abort -f`` until the repository is out of its transaction.
-
-        Why insist: after a failed abort (5: gateway unreachable) the
-        repository is still in its transaction and holds its lease; nothing
-        else may be done to it first. Only a shutdown interrupts the retries;
-        the next start aborts the transaction it finds. A publish still
-        running (22 with the lock message: one orphaned by a killed daemon) is
-        waited for through its lock, then aborted.
-        """
-        backoff = Backoff(self.cfg.sync.backoff_initial, self.cfg.sync.backoff_max)
-        while True:
-            try:
-                self.backend.abort(repo)
-                log.info("repository=%s step=abort outcome=aborted", repo)
-                return
-            except NotInTransaction:
-                return
-            except PublishInProgress as exc:
-                self._wait_for_publish(repo, exc)
-            except CvmfsError as exc:
-                if not self.backend.in_transaction(repo):
-                    log.warning("repository=%s step=abort rc=%d error=%s outcome=not in a "
-                                "transaction any more", repo, exc.rc, tool_message(exc))
-                    return
-                delay = backoff.next()
-                msg = tool_message(exc)
-                log.error("repository=%s step=abort rc=%d error=%s outcome=still in its "
-                          "transaction, retrying in %.1fs", repo, exc.rc, msg, delay)
-                self.on_problem(repo, f"abort rc={exc.rc}: {msg}")
-                if self.stop.wait(delay):
-                    raise PublishError(repo, "abort", exc.rc,
-                                       f"{msg} (shutting down in a transaction: the next "
-                                       "start aborts it)") from None
-
-    def _wait_for_publish(self, repo: str, exc: CvmfsError) -> None:
-        """Wait (bounded by ``cvmfs.command_timeout``, logged) until the publish
-        holding ``is_publishing.lock`` ends; PublishError when it does not."""
-        limit = self.cfg.cvmfs.command_timeout
-        lock = self.backend.publish_lock(repo)
-        log.warning("repository=%s step=abort rc=%d error=%s outcome=waiting: a publish still "
-                    "holds %s (orphaned by a daemon killed alone?), waiting up to %.0fs for "
-                    "it to end before aborting", repo, exc.rc, tool_message(exc), lock, limit)
-        self.on_problem(repo, f"abort waits for a running publish ({lock})")
-        t0 = time.monotonic()
-        while not self.backend.wait_publish_lock(repo, timeout=min(1.0, limit)):
-            waited = time.monotonic() - t0
-            if self.stop.is_set() or waited >= limit:
-                why = "shutting down" if self.stop.is_set() else f"still held after {waited:.0f}s"
-                raise PublishError(repo, "abort", exc.rc,
-                                   f"{tool_message(exc)} ({why}: the publish holding {lock} "
-                                   "has not ended; if no cvmfs_server or cvmfs_swissknife "
-                                   "process of this repository runs, the lock is stale and the "
-                                   "next try takes it over; retried later)") from None
-        log.info("repository=%s step=abort outcome=publish ended after %.1fs, aborting now",
-                 repo, time.monotonic() - t0)
-
     # -- ingest phases ---------------------------------------------------------------
 
     def _ingest_phase(self, repo: str, st: Staging, e: Entry, out: Outcome,
@@ -545,11 +401,11 @@ class BatchPublisher:
             call()
         except CvmfsError as exc:
             if self.backend.in_transaction(repo):  # ingest aborts itself; make sure
-                self.abort(repo)
+                self.transactions.abort(repo)
             raise PublishError.from_cvmfs(exc) from None
         except (OSError, _Skip) as exc:
             if self.backend.in_transaction(repo):
-                self.abort(repo)
+                self.transactions.abort(repo)
             code = getattr(exc, "errno", None) or -1
             raise PublishError(repo, "ingest", code, str(exc)) from None
 

@@ -34,7 +34,8 @@ from ..core.config import Config
 from ..core.names import InvalidName, validate_repository
 from ..core.status import StatusDocument
 from ..staging.area import PendingTimes, Staging, repositories
-from .batch import BatchPublisher, Outcome, PublishError
+from .batch import BatchPublisher, Outcome
+from .errors import PublishError
 
 log = logging.getLogger(__name__)
 
