@@ -1,14 +1,23 @@
 """The local demo: a whole stack on loopback, an upload becoming a published repository.
 
-    tools/demo.sh            # set up, run the demo, stop everything at the end (or Ctrl-C)
-    tools/demo.sh --keep     # leave the stack running to explore
-    tools/demo.sh --stop     # stop a stack left by --keep
+    tools/demo.sh                  # set up, run the demo, stop everything at the end (or Ctrl-C)
+    tools/demo.sh --keep           # leave the stack running to explore
+    tools/demo.sh --stop           # stop a stack left by --keep
+    tools/demo.sh --workdir DIR    # any of the above in DIR (default /tmp/cvmfs-publisher-demo)
 
 Services come from ``cvmfs_publisher.devstack`` (the same code the test
 suite uses): RabbitMQ (the running one, or Debian's), OpenBao, a one-node
 Ceph RGW, and the ``cvmfs_server`` test double (CernVM-FS itself cannot run
 here). The three daemons run as real processes with a generated
 configuration.
+
+One demo per work directory: its state (pids, configuration, mounts) lives
+there, so demos in different directories run side by side (each has its own
+OpenBao, RGW and uniquely named queues on the shared RabbitMQ), and a start
+in a directory whose demo is still running refuses and names it instead of
+stopping it. A demo left by ``--keep`` also writes its configuration's path
+to ``cli.DEMO_CONFIG_POINTER``, so that ``cvmfs-publisher status`` finds it
+without ``--config`` on a machine that has no real configuration.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from typing import Any
 import yaml
 
 from .. import amqp
+from ..cli import DEMO_CONFIG_POINTER
 from ..rgw import RGW
 from .ceph import Ceph
 from .common import kill_process
@@ -45,6 +55,12 @@ DAEMONS = {
     "cvmfs-repo-sync": "cvmfs_publisher.daemons.repo_sync",
 }
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "cvmfs-publisher-demo"
+STATE_FILE = "demo-state.json"
+S3_ENV_FILE = "s3.env"
+
+
+class DemoRunning(RuntimeError):
+    """A demo still runs in the work directory asked for (the message names it)."""
 
 
 class Demo:
@@ -67,9 +83,6 @@ class Demo:
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.workdir.exists():
-            stop_saved(self.workdir, quiet=True)
-        self.workdir.mkdir(parents=True)
         broker = ensure_broker()
         self.step(f"RabbitMQ ready on {broker.host}:{broker.port} (management "
                   f"{broker.management_url})")
@@ -85,6 +98,11 @@ class Demo:
         cfg_file = self.stack.write()
         self.step(f"configuration written to {cfg_file}; cvmfs_server test double at "
                   f"{double.command}")
+        a = self.stack.raw["amqp"]
+        self.step(f"queues: publisher queue '{a['publisher_queue']}', dead letters "
+                  f"'{a['dead_letter_queue']}' (unique names, in place of publisher_queue and "
+                  "cvmfs.dead-letter, so that the demo never shares a queue with a deployment, "
+                  "a test or another demo on this broker)")
         env = self.stack.subprocess_env()
         for name, module in DAEMONS.items():
             out = open(self.workdir / f"{name}.out", "ab")  # owned by the child process
@@ -111,7 +129,7 @@ class Demo:
                               **{f"ceph-{n}": p.pid for n, p in
                                  (self.ceph.procs.items() if self.ceph else [])}},
                  "double_root": str(self.double_root), "labels": self.labels}
-        (self.workdir / "demo-state.json").write_text(json.dumps(state, indent=1))
+        (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
     # -- scenario ------------------------------------------------------------------------
 
@@ -177,6 +195,36 @@ class Demo:
         self.repo_request = (subject, repo)
         return ok
 
+    def keep(self) -> None:
+        """Leave the stack running: say how to use it, and let the CLI find its configuration."""
+        assert self.stack and self.ceph
+        cfg = self.workdir / "publisher.yaml"
+        s3_env = self.workdir / S3_ENV_FILE
+        s3_env.write_text(
+            f"export AWS_ACCESS_KEY_ID={self.ceph.access_key}\n"
+            f"export AWS_SECRET_ACCESS_KEY={self.ceph.secret_key}\n"
+            f"export AWS_ENDPOINT_URL={self.ceph.endpoint}\n"
+            "export AWS_DEFAULT_REGION=default\n")
+        s3_env.chmod(0o600)
+        DEMO_CONFIG_POINTER.write_text(f"{cfg}\n")
+        bucket = self.labels[-1] if self.labels else "BUCKET"
+        stop = "tools/demo.sh --stop" + ("" if self.workdir == DEFAULT_WORKDIR
+                                         else f" --workdir {self.workdir}")
+        print(f"\nThe stack keeps running (configuration {cfg}). Explore:\n"
+              f"  .venv/bin/cvmfs-publisher status        # finds this configuration by itself\n"
+              f"  tail -f {self.workdir / 'log'}/*.log\n"
+              f"  ls {self.double_root / 'var/spool/cvmfs'}/*/rdonly\n"
+              f"Upload a file: bucket {bucket} on {self.ceph.endpoint}, credentials in "
+              f"{s3_env}; anything under cvmfs/ is published:\n"
+              f"  echo hello > hello.txt; . {s3_env}\n"
+              f"  .venv/bin/python -c 'import boto3; boto3.client(\"s3\").upload_file("
+              f"\"hello.txt\", \"{bucket}\", \"cvmfs/hello.txt\")'\n"
+              f"  # or: aws --endpoint-url {self.ceph.endpoint} s3 cp hello.txt "
+              f"s3://{bucket}/cvmfs/hello.txt\n"
+              f"  ls {_published_tree(self.double_root, f'{bucket}.{DOMAIN}')}/   "
+              "# a few seconds later\n"
+              f"Stop it with: {stop}", flush=True)
+
     def deprovision(self) -> None:
         """The other half of the contract: a delete request undoes the provisioning."""
         assert self.stack
@@ -223,6 +271,7 @@ class Demo:
         if self.bao:
             self.bao.stop()
         _unmount(self.double_root)
+        _forget_pointer(self.workdir)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.step("stopped everything the demo started")
 
@@ -258,7 +307,8 @@ def _consumers(cfg: Any, queue: str) -> int:
     except amqp.CONNECTION_ERRORS:
         return 0
     try:
-        return conn.channel().queue_declare(queue, passive=True).method.consumer_count
+        declared = amqp.passive_declare(conn, queue)  # None until provisioning declared it
+        return declared.consumer_count if declared else 0
     except amqp.CONNECTION_ERRORS:
         return 0
     finally:
@@ -277,38 +327,115 @@ def _status_line(stack: Stack) -> str:
     return ", ".join(out)
 
 
-def stop_saved(workdir: Path, quiet: bool = False) -> None:
-    """Stop a stack left running by ``--keep`` (pids from its state file)."""
-    state_file = workdir / "demo-state.json"
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        for pid in state.get("pids", {}).values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGTERM)
-        for pid in [*state.get("pids", {}).values(), *state.get("services", {}).values()]:
-            if pid:
-                kill_process(pid, signal.SIGKILL if pid not in state["pids"].values()
-                             else signal.SIGTERM)
-        _unmount(Path(state.get("double_root", workdir / "cvmfs-root")))
-        with contextlib.suppress(Exception):
-            cfg = Stack(yaml.safe_load((workdir / "publisher.yaml").read_text()), workdir)
-            cleanup_amqp(cfg.config(), ensure_broker(), state.get("labels", []))
+def _alive(pid: int, marker: str) -> bool:
+    """Whether ``pid`` runs and is ours (its command line names ``marker``: no pid reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return marker.encode() in cmdline
+
+
+def running_pids(workdir: Path) -> dict[str, int]:
+    """The demo daemons still running from ``workdir``'s state file (empty: none)."""
+    try:
+        state = json.loads((workdir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    marker = str(workdir / "publisher.yaml")
+    return {name: pid for name, pid in state.get("pids", {}).items() if _alive(pid, marker)}
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Make ``workdir`` for a new demo, refusing to disturb a running one or foreign files.
+
+    Raises :class:`DemoRunning` if a demo's daemons still run there, and
+    ``RuntimeError`` for an existing directory that is not a demo's (the
+    demo removes its directory when it stops, so it must be its own).
+    """
+    if workdir.exists():
+        live = running_pids(workdir)
+        if live:
+            raise DemoRunning(
+                f"a demo is already running in {workdir} ("
+                + ", ".join(f"{n} pid {p}" for n, p in live.items())
+                + f"); stop it with: tools/demo.sh --stop --workdir {workdir}, or start this "
+                "one with another --workdir")
+        if not (workdir / STATE_FILE).exists() and any(workdir.iterdir()):
+            raise RuntimeError(f"{workdir} exists and is not a demo's work directory (no "
+                               f"{STATE_FILE}); the demo deletes its directory when it stops: "
+                               "choose an empty or new --workdir")
+        if (workdir / STATE_FILE).exists():
+            print(f"removing the leftovers of a demo that no longer runs in {workdir}")
+            stop_saved(workdir, quiet=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+
+def _forget_pointer(workdir: Path) -> None:
+    """Remove the CLI's pointer to this demo's configuration (not another demo's)."""
+    with contextlib.suppress(OSError):
+        if DEMO_CONFIG_POINTER.read_text().strip() == str(workdir / "publisher.yaml"):
+            DEMO_CONFIG_POINTER.unlink()
+
+
+def stop_saved(workdir: Path, quiet: bool = False) -> bool:
+    """Stop a stack left running by ``--keep`` (pids from its state file).
+
+    Returns False, saying so unless ``quiet``, when there was nothing to stop.
+    """
+    state_file = workdir / STATE_FILE
+    if not state_file.exists():
+        if not quiet:
+            print(f"no demo in {workdir}: nothing to stop")
+            with contextlib.suppress(OSError):
+                other = Path(DEMO_CONFIG_POINTER.read_text().strip()).parent
+                if other != workdir and running_pids(other):
+                    print(f"a demo runs in {other}: tools/demo.sh --stop --workdir {other}")
+        return False
+    state = json.loads(state_file.read_text())
+    for pid in state.get("pids", {}).values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    for pid in [*state.get("pids", {}).values(), *state.get("services", {}).values()]:
+        if pid:
+            kill_process(pid, signal.SIGKILL if pid not in state["pids"].values()
+                         else signal.SIGTERM)
+    _unmount(Path(state.get("double_root", workdir / "cvmfs-root")))
+    with contextlib.suppress(Exception):
+        cfg = Stack(yaml.safe_load((workdir / "publisher.yaml").read_text()), workdir)
+        cleanup_amqp(cfg.config(), ensure_broker(), state.get("labels", []))
+    _forget_pointer(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     if not quiet:
         print(f"stopped the demo stack in {workdir}")
+    return True
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/demo.sh", description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", action="store_true", help="leave the stack running")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the stack running (and say how to use it)")
     parser.add_argument("--stop", action="store_true", help="stop a stack left by --keep")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                        help="the demo's directory, removed when it stops (default: "
+                        "%(default)s); one demo per directory")
     args = parser.parse_args(argv)
+    workdir = args.workdir.absolute()
     if args.stop:
-        stop_saved(args.workdir)
+        stop_saved(workdir)
         return 0
-    demo = Demo(args.workdir)
+    try:
+        prepare_workdir(workdir)
+    except RuntimeError as exc:  # DemoRunning, or a directory that is not a demo's
+        print(f"tools/demo.sh: {exc}", file=sys.stderr)
+        return 1
+    demo = Demo(workdir)
     ok = False
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         demo.start()
         ok = demo.run()
@@ -320,13 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         demo.step(f"demo FAILED: {exc}")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if args.keep and ok:
-            cfg = demo.workdir / "publisher.yaml"
-            print(f"\nThe stack keeps running. Explore:\n"
-                  f"  .venv/bin/cvmfs-publisher --config {cfg} status\n"
-                  f"  tail -f {demo.workdir / 'log'}/*.log\n"
-                  f"  ls {demo.double_root / 'var/spool/cvmfs'}/*/rdonly\n"
-                  f"Stop it with: tools/demo.sh --stop")
+            demo.keep()
         else:
             demo.stop()
     return 0 if ok else 1
