@@ -7,7 +7,10 @@ the DEFAULT publishing windows (quiet 2 s, maximum delay 30 s). One upload
 at a time, each waited for: the figure is the latency a user sees.
 
 Prints p50 and p95 over N uploads (targets: p50 <= 3 s, p95 <= 6 s).
-Figures only, no assertions.
+Figures only, no assertions. Leaves nothing behind, also on failure, Ctrl-C
+or SIGTERM (daemons, mounts, services, broker objects, temporary directory).
+
+As root, like the tests (the double mounts overlays):
 
     .venv/bin/python bench/bench_e2e.py [--uploads 50]
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +34,7 @@ from tests.cvmfs_server_double import published_tree, unmount_all  # noqa: E402
 
 from cvmfs_publisher import amqp  # noqa: E402
 from cvmfs_publisher.devstack.ceph import Ceph  # noqa: E402
+from cvmfs_publisher.devstack.common import sigterm_as_interrupt  # noqa: E402
 from cvmfs_publisher.devstack.openbao import OpenBao  # noqa: E402
 from cvmfs_publisher.devstack.rabbitmq import cleanup_amqp, ensure_broker  # noqa: E402
 from cvmfs_publisher.devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
@@ -51,14 +56,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uploads", type=int, default=50)
     args = parser.parse_args()
+    with sigterm_as_interrupt():
+        run(args.uploads)
+
+
+def run(uploads: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     broker = ensure_broker()
-    bao = OpenBao(work / "openbao").start()
-    ceph = Ceph(work / "ceph").start()
     double = make_double(work / "cvmfs-root")
+    bao = ceph = cfg = None
     procs: list[subprocess.Popen] = []
-    cfg, labels = None, []
+    labels: list[str] = []
     try:
+        bao = OpenBao(work / "openbao").start()
+        ceph = Ceph(work / "ceph").start()
         stack = build_stack(work, broker, bao, ceph, double)
         stack.raw["log"]["level"] = "INFO"
         # the default windows, as users get them
@@ -83,15 +94,13 @@ def main() -> None:
         amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue, f"a,subj,{repo},P".encode())
         wait((Path(cfg.cvmfs.repositories_dir) / repo).is_dir, 60, "provisioning")
         def consumed() -> bool:
-            try:
-                return conn.channel().queue_declare(label, passive=True).method.consumer_count > 0
-            except amqp.CONNECTION_ERRORS:  # 404 until provisioning declared it
-                return False
+            declared = amqp.passive_declare(conn, label)  # None until provisioning declared it
+            return declared is not None and declared.consumer_count > 0
         wait(consumed, 30, "consumers")
         conn.close()
         tree = Path(published_tree(double.root, repo))
         latencies = []
-        for i in range(args.uploads):
+        for i in range(uploads):
             name = f"file-{i:04d}.txt"
             t0 = time.monotonic()
             rgw.s3.put_object(Bucket=label, Key=f"cvmfs/bench/{name}", Body=b"x" * 1024)
@@ -114,8 +123,11 @@ def main() -> None:
         if cfg is not None:
             with contextlib.suppress(Exception):
                 cleanup_amqp(cfg, broker, labels)
-        ceph.stop()
-        bao.stop()
+        if ceph is not None:
+            ceph.stop()
+        if bao is not None:
+            bao.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

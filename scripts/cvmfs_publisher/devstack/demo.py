@@ -44,7 +44,7 @@ from .. import amqp
 from ..cli import DEMO_CONFIG_POINTER
 from ..rgw import RGW
 from .ceph import Ceph
-from .common import kill_process
+from .common import kill_process, sigterm_as_interrupt
 from .openbao import OpenBao
 from .rabbitmq import cleanup_amqp, ensure_broker
 from .stack import DOMAIN, REPO_ROOT, Stack, build_stack, make_double, unique_label
@@ -411,10 +411,6 @@ def stop_saved(workdir: Path, quiet: bool = False) -> bool:
     return True
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/demo.sh", description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true",
@@ -435,23 +431,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     demo = Demo(workdir)
     ok = False
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        demo.start()
-        ok = demo.run()
-        if ok and not args.keep:
-            demo.deprovision()
-        demo.step("demo " + ("succeeded" if ok else "FAILED"))
-    except KeyboardInterrupt:
-        demo.step("interrupted")
-    except Exception as exc:
-        demo.step(f"demo FAILED: {exc}")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if args.keep and ok:
-            demo.keep()
-        else:
-            demo.stop()
+    with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C
+        try:
+            demo.start()
+            ok = demo.run()
+            if ok and not args.keep:
+                demo.deprovision()
+            demo.step("demo " + ("succeeded" if ok else "FAILED"))
+        except KeyboardInterrupt:
+            demo.step("interrupted")
+        except Exception as exc:
+            demo.step(f"demo FAILED: {exc}")
+        finally:
+            if args.keep and ok:
+                demo.keep()
+            else:
+                demo.stop()
     return 0 if ok else 1
 
 
