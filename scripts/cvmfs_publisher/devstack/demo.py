@@ -56,7 +56,7 @@ DAEMONS = {
 }
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "cvmfs-publisher-demo"
 STATE_FILE = "demo-state.json"
-S3_ENV_FILE = "s3.env"
+ENV_FILE = "demo.env"
 
 
 class DemoRunning(RuntimeError):
@@ -199,30 +199,31 @@ class Demo:
         """Leave the stack running: say how to use it, and let the CLI find its configuration."""
         assert self.stack and self.ceph
         cfg = self.workdir / "publisher.yaml"
-        s3_env = self.workdir / S3_ENV_FILE
-        s3_env.write_text(
+        bucket = self.labels[-1]
+        published = _published_tree(self.double_root, f"{bucket}.{DOMAIN}")
+        env_file = self.workdir / ENV_FILE
+        env_file.write_text(
+            "# the kept demo's S3 (boto3 and the AWS CLI read these), bucket and published tree\n"
             f"export AWS_ACCESS_KEY_ID={self.ceph.access_key}\n"
             f"export AWS_SECRET_ACCESS_KEY={self.ceph.secret_key}\n"
             f"export AWS_ENDPOINT_URL={self.ceph.endpoint}\n"
-            "export AWS_DEFAULT_REGION=default\n")
-        s3_env.chmod(0o600)
+            "export AWS_DEFAULT_REGION=default\n"
+            f"export DEMO_BUCKET={bucket}\n"
+            f"export DEMO_PUBLISHED={published}\n")
+        env_file.chmod(0o600)
         DEMO_CONFIG_POINTER.write_text(f"{cfg}\n")
-        bucket = self.labels[-1] if self.labels else "BUCKET"
         stop = "tools/demo.sh --stop" + ("" if self.workdir == DEFAULT_WORKDIR
                                          else f" --workdir {self.workdir}")
         print(f"\nThe stack keeps running (configuration {cfg}). Explore:\n"
-              f"  .venv/bin/cvmfs-publisher status        # finds this configuration by itself\n"
+              "  .venv/bin/cvmfs-publisher status     # finds this configuration by itself\n"
               f"  tail -f {self.workdir / 'log'}/*.log\n"
-              f"  ls {self.double_root / 'var/spool/cvmfs'}/*/rdonly\n"
-              f"Upload a file: bucket {bucket} on {self.ceph.endpoint}, credentials in "
-              f"{s3_env}; anything under cvmfs/ is published:\n"
-              f"  echo hello > hello.txt; . {s3_env}\n"
-              f"  .venv/bin/python -c 'import boto3; boto3.client(\"s3\").upload_file("
-              f"\"hello.txt\", \"{bucket}\", \"cvmfs/hello.txt\")'\n"
-              f"  # or: aws --endpoint-url {self.ceph.endpoint} s3 cp hello.txt "
-              f"s3://{bucket}/cvmfs/hello.txt\n"
-              f"  ls {_published_tree(self.double_root, f'{bucket}.{DOMAIN}')}/   "
-              "# a few seconds later\n"
+              f"Upload: anything under cvmfs/ in bucket {bucket} (S3 endpoint "
+              f"{self.ceph.endpoint}, credentials in {env_file}) is published:\n"
+              f"  . {env_file}\n"
+              "  .venv/bin/python -c 'import boto3, os; boto3.client(\"s3\").upload_file("
+              "\"README.md\", os.environ[\"DEMO_BUCKET\"], \"cvmfs/README.md\")'\n"
+              "  # or, with the AWS CLI: aws s3 cp README.md s3://$DEMO_BUCKET/cvmfs/README.md\n"
+              "  ls -l $DEMO_PUBLISHED/README.md      # a few seconds later\n"
               f"Stop it with: {stop}", flush=True)
 
     def deprovision(self) -> None:
