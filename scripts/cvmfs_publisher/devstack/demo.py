@@ -124,10 +124,13 @@ class Demo:
                    for n in DAEMONS)
 
     def _save(self) -> None:
-        state = {"pids": {n: p.pid for n, p in self.procs.items()},
-                 "services": {"openbao": self.bao.proc.pid if self.bao and self.bao.proc else 0,
-                              **{f"ceph-{n}": p.pid for n, p in
-                                 (self.ceph.procs.items() if self.ceph else [])}},
+        pids = {n: p.pid for n, p in self.procs.items()}
+        services = {"openbao": self.bao.proc.pid if self.bao and self.bao.proc else 0,
+                    **{f"ceph-{n}": p.pid for n, p in
+                       (self.ceph.procs.items() if self.ceph else [])}}
+        state = {"pids": pids, "services": services,
+                 "started": {str(pid): process_start(pid)
+                             for pid in (*pids.values(), *services.values()) if pid},
                  "double_root": str(self.double_root), "labels": self.labels}
         (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
@@ -328,23 +331,36 @@ def _status_line(stack: Stack) -> str:
     return ", ".join(out)
 
 
-def _alive(pid: int, marker: str) -> bool:
-    """Whether ``pid`` runs and is ours (its command line names ``marker``: no pid reuse)."""
+def process_start(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot), or None if it is gone.
+
+    Stored with each pid in the state file: a pid whose start time differs
+    is another process that reuses the number, never ours to signal.
+    """
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return marker.encode() in cmdline
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _ours(pid: int, state: dict[str, Any]) -> bool:
+    started = state.get("started", {}).get(str(pid))
+    return bool(pid) and started is not None and process_start(pid) == started
+
+
+def _state(workdir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((workdir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def running_pids(workdir: Path) -> dict[str, int]:
     """The demo daemons still running from ``workdir``'s state file (empty: none)."""
-    try:
-        state = json.loads((workdir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    marker = str(workdir / "publisher.yaml")
-    return {name: pid for name, pid in state.get("pids", {}).items() if _alive(pid, marker)}
+    state = _state(workdir)
+    return {name: pid for name, pid in state.get("pids", {}).items() if _ours(pid, state)}
 
 
 def prepare_workdir(workdir: Path) -> None:
@@ -393,14 +409,16 @@ def stop_saved(workdir: Path, quiet: bool = False) -> bool:
                 if other != workdir and running_pids(other):
                     print(f"a demo runs in {other}: tools/demo.sh --stop --workdir {other}")
         return False
-    state = json.loads(state_file.read_text())
-    for pid in state.get("pids", {}).values():
+    state = _state(workdir)
+    daemons = [pid for pid in state.get("pids", {}).values() if _ours(pid, state)]
+    services = [pid for pid in state.get("services", {}).values() if _ours(pid, state)]
+    for pid in daemons:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
-    for pid in [*state.get("pids", {}).values(), *state.get("services", {}).values()]:
-        if pid:
-            kill_process(pid, signal.SIGKILL if pid not in state["pids"].values()
-                         else signal.SIGTERM)
+    for pid in daemons:
+        kill_process(pid, signal.SIGTERM)
+    for pid in services:
+        kill_process(pid, signal.SIGKILL)
     _unmount(Path(state.get("double_root", workdir / "cvmfs-root")))
     with contextlib.suppress(Exception):
         cfg = Stack(yaml.safe_load((workdir / "publisher.yaml").read_text()), workdir)
