@@ -5,7 +5,8 @@ count, as for a newcomer). Its ``.venv`` is made here in seconds instead of
 by ``pip install`` (which needs the network and a minute): a venv of the
 same interpreter whose ``.pth`` puts the clone's ``scripts/`` first and this
 checkout's installed dependencies after it, the console scripts of
-``pyproject.toml`` written as pip writes them, and the stamp with which
+``pyproject.toml`` written as pip writes them, the dependencies' own
+executables (``bao``, ``ruff``, ...) linked, and the stamp with which
 ``tools/setup-dev.sh`` recognises an up-to-date ``.venv`` (the rest of the
 set-up, the Debian packages and services, runs for real).
 
@@ -47,11 +48,15 @@ def readme_section(title: str) -> str:
     return text[start:end if end > 0 else None]
 
 
+def sh_blocks(section: str) -> list[list[str]]:
+    """The commands of each of the section's ``sh`` blocks, in order (comments kept)."""
+    return [[line for line in block.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+            for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S)]
+
+
 def sh_lines(section: str) -> list[str]:
-    """Each command of the section's ``sh`` blocks, in order (comments kept)."""
-    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
-    return [line for block in blocks for line in block.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [line for block in sh_blocks(section) for line in block]
 
 
 def _strip_comment(line: str) -> str:
@@ -81,6 +86,12 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
         exe.write_text(f"#!{python}\nimport sys\nfrom {module} import {func}\n"
                        f"sys.exit({func}())\n")
         exe.chmod(0o755)
+    own = Path(sys.executable).parent  # this checkout's venv: the dependencies' executables
+    for exe in own.iterdir():
+        target = venv / "bin" / exe.name
+        if exe.is_file() and not exe.name.startswith(("python", "activate", "Activate")) \
+                and not target.exists():
+            target.symlink_to(exe)
     digest = hashlib.sha256((repo / "pyproject.toml").read_bytes()).hexdigest()
     (venv / ".setup-dev.stamp").write_text(f"{repo} {digest}\n")
     return repo
@@ -113,26 +124,39 @@ def test_quick_start_from_a_clean_clone(clone: Path, tmpdir_env: dict[str, str])
     """Every quick-start command succeeds, and the demo leaves nothing behind."""
     tmp = Path(tmpdir_env["TMPDIR"])
     workdir = tmp / "cvmfs-publisher-demo"
-    sourced: list[str] = []  # ". FILE" lines: their variables hold for the next commands
     outputs: dict[str, str] = {}
-    for line in sh_lines(readme_section("Quick start")):
-        command = _strip_comment(line).replace("/tmp/", f"{tmp}/")
-        if "pytest" in command:  # the suite cannot run itself; its set-up and collection can
-            command = command.replace(".venv/bin/python -m pytest",
-                                      ".venv/bin/python -m pytest --collect-only -q")
-        script = "set -e\n" + "".join(f"{s}\n" for s in sourced) + command
-        deadline = time.monotonic() + (60 if "later" in line else 0)
-        while True:
-            res = run(clone, script, tmpdir_env)
-            if res.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert res.returncode == 0, (f"{command!r} exited {res.returncode}:\n"
-                                     f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-        outputs[command] = res.stdout + res.stderr
-        if command.startswith(". "):
-            sourced.append(command)
+    for block in sh_blocks(readme_section("Quick start")):
+        sourced: list[str] = []  # ". FILE" lines: their variables hold for the block's rest
+        for line in block:
+            run_line(clone, line, tmp, tmpdir_env, sourced, outputs)
+    check_demo_outputs(outputs, tmp, workdir)
+    again = run(clone, "tools/demo.sh --stop", tmpdir_env)
+    assert again.returncode == 0 and "nothing to stop" in again.stdout
+    assert "stopped" not in again.stdout
 
+
+def run_line(clone: Path, line: str, tmp: Path, env: dict[str, str], sourced: list[str],
+             outputs: dict[str, str]) -> None:
+    """Run one README command (retried for a minute if it says "later"); it must succeed."""
+    command = _strip_comment(line).replace("/tmp/", f"{tmp}/")
+    if "pytest" in command:  # the suite cannot run itself; its set-up and collection can
+        command = command.replace(".venv/bin/python -m pytest",
+                                  ".venv/bin/python -m pytest --collect-only -q")
+    script = "set -e\n" + "".join(f"{s}\n" for s in sourced) + command
+    deadline = time.monotonic() + (60 if "later" in line else 0)
+    while True:
+        res = run(clone, script, env)
+        if res.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert res.returncode == 0, (f"{command!r} exited {res.returncode}:\n"
+                                 f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    outputs[command] = res.stdout + res.stderr
+    if command.startswith(". "):
+        sourced.append(command)
+
+
+def check_demo_outputs(outputs: dict[str, str], tmp: Path, workdir: Path) -> None:
     demo = outputs["tools/demo.sh"]
     for step in ("provisioned in", "published in", "bin/hello.sh  mode 755",
                  "software/tools/demo-tool-1.0/bin/demo-tool", "deprovisioned",
@@ -151,9 +175,6 @@ def test_quick_start_from_a_clean_clone(clone: Path, tmpdir_env: dict[str, str])
     assert cli.DEMO_CONFIG_POINTER.name not in os.listdir(tmp)
     assert not [p for p in Path("/proc").glob("[0-9]*/cmdline")
                 if str(workdir).encode() in _read(p)]
-    again = run(clone, "tools/demo.sh --stop", tmpdir_env)
-    assert again.returncode == 0 and "nothing to stop" in again.stdout
-    assert "stopped" not in again.stdout
 
 
 def _read(path: Path) -> bytes:

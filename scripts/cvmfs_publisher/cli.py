@@ -385,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. /run/secrets); default: the files' own paths")
     s.set_defaults(func=cmd_migrate)
 
+    # Everything after "health" is health's own (its --help included): with no "-"
+    # prefix, this parser takes no options and passes every word through.
     s = sub.add_parser("health", help="container health check (exit 0 healthy, 1 not)",
-                       add_help=False)
+                       add_help=False, prefix_chars="+")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=lambda a: _health(a.rest))
     return p
