@@ -18,8 +18,6 @@ As root, like the tests (the double mounts overlays):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,14 +28,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
-from tests.cvmfs_server_double import published_tree, unmount_all  # noqa: E402
+from tests.cvmfs_server_double import published_tree  # noqa: E402
 
 from cvmfs_publisher import amqp  # noqa: E402
 from cvmfs_publisher.devstack.ceph import Ceph  # noqa: E402
 from cvmfs_publisher.devstack.common import sigterm_as_interrupt  # noqa: E402
 from cvmfs_publisher.devstack.openbao import OpenBao  # noqa: E402
-from cvmfs_publisher.devstack.rabbitmq import cleanup_amqp, ensure_broker  # noqa: E402
-from cvmfs_publisher.devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
+from cvmfs_publisher.devstack.rabbitmq import ensure_broker  # noqa: E402
+from cvmfs_publisher.devstack.stack import (  # noqa: E402
+    DOMAIN,
+    build_stack,
+    make_double,
+    tear_down,
+    unique_label,
+)
 from cvmfs_publisher.rgw import RGW  # noqa: E402
 
 DAEMONS = ("publisher_consumer", "repo_consumers", "repo_sync")
@@ -119,15 +123,7 @@ def run(uploads: int) -> None:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        unmount_all(double.root)
-        if cfg is not None:
-            with contextlib.suppress(Exception):
-                cleanup_amqp(cfg, broker, labels)
-        if ceph is not None:
-            ceph.stop()
-        if bao is not None:
-            bao.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        tear_down(work, double.root, [ceph, bao], cfg, broker, labels)
 
 
 if __name__ == "__main__":

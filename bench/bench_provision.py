@@ -20,8 +20,6 @@ As root, like the tests (the double mounts overlays):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,14 +29,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
-from tests.cvmfs_server_double import unmount_all  # noqa: E402
-from tests.provision.helpers import Amqp, cleanup_amqp, running  # noqa: E402
+from tests.provision.helpers import Amqp, running  # noqa: E402
 
 from cvmfs_publisher.devstack.ceph import Ceph  # noqa: E402
 from cvmfs_publisher.devstack.common import sigterm_as_interrupt  # noqa: E402
 from cvmfs_publisher.devstack.openbao import OpenBao  # noqa: E402
 from cvmfs_publisher.devstack.rabbitmq import ensure_broker  # noqa: E402
-from cvmfs_publisher.devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
+from cvmfs_publisher.devstack.stack import (  # noqa: E402
+    DOMAIN,
+    build_stack,
+    make_double,
+    tear_down,
+    unique_label,
+)
 from cvmfs_publisher.rgw import RGW  # noqa: E402
 
 
@@ -76,17 +79,8 @@ def main() -> None:
             print(f"provisioned {len(times)} repositories")
             print(f"per repository: median {statistics.median(times):.3f} s, p95 {p95:.3f} s, "
                   f"max {times[-1]:.3f} s (target < 2 s)")
-        finally:
-            # RGW's topics and buckets go with the cluster's directory; the broker is shared
-            unmount_all(double.root)
-            if cfg is not None:
-                with contextlib.suppress(Exception):
-                    cleanup_amqp(cfg, broker, labels)
-            if ceph is not None:
-                ceph.stop()
-            if bao is not None:
-                bao.stop()
-            shutil.rmtree(work, ignore_errors=True)
+        finally:  # RGW's topics and buckets go with the cluster's directory
+            tear_down(work, double.root, [ceph, bao], cfg, broker, labels)
 
 
 if __name__ == "__main__":

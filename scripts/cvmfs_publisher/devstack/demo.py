@@ -28,7 +28,6 @@ import gzip
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,8 +45,8 @@ from ..rgw import RGW
 from .ceph import Ceph
 from .common import kill_process, sigterm_as_interrupt
 from .openbao import OpenBao
-from .rabbitmq import cleanup_amqp, ensure_broker
-from .stack import DOMAIN, REPO_ROOT, Stack, build_stack, make_double, unique_label
+from .rabbitmq import ensure_broker
+from .stack import DOMAIN, REPO_ROOT, Stack, build_stack, make_double, tear_down, unique_label
 
 DAEMONS = {
     "publisher-consumer": "cvmfs_publisher.daemons.publisher_consumer",
@@ -74,6 +73,7 @@ class Demo:
         self.procs: dict[str, subprocess.Popen] = {}
         self.repo_request: tuple[str, str] = ("", "")
         self.stack: Stack | None = None
+        self.broker: Any = None
         self.double_root = workdir / "cvmfs-root"
         self.labels: list[str] = []
 
@@ -83,7 +83,7 @@ class Demo:
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        broker = ensure_broker()
+        self.broker = broker = ensure_broker()
         self.step(f"RabbitMQ ready on {broker.host}:{broker.port} (management "
                   f"{broker.management_url})")
         self.bao = OpenBao(self.workdir / "openbao").start()
@@ -267,16 +267,9 @@ class Demo:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if self.stack:
-            with contextlib.suppress(Exception):
-                cleanup_amqp(self.stack.config(), ensure_broker(), self.labels)
-        if self.ceph:
-            self.ceph.stop()
-        if self.bao:
-            self.bao.stop()
-        _unmount(self.double_root)
         _forget_pointer(self.workdir)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        tear_down(self.workdir, self.double_root, [self.ceph, self.bao],
+                  self.stack.config() if self.stack else None, self.broker, self.labels)
         self.step("stopped everything the demo started")
 
 
@@ -295,14 +288,6 @@ def _published_tree(root: Path, repo: str) -> Path:
     sys.path.insert(0, str(REPO_ROOT))
     from tests.cvmfs_server_double import published_tree  # noqa: PLC0415 - the double's own API
     return Path(published_tree(root, repo))
-
-
-def _unmount(root: Path) -> None:
-    if not root.exists():
-        return
-    sys.path.insert(0, str(REPO_ROOT))
-    from tests.cvmfs_server_double import unmount_all  # noqa: PLC0415
-    unmount_all(root)
 
 
 def _consumers(cfg: Any, queue: str) -> int:
@@ -419,12 +404,13 @@ def stop_saved(workdir: Path, quiet: bool = False) -> bool:
         kill_process(pid, signal.SIGTERM)
     for pid in services:
         kill_process(pid, signal.SIGKILL)
-    _unmount(Path(state.get("double_root", workdir / "cvmfs-root")))
-    with contextlib.suppress(Exception):
-        cfg = Stack(yaml.safe_load((workdir / "publisher.yaml").read_text()), workdir)
-        cleanup_amqp(cfg.config(), ensure_broker(), state.get("labels", []))
+    cfg = broker = None
+    with contextlib.suppress(Exception):  # no configuration yet: nothing on the broker either
+        cfg = Stack(yaml.safe_load((workdir / "publisher.yaml").read_text()), workdir).config()
+        broker = ensure_broker()
     _forget_pointer(workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
+    tear_down(workdir, Path(state.get("double_root", workdir / "cvmfs-root")), (), cfg,
+              broker, state.get("labels", []))
     if not quiet:
         print(f"stopped the demo stack in {workdir}")
     return True
