@@ -132,3 +132,21 @@ def test_the_cli_uses_a_kept_demos_configuration_and_says_so(
     assert cli.config_path(None, env={"CVMFS_PUBLISHER_CONFIG": "y.yaml"}) == ("y.yaml", "")
     monkeypatch.setattr(cli.config, "DEFAULT_CONFIG_PATH", str(cfg))
     assert cli.config_path(None, env={}) == (str(cfg), "")
+
+
+def test_stop_ends_a_demo_still_running_its_scenario(tmp_path: Path, pointer: Path) -> None:
+    """``--stop`` while a demo runs (not kept): the demo is asked to stop (SIGTERM)."""
+    workdir = tmp_path / "demo"
+    workdir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (workdir / demo.STATE_FILE).write_text(json.dumps(
+            {"demo": proc.pid, "pids": {}, "services": {}, "labels": [],
+             "started": {str(proc.pid): demo.process_start(proc.pid)}}))
+        assert demo.running_pids(workdir) == {"tools/demo.sh": proc.pid}
+        assert demo.stop_saved(workdir, quiet=True)
+        assert proc.wait(timeout=10) == -15
+        assert not workdir.exists()
+    finally:
+        proc.kill()
+        proc.wait()

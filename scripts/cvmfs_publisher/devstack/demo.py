@@ -83,6 +83,7 @@ class Demo:
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._save()  # from now on a second start here sees this demo and refuses
         self.broker = broker = ensure_broker()
         self.step(f"RabbitMQ ready on {broker.host}:{broker.port} (management "
                   f"{broker.management_url})")
@@ -128,9 +129,10 @@ class Demo:
         services = {"openbao": self.bao.proc.pid if self.bao and self.bao.proc else 0,
                     **{f"ceph-{n}": p.pid for n, p in
                        (self.ceph.procs.items() if self.ceph else [])}}
-        state = {"pids": pids, "services": services,
+        state = {"demo": os.getpid(), "pids": pids, "services": services,
                  "started": {str(pid): process_start(pid)
-                             for pid in (*pids.values(), *services.values()) if pid},
+                             for pid in (os.getpid(), *pids.values(), *services.values())
+                             if pid},
                  "double_root": str(self.double_root), "labels": self.labels}
         (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
@@ -343,9 +345,10 @@ def _state(workdir: Path) -> dict[str, Any]:
 
 
 def running_pids(workdir: Path) -> dict[str, int]:
-    """The demo daemons still running from ``workdir``'s state file (empty: none)."""
+    """What still runs of ``workdir``'s demo: the demo itself, its daemons (empty: none)."""
     state = _state(workdir)
-    return {name: pid for name, pid in state.get("pids", {}).items() if _ours(pid, state)}
+    named = {"tools/demo.sh": state.get("demo", 0), **state.get("pids", {})}
+    return {name: pid for name, pid in named.items() if _ours(pid, state)}
 
 
 def prepare_workdir(workdir: Path) -> None:
@@ -395,6 +398,9 @@ def stop_saved(workdir: Path, quiet: bool = False) -> bool:
                     print(f"a demo runs in {other}: tools/demo.sh --stop --workdir {other}")
         return False
     state = _state(workdir)
+    demo = state.get("demo", 0)
+    if _ours(demo, state) and demo != os.getpid():  # a demo still running its scenario
+        kill_process(demo, signal.SIGTERM, timeout=90)  # it stops what it started, then exits
     daemons = [pid for pid in state.get("pids", {}).values() if _ours(pid, state)]
     services = [pid for pid in state.get("services", {}).values() if _ours(pid, state)]
     for pid in daemons:
