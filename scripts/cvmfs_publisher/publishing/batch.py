@@ -1,13 +1,18 @@
 """Applying one staged batch to one repository: the sync daemon's unit of work.
 
+The repository is reached through the publish backend
+(:mod:`cvmfs_publisher.publishing.backend`; today ``cvmfs_server``), its
+transactions through :mod:`cvmfs_publisher.publishing.transactions`.
+
 How a batch is applied
 ----------------------
-1. The repository must exist locally: ``mkfs`` (gateway mode, keys from
-   ``cvmfs.keys_dir``) when ``<repositories_dir>/<repo>`` is absent.
+1. The repository must exist locally: created (gateway mode, keys from
+   ``cvmfs.keys_dir``) when absent, or when a failed mkfs left it half made
+   (:meth:`cvmfs_publisher.adapters.cvmfs.CvmfsServer.create_repository`).
 2. A transaction left open (``in_transaction.lock``) can only be a crash's
    leftover (this daemon is the repository's only publisher on this host):
-   ``abort -f`` first, and say so in the log.
-3. The batch is cut into *phases* (:func:`plan`), in staging order:
+   ``abort -f`` first, once per batch, and say so in the log.
+3. The batch is cut into *phases* (:func:`cvmfs_publisher.publishing.plan.plan`), in staging order:
    transaction phases (files, symlinks, deletions) and ingest phases (one
    tarball each, because ``cvmfs_server ingest`` opens and publishes its own
    transaction and must run outside ours). Two changes of overlapping paths
@@ -23,7 +28,8 @@ How a batch is applied
    ``sync.transaction_retries``); the changes are applied inside
    ``<mount_dir>/<repo>`` only, path by path (never a walk of the
    repository: the cost follows the size of the change), through directory
-   file descriptors and ``O_NOFOLLOW`` (:class:`Tree`); ``publish``. Any
+   file descriptors and ``O_NOFOLLOW`` (:mod:`cvmfs_publisher.publishing.tree`);
+   ``publish``. Any
    failure after ``transaction`` ends in ``abort -f``; when ``abort`` answers
    5 the repository is still in its transaction, so the abort is retried
    (with backoff) before anything else happens to the repository.
