@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """cvmfs-repo-consumers benchmark: throughput against raw S3 GETs, and memory for 1 GiB.
 
-Starts a one-node Ceph RGW (cvmfs_publisher.devstack) and uses the machine's
-RabbitMQ, in a private virtual host. For each ``--downloads`` value:
+Starts a one-node Ceph RGW and a RabbitMQ node of its own (cvmfs_publisher.
+devstack; the machine's broker is left alone), with production defaults
+(persistent RGW topics), in a private virtual host. For each ``--downloads`` value:
 
 1. one repository topology (queue, topic, bucket notification: the library
    calls publisher-consumer's Provisioner makes, without Vault and mkfs);
@@ -62,7 +63,7 @@ from tests.consumers.support import Pattern  # noqa: E402
 from cvmfs_publisher import amqp, config, logs  # noqa: E402
 from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers  # noqa: E402
 from cvmfs_publisher.devstack import ceph as ceph_mod  # noqa: E402
-from cvmfs_publisher.devstack.rabbitmq import Broker, ensure_broker  # noqa: E402
+from cvmfs_publisher.devstack.rabbitmq import Broker, RabbitNode  # noqa: E402
 from cvmfs_publisher.rgw import RGW  # noqa: E402
 from cvmfs_publisher.staging import Staging  # noqa: E402
 from cvmfs_publisher.status import StatusDocument  # noqa: E402
@@ -91,7 +92,7 @@ class Bench:
                      "retry_delays": [1, 2]},
             "s3": {"endpoint_url": ceph.endpoint, "max_attempts": 1},
             "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}/{vhost}",
-                    "amqp_ack_level": "broker", "persistent": False, "verify_ssl": False},
+                    "amqp_ack_level": "broker", "persistent": True, "verify_ssl": False},
             "cvmfs": {"staging_dir": str(work / "staging"), "domain": DOMAIN},
             "consumers": {"downloads": 4},
         }
@@ -164,7 +165,8 @@ def throughput(b: Bench, events: int, size: int, downloads: int,
         with ThreadPoolExecutor(32) as pool:
             list(pool.map(lambda nk: rgw.s3.put_object(Bucket=nk[0], Key=nk[1], Body=body),
                           keys))
-        wait("events queued", lambda: sum(b.depth(n) for n in names) >= events, 60, 0.2)
+        # a new persistent topic delivers its first events ~30 s after its creation
+        wait("events queued", lambda: sum(b.depth(n) for n in names) >= events, 240, 0.2)
 
         client = RGW(cfg.s3, cfg.rgw, max_pool_connections=max(10, downloads * 2)).s3
         t0 = time.monotonic()
@@ -261,7 +263,8 @@ def main() -> None:
     if args.nagle:
         ceph_mod.CONF = ceph_mod.CONF.replace(" tcp_nodelay=1", "")
     work = Path(tempfile.mkdtemp(prefix="bench-consumers-"))
-    broker = ensure_broker()
+    node = RabbitNode(work / "rabbitmq").start()
+    broker = node.broker()
     vhost = label()
     quoted = urllib.parse.quote(vhost, safe="")
     broker.api("PUT", f"/api/vhosts/{quoted}", {})
@@ -296,8 +299,7 @@ def main() -> None:
             subprocess.run(["cp", "-a", str(work / "ceph" / "log"), str(kept)], check=False)
             print(f"failed: Ceph logs kept in {kept}", file=sys.stderr)
         ceph.stop()
-        with contextlib.suppress(Exception):
-            broker.api("DELETE", f"/api/vhosts/{quoted}")
+        node.stop()
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Provisioning benchmark: 20 repositories through publisher-consumer on the local stack.
 
-Starts OpenBao and a one-node Ceph RGW (cvmfs_publisher.devstack), uses the
-machine's RabbitMQ, the cvmfs_server test double, and the real daemon in a
+Starts OpenBao, a one-node Ceph RGW and a RabbitMQ node of its own
+(cvmfs_publisher.devstack), the cvmfs_server test double, and the real daemon in a
 thread. Each repository: keys in Vault, a bucket; then its CSV message is
 sent and the time until the ``created`` announcement is measured.
 
@@ -24,11 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
-from tests.provision.helpers import Amqp, cleanup_amqp, running  # noqa: E402
+from tests.provision.helpers import Amqp, running  # noqa: E402
 
 from cvmfs_publisher.devstack.ceph import Ceph  # noqa: E402
 from cvmfs_publisher.devstack.openbao import OpenBao  # noqa: E402
-from cvmfs_publisher.devstack.rabbitmq import ensure_broker  # noqa: E402
+from cvmfs_publisher.devstack.rabbitmq import RabbitNode  # noqa: E402
 from cvmfs_publisher.devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
 from cvmfs_publisher.rgw import RGW  # noqa: E402
 
@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-provision-"))
-    broker = ensure_broker()
+    node = RabbitNode(work / "rabbitmq").start()
+    broker = node.broker()
     bao = OpenBao(work / "openbao").start()
     ceph = Ceph(work / "ceph").start()
     try:
@@ -63,7 +64,6 @@ def main() -> None:
             rgw.delete_notification(label)
             rgw.delete_topic(label)
             rgw.s3.delete_bucket(Bucket=label)
-        cleanup_amqp(cfg, broker, labels)
         times.sort()
         p95 = times[min(len(times) - 1, round(0.95 * len(times)) - 1)]
         print(f"provisioned {len(times)} repositories")
@@ -72,6 +72,7 @@ def main() -> None:
     finally:
         ceph.stop()
         bao.stop()
+        node.stop()
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Shared fixtures: real services on loopback, started once per session.
 
 Services come from ``cvmfs_publisher.devstack`` (the same code the local
-demo uses): the machine's RabbitMQ (started if absent), an OpenBao dev
-server, a one-node Ceph RGW. Only ``cvmfs_server`` is a test double
-(``tests/cvmfs_server_double.py``).
+demo uses): a RabbitMQ node of the suite's own (the machine's broker is
+never touched), an OpenBao dev server, a one-node Ceph RGW. Only
+``cvmfs_server`` is a test double (``tests/cvmfs_server_double.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,8 +43,11 @@ def session_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def broker() -> rabbit_mod.Broker:
-    return rabbit_mod.ensure_broker()
+def broker(session_dir: Path) -> Iterator[rabbit_mod.Broker]:
+    """The suite's own RabbitMQ node: its ``stop_app``/``restart_app`` are hermetic."""
+    node = rabbit_mod.RabbitNode(session_dir / "rabbitmq").start()
+    yield node.broker()
+    node.stop()
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +85,18 @@ def stack(tmp_path: Path, broker: rabbit_mod.Broker, openbao: bao_mod.OpenBao,
 def secrets_in_use(stack: Stack) -> list[str]:
     """Every secret value the stack uses (for the log scan)."""
     return stack.secrets()
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``path`` (disk-full tests), read-only if asked (EROFS)."""
+    path.mkdir()
+    opts = f"size={size},mode=0755" + (",ro" if read_only else "")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                         capture_output=True, timeout=10, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=10)

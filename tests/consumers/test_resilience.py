@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from cvmfs_publisher.devstack import rabbitmq as rabbit_mod
+from cvmfs_publisher.devstack.rabbitmq import Broker
 from cvmfs_publisher.staging import Staging
+from tests.conftest import small_filesystem
 from tests.consumers.support import (
     Env,
     Process,
@@ -58,7 +56,7 @@ def wait_drained(env: Env, repo: Repo, timeout: float = 20.0) -> None:
                and unacked(env, repo.label) == 0, timeout, 0.2)
 
 
-def test_broker_restart_in_a_burst_of_1000_events(env: Env) -> None:
+def test_broker_restart_in_a_burst_of_1000_events(env: Env, broker: Broker) -> None:
     r = env.provision()
     items = burst("restart")
     env.put_many(r, items)  # 1000 real events wait in the repository's quorum queue
@@ -66,7 +64,7 @@ def test_broker_restart_in_a_burst_of_1000_events(env: Env) -> None:
     with running(cfg, r.label) as daemon:
         wait_until("consumption under way", lambda: len(env.staged(r)) >= 150, 60, 0.1)
         in_hand = len(env.staged(r))
-        rabbit_mod.restart_app()
+        broker.restart_app()
         env.wait_staged(r, expected(items), timeout=90, exact=True)
         wait_drained(env, r)
         assert daemon.consumer.connection is not None and daemon.consumer.connection.is_open
@@ -168,19 +166,6 @@ def test_two_consumers_fail_over(env: Env, tmp_path: Path) -> None:
         b.stop()
     assert dead_letters(env.cfg) == []
     assert_clean(host_b / "staging", r)
-
-
-@contextlib.contextmanager
-def small_filesystem(path: Path, size: str) -> Any:
-    path.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                          str(path)], capture_output=True, timeout=10, check=False)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False, timeout=10)
 
 
 def test_disk_full_is_retried_until_space_is_back(env: Env, tmp_path: Path) -> None:

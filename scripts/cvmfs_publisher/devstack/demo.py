@@ -5,7 +5,7 @@
     tools/demo.sh --stop     # stop a stack left by --keep
 
 Services come from ``cvmfs_publisher.devstack`` (the same code the test
-suite uses): RabbitMQ (the running one, or Debian's), OpenBao, a one-node
+suite uses): a RabbitMQ node of its own (the machine's broker is left alone), OpenBao, a one-node
 Ceph RGW, and the ``cvmfs_server`` test double (CernVM-FS itself cannot run
 here). The three daemons run as real processes with a generated
 configuration.
@@ -29,14 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .. import amqp
 from ..rgw import RGW
 from .ceph import Ceph
 from .common import kill_process
 from .openbao import OpenBao
-from .rabbitmq import cleanup_amqp, ensure_broker
+from .rabbitmq import RabbitNode
 from .stack import DOMAIN, REPO_ROOT, Stack, build_stack, make_double, unique_label
 
 DAEMONS = {
@@ -53,6 +51,7 @@ class Demo:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.t0 = time.monotonic()
+        self.rabbit: RabbitNode | None = None
         self.bao: OpenBao | None = None
         self.ceph: Ceph | None = None
         self.procs: dict[str, subprocess.Popen] = {}
@@ -70,9 +69,10 @@ class Demo:
         if self.workdir.exists():
             stop_saved(self.workdir, quiet=True)
         self.workdir.mkdir(parents=True)
-        broker = ensure_broker()
-        self.step(f"RabbitMQ ready on {broker.host}:{broker.port} (management "
-                  f"{broker.management_url})")
+        self.rabbit = RabbitNode(self.workdir / "rabbitmq")
+        broker = self.rabbit.start().broker()
+        self.step(f"RabbitMQ node {self.rabbit.name} on {broker.host}:{broker.port} "
+                  f"(management {broker.management_url})")
         self.bao = OpenBao(self.workdir / "openbao").start()
         self.step(f"OpenBao (Vault) dev server on {self.bao.url}: KV v2 'secrets', AppRole")
         self.ceph = Ceph(self.workdir / "ceph", memstore_bytes=1 << 30).start()
@@ -108,6 +108,7 @@ class Demo:
     def _save(self) -> None:
         state = {"pids": {n: p.pid for n, p in self.procs.items()},
                  "services": {"openbao": self.bao.proc.pid if self.bao and self.bao.proc else 0,
+                              **_rabbit_pids(self.rabbit),
                               **{f"ceph-{n}": p.pid for n, p in
                                  (self.ceph.procs.items() if self.ceph else [])}},
                  "double_root": str(self.double_root), "labels": self.labels}
@@ -215,9 +216,8 @@ class Demo:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if self.stack:
-            with contextlib.suppress(Exception):
-                cleanup_amqp(self.stack.config(), ensure_broker(), self.labels)
+        if self.rabbit:
+            self.rabbit.stop()
         if self.ceph:
             self.ceph.stop()
         if self.bao:
@@ -225,6 +225,16 @@ class Demo:
         _unmount(self.double_root)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.step("stopped everything the demo started")
+
+
+def _rabbit_pids(node: RabbitNode | None) -> dict[str, int]:
+    """The node's session (script and VM: stopped as a group) and its epmd."""
+    pids: dict[str, int] = {}
+    if node is not None and node.proc is not None:
+        pids["rabbitmq-group"] = node.proc.pid
+    if node is not None and node.epmd is not None:
+        pids["rabbitmq-epmd"] = node.epmd.pid
+    return pids
 
 
 def _tarball() -> bytes:
@@ -285,14 +295,17 @@ def stop_saved(workdir: Path, quiet: bool = False) -> None:
         for pid in state.get("pids", {}).values():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
+        # the RabbitMQ node is a script and its VM in one session: kill both (its data
+        # is thrown away with the workdir)
+        rabbit = state.get("services", {}).get("rabbitmq-group", 0)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if rabbit:
+                os.killpg(rabbit, signal.SIGKILL)
         for pid in [*state.get("pids", {}).values(), *state.get("services", {}).values()]:
             if pid:
                 kill_process(pid, signal.SIGKILL if pid not in state["pids"].values()
                              else signal.SIGTERM)
         _unmount(Path(state.get("double_root", workdir / "cvmfs-root")))
-        with contextlib.suppress(Exception):
-            cfg = Stack(yaml.safe_load((workdir / "publisher.yaml").read_text()), workdir)
-            cleanup_amqp(cfg.config(), ensure_broker(), state.get("labels", []))
     shutil.rmtree(workdir, ignore_errors=True)
     if not quiet:
         print(f"stopped the demo stack in {workdir}")
