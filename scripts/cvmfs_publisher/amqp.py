@@ -143,6 +143,26 @@ def retry_queue_name(queue: str, delay: int) -> str:
     return f"{queue}.retry.{delay}s"
 
 
+def ready_count(conn: pika.BlockingConnection, queue: str) -> int | None:
+    """Messages ready in ``queue`` now (passive declare), None if it does not exist.
+
+    Exact at the moment of the call, unlike the management API's figures,
+    which are samples refreshed every few seconds (for a quorum queue it can
+    show 0 for ~20 s after a message arrived). Unacknowledged messages, in a
+    consumer's hands, are not counted.
+    """
+    ch = conn.channel()
+    try:
+        return ch.queue_declare(queue, passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return None
+        raise
+    finally:
+        if ch.is_open:
+            ch.close()
+
+
 def declare_retry_queues(ch: BlockingChannel, cfg: AmqpConfig, queue: str) -> None:
     """One delay queue per backoff step: messages expire back into ``queue``.
 
