@@ -124,27 +124,10 @@ def work_queue_arguments(cfg: AmqpConfig, queue: str, single_active: bool) -> di
     return args
 
 
-def queue_exists(conn: pika.BlockingConnection, queue: str) -> bool:
-    """Passive declare on a throw-away channel (a 404 closes the channel)."""
-    ch = conn.channel()
-    try:
-        ch.queue_declare(queue, passive=True)
-        return True
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == 404:
-            return False
-        raise
-    finally:
-        if ch.is_open:
-            ch.close()
-
-
-def retry_queue_name(queue: str, delay: int) -> str:
-    return f"{queue}.retry.{delay}s"
-
-
 def ready_count(conn: pika.BlockingConnection, queue: str) -> int | None:
-    """Messages ready in ``queue`` now (passive declare), None if it does not exist.
+    """Messages ready in ``queue`` now, None if it does not exist.
+
+    A passive declare on a throw-away channel (a 404 closes the channel).
 
     Exact at the moment of the call, unlike the management API's figures,
     which are samples refreshed every few seconds (for a quorum queue it can
@@ -161,6 +144,15 @@ def ready_count(conn: pika.BlockingConnection, queue: str) -> int | None:
     finally:
         if ch.is_open:
             ch.close()
+
+
+def queue_exists(conn: pika.BlockingConnection, queue: str) -> bool:
+    """Passive declare on a throw-away channel (a 404 closes the channel)."""
+    return ready_count(conn, queue) is not None
+
+
+def retry_queue_name(queue: str, delay: int) -> str:
+    return f"{queue}.retry.{delay}s"
 
 
 def declare_retry_queues(ch: BlockingChannel, cfg: AmqpConfig, queue: str) -> None:

@@ -155,7 +155,8 @@ class Demo:
         rgw.s3.put_object(Bucket=label, Key="cvmfs/tools/demo-tool-1.0.tar.gz",
                           Body=_tarball())
         self.step(f"uploaded {len(files)} files and cvmfs/tools/demo-tool-1.0.tar.gz to "
-                  f"s3://{label}/")
+                  f"s3://{label}/ (Ceph 16.2 delivers a new persistent topic's first "
+                  "events up to 30 s after its creation)")
         tree = _published_tree(self.double_root, repo)
         wanted = [tree / "README.txt", tree / "bin/hello.sh", tree / "data/numbers.csv",
                   tree / "software/tools/demo-tool-1.0/bin/demo-tool"]
