@@ -183,7 +183,11 @@ def test_sigkill_in_a_burst_of_1000_events_then_restart(env: Env) -> None:
 def test_s3_down_then_back(env: Env, ceph: Any) -> None:
     r = env.provision()
     items = burst("outage", 30)
-    env.put_many(r, items)  # events queued; RGW is also the event source
+    env.put_many(r, items)
+    # with persistent topics a PUT returns once RGW has the event, not the broker: wait
+    # until RGW pushed them all (RGW is also the event source, and goes down next)
+    wait_until("events in the queue", lambda: queue_counts(env.cfg, r.label)[0] >= len(items),
+               60, 0.2)
     # This radosgw, once restarted after a crash, hangs on DELETE ?notification for a
     # bucket that had one: remove it now (the events are already queued), so that
     # the clean-up does not wait for timeouts.
