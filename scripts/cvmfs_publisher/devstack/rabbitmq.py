@@ -140,8 +140,11 @@ class RabbitNode:
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "ERL_EPMD_PORT": str(self.epmd_port),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
+            # our epmd runs already (_start_epmd): the VMs must not start one of
+            # their own (an 'epmd -daemon' that outlives the node)
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS":
-                "-kernel inet_dist_use_interface {127,0,0,1}",
+                "-kernel inet_dist_use_interface {127,0,0,1} -start_epmd false",
+            "RABBITMQ_CTL_ERL_ARGS": "-start_epmd false",
             "RABBITMQ_CONF_ENV_FILE": str(w / "etc" / "rabbitmq-env.conf"),
             "RABBITMQ_CONFIG_FILE": str(w / "etc" / "rabbitmq.conf"),
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(w / "etc" / "advanced.config"),
