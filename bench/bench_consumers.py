@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """cvmfs-repo-consumers benchmark: throughput against raw S3 GETs, and memory for 1 GiB.
 
-Starts a one-node Ceph RGW (devstack) and uses the machine's
-RabbitMQ, in a private virtual host. For each ``--downloads`` value:
+Starts a one-node Ceph RGW and a RabbitMQ node of its own (cvmfs_publisher.
+devstack; the machine's broker is left alone), with production defaults
+(persistent RGW topics), in a private virtual host. For each ``--downloads`` value:
 
 1. one repository topology (queue, topic, bucket notification: the library
    calls publisher-consumer's Provisioner makes, without Vault and mkfs);
@@ -22,7 +23,7 @@ Then the daemon as a subprocess stages one 1 GiB object: its peak RSS
 (VmHWM) before and after (target: growth < 64 MiB).
 
 Figures only, no assertions. Leaves nothing behind, also on failure, Ctrl-C
-or SIGTERM (the RGW, its temporary directory, the private virtual host),
+or SIGTERM (the RGW, the RabbitMQ node, their temporary directory),
 except the Ceph logs of a failed run, in a directory it names. As root,
 like the tests:
 
@@ -68,7 +69,7 @@ from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers  # noqa: 
 from cvmfs_publisher.staging.area import Staging  # noqa: E402
 from devstack import ceph as ceph_mod  # noqa: E402
 from devstack.common import sigterm_as_interrupt  # noqa: E402
-from devstack.rabbitmq import Broker, ensure_broker  # noqa: E402
+from devstack.rabbitmq import Broker, RabbitNode  # noqa: E402
 from tests.consumers.support import Pattern  # noqa: E402
 
 DOMAIN = "infn.it"
@@ -95,7 +96,7 @@ class Bench:
                      "retry_delays": [1, 2]},
             "s3": {"endpoint_url": ceph.endpoint, "max_attempts": 1},
             "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}/{vhost}",
-                    "amqp_ack_level": "broker", "persistent": False, "verify_ssl": False},
+                    "amqp_ack_level": "broker", "persistent": True, "verify_ssl": False},
             "cvmfs": {"staging_dir": str(work / "staging"), "domain": DOMAIN},
             "consumers": {"downloads": 4},
         }
@@ -168,7 +169,8 @@ def throughput(b: Bench, events: int, size: int, downloads: int,
         with ThreadPoolExecutor(32) as pool:
             list(pool.map(lambda nk: rgw.s3.put_object(Bucket=nk[0], Key=nk[1], Body=body),
                           keys))
-        wait("events queued", lambda: sum(b.depth(n) for n in names) >= events, 60, 0.2)
+        # a new persistent topic delivers its first events ~30 s after its creation
+        wait("events queued", lambda: sum(b.depth(n) for n in names) >= events, 240, 0.2)
 
         client = RGW(cfg.s3, cfg.rgw, max_pool_connections=max(10, downloads * 2)).s3
         t0 = time.monotonic()
@@ -265,15 +267,16 @@ def main() -> None:
     if args.nagle:
         ceph_mod.CONF = ceph_mod.CONF.replace(" tcp_nodelay=1", "")
     work = Path(tempfile.mkdtemp(prefix="bench-consumers-"))
-    broker = ensure_broker()
     vhost = label()
     quoted = urllib.parse.quote(vhost, safe="")
-    ceph = None
+    node = ceph = None
     ok = False
     results: dict[str, Any] = {"rgw_tcp_nodelay": args.tcp_nodelay, "events": args.events,
                                "repositories": args.repositories,
                                "object_bytes": args.size, "cpus": os.cpu_count()}
     try:
+        node = RabbitNode(work / "rabbitmq").start()
+        broker = node.broker()
         broker.api("PUT", f"/api/vhosts/{quoted}", {})
         broker.api("PUT", f"/api/permissions/{quoted}/{broker.user}",
                    {"configure": ".*", "write": ".*", "read": ".*"})
@@ -302,8 +305,8 @@ def main() -> None:
             print(f"failed: Ceph logs kept in {kept}", file=sys.stderr)
         if ceph is not None:
             ceph.stop()
-        with contextlib.suppress(Exception):
-            broker.api("DELETE", f"/api/vhosts/{quoted}")
+        if node is not None:
+            node.stop()
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 

@@ -10,7 +10,7 @@ Prints the median and p95 time per repository (target: under 2 s each,
 the double's mkfs included). Figures only, no assertions. Leaves nothing
 behind, also on failure, Ctrl-C or SIGTERM: the double's mounts (a bind
 mount and an overlay per repository), the services, the temporary
-directory and the broker objects are removed at the end.
+directory are removed at the end.
 
 As root, like the tests (the double mounts overlays):
 
@@ -33,7 +33,7 @@ from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
 from devstack.ceph import Ceph  # noqa: E402
 from devstack.common import sigterm_as_interrupt  # noqa: E402
 from devstack.openbao import OpenBao  # noqa: E402
-from devstack.rabbitmq import ensure_broker  # noqa: E402
+from devstack.rabbitmq import RabbitNode  # noqa: E402
 from devstack.stack import (  # noqa: E402
     DOMAIN,
     build_stack,
@@ -50,11 +50,11 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-provision-"))
     double = make_double(work / "cvmfs-root")
-    bao = ceph = cfg = None
-    labels: list[str] = []
-    broker = ensure_broker()
+    node = bao = ceph = None
     with sigterm_as_interrupt():
         try:
+            node = RabbitNode(work / "rabbitmq").start()
+            broker = node.broker()
             bao = OpenBao(work / "openbao").start()
             ceph = Ceph(work / "ceph").start()
             cfg = build_stack(work, broker, bao, ceph, double).config()
@@ -78,8 +78,8 @@ def main() -> None:
             print(f"provisioned {len(times)} repositories")
             print(f"per repository: median {statistics.median(times):.3f} s, p95 {p95:.3f} s, "
                   f"max {times[-1]:.3f} s (target < 2 s)")
-        finally:  # RGW's topics and buckets go with the cluster's directory
-            tear_down(work, double.root, [ceph, bao], cfg, broker, labels)
+        finally:  # topics, buckets and queues go with the services' directories
+            tear_down(work, double.root, [ceph, bao, node])
 
 
 if __name__ == "__main__":

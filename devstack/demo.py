@@ -6,7 +6,7 @@
     tools/demo.sh --workdir DIR    # any of the above in DIR (default /tmp/cvmfs-publisher-demo)
 
 Services come from ``devstack`` (the same code the test
-suite uses): RabbitMQ (the running one, or Debian's), OpenBao, a one-node
+suite uses): a RabbitMQ node of its own (the machine's broker is left alone), OpenBao, a one-node
 Ceph RGW, and the ``cvmfs_server`` test double (CernVM-FS itself cannot run
 here). The three daemons run as real processes with a generated
 configuration.
@@ -37,8 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cvmfs_publisher.adapters import amqp
 from cvmfs_publisher.adapters.rgw import RGW
 from cvmfs_publisher.operations.cli import DEMO_CONFIG_POINTER
@@ -46,7 +44,7 @@ from cvmfs_publisher.operations.cli import DEMO_CONFIG_POINTER
 from .ceph import Ceph
 from .common import kill_process, sigterm_as_interrupt
 from .openbao import OpenBao
-from .rabbitmq import ensure_broker
+from .rabbitmq import RabbitNode
 from .stack import DOMAIN, REPO_ROOT, Stack, build_stack, make_double, tear_down, unique_label
 
 DAEMONS = {
@@ -69,12 +67,12 @@ class Demo:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.t0 = time.monotonic()
+        self.rabbit: RabbitNode | None = None
         self.bao: OpenBao | None = None
         self.ceph: Ceph | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.repo_request: tuple[str, str] = ("", "")
         self.stack: Stack | None = None
-        self.broker: Any = None
         self.double_root = workdir / "cvmfs-root"
         self.labels: list[str] = []
 
@@ -85,9 +83,11 @@ class Demo:
 
     def start(self) -> None:
         self._save()  # from now on a second start here sees this demo and refuses
-        self.broker = broker = ensure_broker()
-        self.step(f"RabbitMQ ready on {broker.host}:{broker.port} (management "
-                  f"{broker.management_url})")
+        self.rabbit = RabbitNode(self.workdir / "rabbitmq")
+        broker = self.rabbit.start().broker()
+        self._save()
+        self.step(f"RabbitMQ node {self.rabbit.name} on {broker.host}:{broker.port} "
+                  f"(management {broker.management_url})")
         self.bao = OpenBao(self.workdir / "openbao").start()
         self.step(f"OpenBao (Vault) dev server on {self.bao.url}: KV v2 'secrets', AppRole")
         self.ceph = Ceph(self.workdir / "ceph", memstore_bytes=1 << 30).start()
@@ -97,14 +97,15 @@ class Demo:
         self.stack.raw["log"]["stdout"] = False
         self.stack.raw["log"]["level"] = "INFO"
         self.stack.raw["sync"].update({"quiet_seconds": 1.0, "max_delay_seconds": 10.0})
+        # the node is the demo's own: the production queue names, as the README has them
+        self.stack.raw["amqp"].update({"publisher_queue": "publisher_queue",
+                                       "dead_letter_queue": "cvmfs.dead-letter"})
         cfg_file = self.stack.write()
         self.step(f"configuration written to {cfg_file}; cvmfs_server test double at "
                   f"{double.command}")
         a = self.stack.raw["amqp"]
         self.step(f"queues: publisher queue '{a['publisher_queue']}', dead letters "
-                  f"'{a['dead_letter_queue']}' (unique names, in place of publisher_queue and "
-                  "cvmfs.dead-letter, so that the demo never shares a queue with a deployment, "
-                  "a test or another demo on this broker)")
+                  f"'{a['dead_letter_queue']}' (the production names: the node is the demo's own)")
         env = self.stack.subprocess_env()
         for name, module in DAEMONS.items():
             out = open(self.workdir / f"{name}.out", "ab")  # owned by the child process
@@ -128,6 +129,7 @@ class Demo:
     def _save(self) -> None:
         pids = {n: p.pid for n, p in self.procs.items()}
         services = {"openbao": self.bao.proc.pid if self.bao and self.bao.proc else 0,
+                    **_rabbit_pids(self.rabbit),
                     **{f"ceph-{n}": p.pid for n, p in
                        (self.ceph.procs.items() if self.ceph else [])}}
         state = {"demo": os.getpid(), "pids": pids, "services": services,
@@ -178,7 +180,8 @@ class Demo:
         rgw.s3.put_object(Bucket=label, Key="cvmfs/tools/demo-tool-1.0.tar.gz",
                           Body=_tarball())
         self.step(f"uploaded {len(files)} files and cvmfs/tools/demo-tool-1.0.tar.gz to "
-                  f"s3://{label}/")
+                  f"s3://{label}/ (Ceph 16.2 delivers a new persistent topic's first "
+                  "events up to 30 s after its creation)")
         tree = _published_tree(self.double_root, repo)
         wanted = [tree / "README.txt", tree / "bin/hello.sh", tree / "data/numbers.csv",
                   tree / "software/tools/demo-tool-1.0/bin/demo-tool"]
@@ -271,9 +274,20 @@ class Demo:
             except subprocess.TimeoutExpired:
                 proc.kill()
         _forget_pointer(self.workdir)
-        tear_down(self.workdir, self.double_root, [self.ceph, self.bao],
-                  self.stack.config() if self.stack else None, self.broker, self.labels)
+        # the node is the demo's own: thrown away whole, nothing to clean on it first
+        tear_down(self.workdir, self.double_root, [self.rabbit, self.ceph, self.bao],
+                  labels=self.labels)
         self.step("stopped everything the demo started")
+
+
+def _rabbit_pids(node: RabbitNode | None) -> dict[str, int]:
+    """The node's session (script and VM: stopped as a group) and its epmd."""
+    pids: dict[str, int] = {}
+    if node is not None and node.proc is not None:
+        pids["rabbitmq-group"] = node.proc.pid
+    if node is not None and node.epmd is not None:
+        pids["rabbitmq-epmd"] = node.epmd.pid
+    return pids
 
 
 def _tarball() -> bytes:
@@ -409,15 +423,17 @@ def stop_saved(workdir: Path, quiet: bool = False) -> bool:
             os.killpg(pid, signal.SIGTERM)
     for pid in daemons:
         kill_process(pid, signal.SIGTERM)
+    # the RabbitMQ node is a script and its VM in one session: kill both (its data
+    # is thrown away with the workdir, so nothing needs cleaning on it first)
+    rabbit = state.get("services", {}).get("rabbitmq-group", 0)
+    if _ours(rabbit, state):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(rabbit, signal.SIGKILL)
     for pid in services:
         kill_process(pid, signal.SIGKILL)
-    cfg = broker = None
-    with contextlib.suppress(Exception):  # no configuration yet: nothing on the broker either
-        cfg = Stack(yaml.safe_load((workdir / "publisher.yaml").read_text()), workdir).config()
-        broker = ensure_broker()
     _forget_pointer(workdir)
-    tear_down(workdir, Path(state.get("double_root", workdir / "cvmfs-root")), (), cfg,
-              broker, state.get("labels", []))
+    tear_down(workdir, Path(state.get("double_root", workdir / "cvmfs-root")),
+              labels=state.get("labels", []))
     if not quiet:
         print(f"stopped the demo stack in {workdir}")
     return True

@@ -129,7 +129,7 @@ def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDo
                "secret_key_file": str(secrets / "s3_secret"), "max_attempts": 1,
                "connect_timeout": 2.0, "read_timeout": 10.0},
         "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}",
-                "amqp_ack_level": "broker", "persistent": False, "verify_ssl": False},
+                "amqp_ack_level": "broker", "persistent": True, "verify_ssl": False},
         "cvmfs": {**double.paths(), "domain": DOMAIN,
                   "stratum0_url": "http://stratum0.test/cvmfs",
                   "gateway_url": "http://gateway.test:4929/api/v1",

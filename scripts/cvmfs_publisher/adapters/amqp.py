@@ -34,14 +34,15 @@ from ..core.logs import redact
 
 log = logging.getLogger(__name__)
 
-#: Errors that mean "the connection or channel is gone": reconnect.
+#: Errors that mean "the connection or channel is gone": reconnect. pika wraps
+#: its socket errors (StreamLostError, AMQPConnectionError); a bare OSError is a
+#: local failure of the message in hand (disk full, permissions, a ``requests``
+#: exception), classified by :func:`errors.from_os_error`, not a lost broker.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.AMQPChannelError,
     pika.exceptions.StreamLostError,
     pika.exceptions.ConnectionClosedByBroker,
-    ConnectionError,
-    OSError,
 )
 
 ATTEMPTS_HEADER = "x-attempts"
@@ -167,6 +168,18 @@ def passive_declare(conn: pika.BlockingConnection, queue: str) -> Any | None:
 def queue_exists(conn: pika.BlockingConnection, queue: str) -> bool:
     """Whether ``queue`` exists (a passive declare; a miss is not logged)."""
     return passive_declare(conn, queue) is not None
+
+
+def ready_count(conn: pika.BlockingConnection, queue: str) -> int | None:
+    """Messages ready in ``queue`` now, None if it does not exist.
+
+    Exact at the moment of the call, unlike the management API's figures,
+    which are samples refreshed every few seconds (for a quorum queue it can
+    show 0 for ~20 s after a message arrived). Unacknowledged messages, in a
+    consumer's hands, are not counted.
+    """
+    declared = passive_declare(conn, queue)
+    return None if declared is None else declared.message_count
 
 
 def retry_queue_name(queue: str, delay: int) -> str:
@@ -346,7 +359,7 @@ class ReconnectingConsumer:
                 while not self._stop.is_set():
                     self.connection.process_data_events(time_limit=self.tick_interval)
                     self.tick()
-            except CONNECTION_ERRORS as exc:
+            except (*CONNECTION_ERRORS, OSError) as exc:  # OSError: TLS files, DNS
                 self.on_state(False)
                 if self._stop.is_set():
                     break

@@ -37,7 +37,7 @@ from .. import __version__
 from ..adapters import amqp
 from ..adapters.rabbitmq_api import ManagementAPI
 from ..core import config
-from ..core.errors import PublisherError
+from ..core.errors import PublisherError, Transient
 from ..core.names import InvalidName, validate_repository
 from ..provisioning.messages import BadMessage, parse_request
 from .health import main as health_main
@@ -133,23 +133,51 @@ def collect_status(cfg: config.Config, with_queues: bool = True) -> dict[str, An
                 r["staged"] = entry.get("pending", 0)
             if entry.get("last_error"):
                 r["last_error"] = f"{name}: {entry['last_error']}"
-    if with_queues and cfg.amqp.management_url:
+    dlq = None
+    if with_queues:
         try:
-            api = ManagementAPI(cfg.amqp)
-            for repo, r in repos.items():
-                r["queue_depth"] = api.queue_depth(repo.split(".", 1)[0])
-            dlq = api.queue_depth(cfg.amqp.dead_letter_queue)
+            depths = _queue_depths(cfg, [cfg.amqp.dead_letter_queue,
+                                         *(repo.split(".", 1)[0] for repo in repos)])
         except PublisherError as exc:
-            dlq = None
             daemons["rabbitmq"] = {"state": "unreachable", "detail": str(exc)}
-    else:
-        dlq = None
+        else:
+            dlq = depths.get(cfg.amqp.dead_letter_queue)
+            for repo, r in repos.items():
+                r["queue_depth"] = depths.get(repo.split(".", 1)[0])
     ok = all(d["state"] == "ok" for d in daemons.values()) and all(
         not r.get("pending") and not r.get("staged") and not r.get("queue_depth")
         and r.get("last_result") in ("ok", "") and not r.get("consecutive_failures")
         for r in repos.values()) and not dlq
     return {"time": now, "all_published": ok, "daemons": daemons, "dead_letter_queue": dlq,
             "repositories": repos}
+
+
+def _queue_depths(cfg: config.Config, queues: list[str]) -> dict[str, int]:
+    """Messages per queue: ready ones counted exactly now (AMQP passive declare),
+    the larger of that and the management API's sampled total (which also counts
+    messages in a consumer's hands, but lags by up to ~20 s)."""
+    depths: dict[str, int] = {}
+    try:
+        conn = amqp.connect(cfg.amqp, "cvmfs-publisher-status")
+    except (*amqp.CONNECTION_ERRORS, OSError) as exc:
+        raise Transient(f"RabbitMQ unreachable at {cfg.amqp.host}:{cfg.amqp.port}: "
+                        f"{type(exc).__name__}") from None
+    try:
+        for q in queues:
+            n = amqp.ready_count(conn, q)
+            if n is not None:
+                depths[q] = n
+    except amqp.CONNECTION_ERRORS as exc:
+        raise Transient(f"RabbitMQ connection lost while counting queues: "
+                        f"{type(exc).__name__}") from None
+    finally:
+        if conn.is_open:
+            conn.close()
+    if cfg.amqp.management_url:
+        api = ManagementAPI(cfg.amqp)
+        for q, ready in list(depths.items()):
+            depths[q] = max(ready, api.queue_depth(q))
+    return depths
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -387,21 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. /run/secrets); default: the files' own paths")
     s.set_defaults(func=cmd_migrate)
 
-    # Everything after "health" is health's own (its --help included): with no "-"
-    # prefix, this parser takes no options and passes every word through.
-    s = sub.add_parser("health", help="container health check (exit 0 healthy, 1 not)",
-                       add_help=False, prefix_chars="+")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=lambda a: _health(a.rest))
+    # its options (--daemon, --max-age, --help...) belong to health.main: main() hands
+    # them over unparsed (argparse.REMAINDER does not take a leading option)
+    sub.add_parser("health", help="container health check (exit 0 healthy, 1 not)",
+                   add_help=False)
     return p
 
 
-def _health(rest: list[str]) -> int:
-    return health_main(rest)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "health":
+        return health_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args.func(args))
 
 
