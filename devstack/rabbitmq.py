@@ -140,8 +140,11 @@ class RabbitNode:
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "ERL_EPMD_PORT": str(self.epmd_port),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
+            # our epmd runs already (_start_epmd): the VMs must not start one of
+            # their own (an 'epmd -daemon' that outlives the node)
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS":
-                "-kernel inet_dist_use_interface {127,0,0,1}",
+                "-kernel inet_dist_use_interface {127,0,0,1} -start_epmd false",
+            "RABBITMQ_CTL_ERL_ARGS": "-start_epmd false",
             "RABBITMQ_CONF_ENV_FILE": str(w / "etc" / "rabbitmq-env.conf"),
             "RABBITMQ_CONFIG_FILE": str(w / "etc" / "rabbitmq.conf"),
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(w / "etc" / "advanced.config"),
@@ -280,12 +283,3 @@ def cleanup_amqp(cfg: Any, broker: Broker, labels: list[str]) -> None:
     for label in labels:
         with contextlib.suppress(Exception):
             broker.api("DELETE", f"/api/policies/%2F/cvmfs-repo-{label}")
-
-
-# The machine's broker, for the callers that still use it (the demo); the suite
-# and the benchmarks start a node of their own (RabbitNode).
-def ensure_broker(timeout: float = 90.0) -> Broker:
-    """Return the machine's broker on 127.0.0.1:5672 if it answers, with management."""
-    broker = Broker()
-    wait_for("rabbitmq management API on the machine's broker", broker.api_ok, timeout)
-    return broker
