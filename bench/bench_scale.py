@@ -21,7 +21,10 @@ defaults (retry delays, refresh interval, publishing windows) and prints:
   single upload: the quiet upload's PUT -> published latency under that load
   minus its latency alone, p95 over ``--trials`` trials (target <= 1 s).
 
-Figures only, no assertions.
+Figures only, no assertions. Leaves nothing behind, also on failure, Ctrl-C
+or SIGTERM (daemons, mounts, services, their temporary directory), except
+the logs of a failed run (the daemons', RabbitMQ's, Ceph's), copied to a
+directory it names. As root, like the tests (the double mounts overlays):
 
     .venv/bin/python bench/bench_scale.py [--count 1000] [--provisioners 1]
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,10 +51,17 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 from cvmfs_publisher.adapters import amqp  # noqa: E402
 from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
 from devstack.ceph import Ceph  # noqa: E402
+from devstack.common import sigterm_as_interrupt  # noqa: E402
 from devstack.openbao import OpenBao  # noqa: E402
 from devstack.rabbitmq import Broker, RabbitNode  # noqa: E402
-from devstack.stack import DOMAIN, build_stack, make_double, unique_label  # noqa: E402
-from tests.cvmfs_server_double import published_tree, unmount_all  # noqa: E402
+from devstack.stack import (  # noqa: E402
+    DOMAIN,
+    build_stack,
+    make_double,
+    tear_down,
+    unique_label,
+)
+from tests.cvmfs_server_double import published_tree  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -135,15 +146,27 @@ class Announcements:
 
 
 def start(daemon: str, cfg_file: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    out = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", f"cvmfs_publisher.daemons.{daemon}",
-                             "--config", str(cfg_file)], env=env, stdout=out, stderr=out)
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", f"cvmfs_publisher.daemons.{daemon}",
+                                 "--config", str(cfg_file)], env=env, stdout=out, stderr=out)
 
 
 def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
     before = {n: cpu_seconds(p) for n, p in pids.items()}
     time.sleep(seconds)
     return {n: (cpu_seconds(p) - before[n]) / seconds for n, p in pids.items()}
+
+
+def keep_logs(work: Path) -> Path:
+    """Copy a failed run's logs out of ``work`` (which is removed) into a new directory."""
+    kept = Path(tempfile.mkdtemp(prefix="bench-scale-logs-"))
+    for out in work.glob("*.out"):  # the daemons' stdout and stderr
+        shutil.copy2(out, kept)
+    for name, logs in (("daemons", work / "log"), ("rabbitmq", work / "rabbitmq" / "log"),
+                       ("ceph", work / "ceph" / "log")):
+        if logs.is_dir():
+            shutil.copytree(logs, kept / name, symlinks=True, dirs_exist_ok=True)
+    return kept
 
 
 def main() -> None:
@@ -154,15 +177,22 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     args = parser.parse_args()
+    with sigterm_as_interrupt():  # the clean-up in run's finally runs on SIGTERM too
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    node = RabbitNode(work / "rabbitmq").start()
-    broker = node.broker()
-    bao = OpenBao(work / "openbao").start()
-    ceph = Ceph(work / "ceph").start()
     double = make_double(work / "cvmfs-root")
+    node = bao = ceph = None
     procs: dict[str, subprocess.Popen] = {}
     ann = None
+    ok = False
     try:
+        node = RabbitNode(work / "rabbitmq").start()
+        broker = node.broker()
+        bao = OpenBao(work / "openbao").start()
+        ceph = Ceph(work / "ceph").start()
         stack = build_stack(work, broker, bao, ceph, double)
         stack.raw["log"]["level"] = "INFO"
         del stack.raw["amqp"]["retry_delays"]  # production defaults from here on
@@ -212,7 +242,7 @@ def main() -> None:
         t0 = time.monotonic()
         procs["repo_consumers"] = start("repo_consumers", cfg_file, env, work / "consumers.out")
         procs["repo_sync"] = start("repo_sync", cfg_file, env, work / "sync.out")
-        def all_consumed() -> bool:  # one listing per look: it takes seconds with 5,000 queues
+        def all_consumed() -> bool:  # one listing per look: 1,000 queues take a while
             consumers = consumed_queues(broker)
             return all(consumers.get(label, 0) > 0 for label in labels)
         wait(all_consumed, 900, "a consumer on every repository queue", 1.0)
@@ -237,11 +267,8 @@ def main() -> None:
         created = ann.created[newcomer]
 
         def newcomer_consumed() -> bool:
-            try:
-                return conn.channel().queue_declare(newcomer, passive=True
-                                                    ).method.consumer_count > 0
-            except amqp.CONNECTION_ERRORS:
-                return False
+            declared = amqp.passive_declare(conn, newcomer)  # None until it is declared
+            return declared is not None and declared.consumer_count > 0
         wait(newcomer_consumed, 120, "a consumer on the new repository's queue")
         print(f"new repository: consumed {time.monotonic() - created:.2f} s after its "
               f"'created' announcement (target < 5 s; {created - t0:.2f} s to provision it)",
@@ -249,6 +276,7 @@ def main() -> None:
         conn.close()
 
         hot_vs_quiet(rgw, ceph, double.root, labels[0], labels[1:1 + args.trials], args.hot)
+        ok = True
     finally:
         if ann is not None:
             ann.close()
@@ -259,11 +287,11 @@ def main() -> None:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
-        unmount_all(double.root)
-        ceph.stop()
-        bao.stop()
-        node.stop()
-        print(f"work directory (logs): {work}")
+                p.wait()
+        if not ok:
+            print(f"failed: logs kept in {keep_logs(work)}", file=sys.stderr)
+        # topics, buckets and queues go with the services' directories
+        tear_down(work, double.root, [ceph, bao, node])
 
 
 def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
@@ -320,5 +348,4 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
+    main()
