@@ -50,6 +50,9 @@ start_zabbix_agent() {
     case $port in
         "" | *[!0-9]*) die "ZBX_LISTEN_PORT=$port: expected a TCP port number" ;;
     esac
+    # zabbix_agentd's own limits; past them it exits at once with only a parse error.
+    [ "$port" -ge 1024 ] && [ "$port" -le 32767 ] ||
+        die "ZBX_LISTEN_PORT=$port: zabbix_agentd accepts 1024-32767 only"
     host=""
     if [ -n "${ZBX_HOSTNAME:-}" ]; then
         host=$(agent_value ZBX_HOSTNAME "$ZBX_HOSTNAME")

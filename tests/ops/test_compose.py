@@ -179,7 +179,7 @@ def test_consumers_run_unprivileged(services: dict[str, dict[str, Any]]) -> None
     assert uid.isdigit() and int(uid) != 0 and gid.isdigit() and int(gid) != 0, user
     assert consumers.get("read_only") is True
     assert consumers.get("cap_drop") == ["ALL"]
-    assert "no-new-privileges:true" in consumers.get("security_opt", [])
+    assert "no-new-privileges=true" in consumers.get("security_opt", [])
     targets = set(mounts(consumers))
     cvmfs_dirs = ("/cvmfs", "/etc/cvmfs", "/var/spool/cvmfs", "/srv/cvmfs")
     assert not any(t == d or t.startswith(d + "/") for t in targets for d in cvmfs_dirs), targets
