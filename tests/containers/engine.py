@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -44,7 +45,9 @@ CACHE_DIR = Path(os.environ.get("CVMFS_PUBLISHER_DOCKER_CACHE",
 DOCKER = "/usr/bin/docker"
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER_COMPOSE = "/usr/bin/docker-compose"
-BASE_IMAGE = "cvmfs-publisher-base:bookworm"
+#: The local base, tagged by its recipe: a changed make-base-image.sh makes a new one.
+BASE_IMAGE = "cvmfs-publisher-base:bookworm-" + hashlib.sha256(
+    (REPO / "container/make-base-image.sh").read_bytes()).hexdigest()[:12]
 #: The tag of the images the tests build (never the operators' default "local").
 TAG = "test"
 SERVICES = ("publisher-consumer", "cvmfs-repo-consumers", "sync-publisher")

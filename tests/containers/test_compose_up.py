@@ -38,7 +38,7 @@ from cvmfs_publisher.devstack.stack import CvmfsDouble, Stack, build_stack
 from cvmfs_publisher.devstack.zabbix import get_key, zabbix_port
 from cvmfs_publisher.rgw import RGW
 from tests.conftest import DOMAIN, unique_label
-from tests.cvmfs_server_double import in_transaction, published_tree, revisions
+from tests.cvmfs_server_double import in_transaction, published_tree, revisions, spool_dir
 from tests.provision.helpers import Amqp, cleanup_amqp, consumers, wait_until
 
 from .engine import BASE_IMAGE, SERVICES, TAG, Compose, Engine, missing_tools, start_engine
@@ -375,13 +375,22 @@ def test_sigkill_during_a_burst_loses_nothing(deployment: Deployment) -> None:
     rgw = deployment.rgw()
     errors: list[BaseException] = []
     exits: dict[str, int] = {}
+    publishing = spool_dir(deployment.double_root, deployment.repo) / "is_publishing.lock"
+    killed_in_transaction: list[bool] = []
 
     def uploads() -> None:
         try:
             for i in range(BURST):
                 if i in kills:
                     container = compose.container(kills[i])
+                    if kills[i] == "sync-publisher":
+                        # In the middle of a publish (the double's publish
+                        # delay keeps that window open, see the override).
+                        wait_until("a publish in progress", publishing.exists, 60, 0.01)
                     engine.docker("kill", "-s", "KILL", container)
+                    if kills[i] == "sync-publisher":
+                        killed_in_transaction.append(
+                            in_transaction(deployment.double_root, deployment.repo))
                     wait_until(f"{kills[i]} dead", lambda c=container: not engine.inspect(c)[
                         "State"]["Running"], 30)
                     exits[kills[i]] = engine.inspect(container)["State"]["ExitCode"]
@@ -397,6 +406,7 @@ def test_sigkill_during_a_burst_loses_nothing(deployment: Deployment) -> None:
     thread.join(timeout=600)
     assert not thread.is_alive() and not errors, errors
     assert exits == {"cvmfs-repo-consumers": 137, "sync-publisher": 137}, exits
+    assert killed_in_transaction == [True], "sync was not killed inside a transaction"
     deployment.wait_published(names, timeout=420)
     figure(f"burst of {BURST} uploads, consumers and sync SIGKILLed",
            f"{len(set(names) & deployment.published())}/{BURST} published "
@@ -422,9 +432,10 @@ def test_logs_on_the_host_volume(deployment: Deployment) -> None:
 
 def test_the_entrypoint_refuses_a_spool_on_overlayfs(deployment: Deployment) -> None:
     """Without the host spool, /var/spool/cvmfs is the container's own OverlayFS."""
+    # SYS_ADMIN and /dev/fuse rather than --privileged: see docker-compose.test.yml.
     res = deployment.engine.docker(
-        "run", "--rm", "--privileged", "--network", "host", f"sync-publisher:{TAG}",
-        timeout=120, check=False)
+        "run", "--rm", "--cap-add", "SYS_ADMIN", "--device", "/dev/fuse", "--network", "host",
+        f"sync-publisher:{TAG}", timeout=120, check=False)
     assert res.returncode == 78, res.stderr
     assert ("/var/spool/cvmfs is on OverlayFS (the container's own file system?): bind-mount "
             "an ext4 or xfs host directory there; OverlayFS on OverlayFS fails") in res.stderr
