@@ -16,8 +16,12 @@ daemon=${1:?usage: build-venv.sh DAEMON}
 
 python3 -m venv /opt/venv
 /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels .
-wheel=$(ls /wheels/*.whl)
-/opt/venv/bin/pip install "$wheel[$daemon]"
+set -- /wheels/*.whl
+if [ "$#" -ne 1 ] || [ ! -f "$1" ]; then
+    echo "build-venv.sh: expected one wheel in /wheels, got: $*" >&2
+    exit 1
+fi
+/opt/venv/bin/pip install "${1}[${daemon}]"
 /opt/venv/bin/python3 -c "import cvmfs_publisher.health"
 test -x "/opt/venv/bin/$daemon"
 test -x /opt/venv/bin/cvmfs-publisher

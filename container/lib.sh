@@ -51,8 +51,9 @@ start_zabbix_agent() {
         "" | *[!0-9]*) die "ZBX_LISTEN_PORT=$port: expected a TCP port number" ;;
     esac
     # zabbix_agentd's own limits; past them it exits at once with only a parse error.
-    [ "$port" -ge 1024 ] && [ "$port" -le 32767 ] ||
+    if [ "$port" -lt 1024 ] || [ "$port" -gt 32767 ]; then
         die "ZBX_LISTEN_PORT=$port: zabbix_agentd accepts 1024-32767 only"
+    fi
     host=""
     if [ -n "${ZBX_HOSTNAME:-}" ]; then
         host=$(agent_value ZBX_HOSTNAME "$ZBX_HOSTNAME")

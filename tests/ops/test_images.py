@@ -151,7 +151,7 @@ def test_daemon_dependency_set(image: Image) -> None:
     data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     extras = data["project"]["optional-dependencies"]
     assert image.daemon in extras, f"pyproject.toml: no extra {image.daemon}"
-    assert '"$wheel[$daemon]"' in (REPO / SHARED_DIR / "build-venv.sh").read_text()
+    assert '"${1}[${daemon}]"' in (REPO / SHARED_DIR / "build-venv.sh").read_text()
     test_extra = " ".join(extras["test"])
     assert image.daemon in test_extra
     names = requirement_names(extras[image.daemon])
