@@ -162,7 +162,13 @@ class Engine:
                     "--pip-conf", str(pip_build_config(workdir)),
                     "--ca-cert", str(CA_BUNDLE), "--network", "host"],
                    workdir / "build-images.log", self.env, timeout=1800)
-        return time.monotonic() - started
+        took = time.monotonic() - started
+        # What each rebuild leaves behind: the previous images of these tags
+        # and the build cache beyond a bound (the cache directory lives on).
+        self.docker("image", "prune", "--force", timeout=300, check=False)
+        self.docker("builder", "prune", "--force", "--keep-storage", "4gb", timeout=300,
+                    check=False)
+        return took
 
     def stop(self) -> None:
         """Every container this daemon runs, then the daemon (images and cache stay)."""

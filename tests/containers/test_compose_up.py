@@ -19,6 +19,7 @@ printed, never asserted (``-s`` shows them; they are also in the report).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -210,6 +211,9 @@ def deployment(engine: Engine, broker: Any, openbao: Any, ceph: Any) -> Iterator
     workdir = Path(tempfile.mkdtemp(prefix="cvmfs-publisher-containers-", dir="/var/tmp"))
     stack = build_stack(workdir / "host", broker, openbao, ceph,
                         CvmfsDouble(workdir / "unused", workdir / "unused"))
+    # Our own notification exchange: the consumers find repository queues by
+    # their binding to it, and must not take over other runs' on a shared broker.
+    stack.raw["amqp"]["notification_exchange"] = unique_label("ntf-")
     engine.ensure_base_image(workdir)
     for what, seconds in engine.timings.items():
         figure(what, f"{seconds:.0f} s")
@@ -246,6 +250,9 @@ def deployment(engine: Engine, broker: Any, openbao: Any, ceph: Any) -> Iterator
         cfg = stack.config()
         with contextlib.suppress(Exception):
             cleanup_amqp(cfg, broker, [dep.label] if dep.label else [])
+            amqp = Amqp(cfg)
+            amqp.ch.exchange_delete(cfg.amqp.notification_exchange)
+            amqp.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -415,13 +422,25 @@ def test_sigkill_during_a_burst_loses_nothing(deployment: Deployment) -> None:
     deployment.wait_published(names, timeout=420)
     figure(f"burst of {BURST} uploads, consumers and sync SIGKILLed",
            f"{len(set(names) & deployment.published())}/{BURST} published "
-           f"in {time.monotonic() - started:.0f} s")
+           f"in {time.monotonic() - started:.0f} s ({down_for} uploads made while each "
+           f"container was down, sync killed inside a publish)")
     started = time.monotonic()
     compose.wait_healthy()
     figure("healthy again after the kills", f"{time.monotonic() - started:.0f} s more")
     assert not in_transaction(deployment.double_root, deployment.repo)
     everything = set(deployment.uploaded)
     assert everything <= deployment.published(), sorted(everything - deployment.published())[:10]
+
+
+def test_zabbix_agents_know_the_repository(deployment: Deployment) -> None:
+    """After the burst: discovery lists the repository; sync's last publish was ok."""
+    for service in ("cvmfs-repo-consumers", "sync-publisher"):
+        port, daemon = deployment.agent_ports[service], DAEMON[service]
+        discovery = json.loads(get_key(port, f"cvmfs.publisher.repo.discovery[{daemon}]"))
+        assert {"{#REPO}": deployment.repo} in discovery["data"], (service, discovery)
+    port = deployment.agent_ports["sync-publisher"]
+    key = f"cvmfs.publisher.repo.last_result[cvmfs-repo-sync,{deployment.repo}]"
+    assert get_key(port, key) == "1"
 
 
 def test_logs_on_the_host_volume(deployment: Deployment) -> None:
