@@ -21,9 +21,12 @@ scales once one repository's staging is not the limit).
 Then the daemon as a subprocess stages one 1 GiB object: its peak RSS
 (VmHWM) before and after (target: growth < 64 MiB).
 
-Figures only, no assertions.
+Figures only, no assertions. Leaves nothing behind, also on failure, Ctrl-C
+or SIGTERM (the RGW, its temporary directory, the private virtual host),
+except the Ceph logs of a failed run, in a directory it names. As root,
+like the tests:
 
-    python3 bench/bench_consumers.py [--events 2000] [--downloads 4 8] [--nagle]
+    .venv/bin/python bench/bench_consumers.py [--events 2000] [--downloads 4 8] [--nagle]
 
 The devstack RGW runs its beast frontend with ``tcp_nodelay=1``: without it
 this radosgw's replies with a body wait ~40 ms for the client's delayed ACK
@@ -62,6 +65,7 @@ from tests.consumers.support import Pattern  # noqa: E402
 from cvmfs_publisher import amqp, config, logs  # noqa: E402
 from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers  # noqa: E402
 from cvmfs_publisher.devstack import ceph as ceph_mod  # noqa: E402
+from cvmfs_publisher.devstack.common import sigterm_as_interrupt  # noqa: E402
 from cvmfs_publisher.devstack.rabbitmq import Broker, ensure_broker  # noqa: E402
 from cvmfs_publisher.rgw import RGW  # noqa: E402
 from cvmfs_publisher.staging import Staging  # noqa: E402
@@ -264,15 +268,16 @@ def main() -> None:
     broker = ensure_broker()
     vhost = label()
     quoted = urllib.parse.quote(vhost, safe="")
-    broker.api("PUT", f"/api/vhosts/{quoted}", {})
-    broker.api("PUT", f"/api/permissions/{quoted}/{broker.user}",
-               {"configure": ".*", "write": ".*", "read": ".*"})
-    ceph = ceph_mod.Ceph(work / "ceph").start()
+    ceph = None
     ok = False
     results: dict[str, Any] = {"rgw_tcp_nodelay": args.tcp_nodelay, "events": args.events,
                                "repositories": args.repositories,
                                "object_bytes": args.size, "cpus": os.cpu_count()}
     try:
+        broker.api("PUT", f"/api/vhosts/{quoted}", {})
+        broker.api("PUT", f"/api/permissions/{quoted}/{broker.user}",
+                   {"configure": ".*", "write": ".*", "read": ".*"})
+        ceph = ceph_mod.Ceph(work / "ceph").start()
         b = Bench(work, broker, ceph, vhost)
         for downloads in args.downloads:
             r = throughput(b, args.events, args.size, downloads, args.repositories)
@@ -295,11 +300,13 @@ def main() -> None:
             kept = Path(tempfile.mkdtemp(prefix="bench-consumers-ceph-log-"))
             subprocess.run(["cp", "-a", str(work / "ceph" / "log"), str(kept)], check=False)
             print(f"failed: Ceph logs kept in {kept}", file=sys.stderr)
-        ceph.stop()
+        if ceph is not None:
+            ceph.stop()
         with contextlib.suppress(Exception):
             broker.api("DELETE", f"/api/vhosts/{quoted}")
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_interrupt():  # the clean-up in main's finally runs on SIGTERM too
+        main()

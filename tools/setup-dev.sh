@@ -48,10 +48,19 @@ if command -v pg_ctlcluster >/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>
 fi
 
 # --- Python: the project and its test extras in .venv
+# Installed once per pyproject.toml: the stamp names this checkout and the file's hash,
+# so tools/demo.sh (which runs this script each time) does not reinstall on every start.
+stamp=.venv/.setup-dev.stamp
+want="$(pwd) $(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ -x .venv/bin/cvmfs-publisher ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  log "ready (.venv already matches pyproject.toml)"
+  exit 0
+fi
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+printf '%s\n' "$want" > "$stamp"
 log "ready"

@@ -22,7 +22,7 @@ import pika.adapters.blocking_connection
 
 from . import amqp
 from .config import Config
-from .cvmfs import CvmfsError, CvmfsServer
+from .cvmfs import CvmfsError, CvmfsServer, NotInTransaction
 from .errors import Transient
 from .messages import ProvisionRequest, announcement
 from .names import label_of, vault_path
@@ -120,18 +120,57 @@ class Provisioner:
         return changed
 
     def _ensure_repository(self, repo: str, keys_dir: Path) -> bool:
-        """mkfs unless it exists healthy; a failed mkfs' leftover is removed first."""
+        """mkfs unless it exists; a failed mkfs' leftover is removed first.
+
+        Never ``rmfs`` a repository in a transaction: rmfs drops the session
+        token but not the gateway lease, and the repository created again would
+        get 16 (lease busy) from every transaction for the lease's lifetime
+        (cvmfs README §10). ``list`` calls such a repository ``in transaction -
+        unhealthy`` after a crash; it is repaired by the sync daemon (abort -f,
+        then the batch replayed), not recreated. A failed mkfs is recognised by
+        what it did not create (server.conf, the spool, the keys), or, outside a
+        transaction, by ``unhealthy`` (DESIGN §2).
+        """
         try:
             if self.cvmfs.exists(repo):
-                if self.cvmfs.healthy(repo):
+                if self.cvmfs.in_transaction(repo):
+                    log.warning("repository=%s step=mkfs outcome=left-to-sync: in a transaction "
+                                "(a crash's leftover): not recreated (rmfs would leak its "
+                                "gateway lease); cvmfs-repo-sync repairs it with abort -f and "
+                                "replays its batch", repo)
                     return False
-                log.warning("repository=%s step=mkfs outcome=leftover: unhealthy or keys "
-                            "missing, removing it with rmfs -f and creating it again", repo)
+                missing = self.cvmfs.installed(repo)
+                if not missing and self.cvmfs.healthy(repo):
+                    return False
+                log.warning("repository=%s step=mkfs outcome=leftover: %s, removing it with "
+                            "rmfs -f and creating it again", repo,
+                            f"{', '.join(missing)} missing" if missing else
+                            "unhealthy outside a transaction")
                 self.cvmfs.rmfs(repo)
             self.cvmfs.mkfs_gateway(repo, str(keys_dir))
         except CvmfsError as exc:
             raise Transient(str(exc), repo) from None
         return True
+
+    def _remove_repository(self, repo: str) -> None:
+        """``abort -f`` when in a transaction, then ``rmfs -f``; Transient (retried
+        later) when the abort did not succeed, so the gateway lease is never leaked."""
+        try:
+            if self.cvmfs.in_transaction(repo):
+                log.info("repository=%s step=deprovision outcome=aborting: in a transaction, "
+                         "abort -f before rmfs (releases the gateway lease)", repo)
+                try:
+                    self.cvmfs.abort(repo)
+                except NotInTransaction:
+                    pass
+            if self.cvmfs.in_transaction(repo):  # a publish opened one meanwhile
+                raise Transient(f"cvmfs_server abort -f {repo}: still in a transaction, rmfs "
+                                "would leak its gateway lease; retried later", repo)
+            self.cvmfs.rmfs(repo)
+        except CvmfsError as exc:
+            raise Transient(f"{exc} (rmfs not run: it would leak the gateway lease; "
+                            "retried later)" if exc.step == "abort" else str(exc),
+                            repo) from None
 
     def _ensure_queue(self, conn: pika.BlockingConnection,
                       ch: pika.adapters.blocking_connection.BlockingChannel, label: str) -> bool:
@@ -200,10 +239,7 @@ class Provisioner:
         if self.mgmt.policy(f"cvmfs-repo-{label}"):
             self.mgmt.delete_policy(f"cvmfs-repo-{label}")
         if self.cvmfs.exists(repo):
-            try:
-                self.cvmfs.rmfs(repo)
-            except CvmfsError as exc:
-                raise Transient(str(exc), repo) from None
+            self._remove_repository(repo)
             changed.append("rmfs")
         remove_keys(Path(self.cfg.cvmfs.keys_dir), repo)
         staging = Path(self.cfg.cvmfs.staging_dir) / repo

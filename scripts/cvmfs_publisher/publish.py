@@ -15,8 +15,10 @@ How a batch is applied
    others share as few transactions as possible, so a batch without
    tarballs is exactly one ``transaction`` + ``publish``.
 4. A transaction phase whose changes are all already in the published tree
-   is skipped: a batch is never published empty, and replaying a batch that
-   was published just before a crash adds no revision.
+   (the read-only layer ``<spool>/<repo>/rdonly``, never the union, which
+   shows an open transaction's unpublished content) is skipped: a batch is
+   never published empty, and replaying a batch that was published just
+   before a crash adds no revision.
 5. ``transaction`` (16 and 17 are retried with backoff, up to
    ``sync.transaction_retries``); the changes are applied inside
    ``<mount_dir>/<repo>`` only, path by path (never a walk of the
@@ -35,7 +37,10 @@ Crash points (SIGKILL of the daemon) and what the next start does:
   open; it is aborted (its half-written content discarded) and the batch,
   still in ``batch/``, is applied again;
 - during ``publish``: the real tool leaves the repository in its transaction
-  (or publishes, if it got that far); abort if open, then replay;
+  (or publishes, if it got that far); abort if open, then replay. Killed
+  alone, the daemon may leave the upload (``cvmfs_swissknife``) running; it
+  holds ``is_publishing.lock`` and ``abort`` answers 22 with the lock
+  message, so the abort waits for that lock first (:meth:`BatchPublisher.abort`);
 - after ``publish``, before staging is cleaned: the replay finds every
   transaction phase already in place and publishes nothing (ingest phases are
   ingested again: their content cannot be compared cheaply);
@@ -66,7 +71,16 @@ from typing import IO, Any
 
 from .amqp import Backoff
 from .config import Config
-from .cvmfs import CvmfsError, CvmfsServer, NotInTransaction, TransactionBusy
+from .cvmfs import (
+    EBUSY,
+    CvmfsError,
+    CvmfsServer,
+    NotInTransaction,
+    PublishInProgress,
+    TransactionBusy,
+    TransactionRefused,
+    tool_lines,
+)
 from .errors import PublisherError
 from .keys import UnsafeKey, validate_path
 from .logs import redact
@@ -84,10 +98,14 @@ class PublishError(PublisherError):
     """A step that failed: the batch stays in staging and is retried with backoff.
 
     ``rc`` is the tool's exit code, or the errno of a failed file operation.
+    ``needs_operator``: True when retrying cannot help until someone acts (the
+    detail says what to do); the daemon then retries rarely.
     """
 
-    def __init__(self, repository: str, step: str, rc: int, message: str) -> None:
+    def __init__(self, repository: str, step: str, rc: int, message: str,
+                 needs_operator: bool = False) -> None:
         self.step, self.rc, self.detail = step, rc, redact(message)
+        self.needs_operator = needs_operator
         super().__init__(f"step={step} rc={rc} error={self.detail}", repository)
 
     @classmethod
@@ -100,12 +118,11 @@ def _tool_message(exc: CvmfsError) -> str:
     """The tool's own words, on one line (stderr first, else stdout).
 
     The first line (usually the cause, e.g. the gateway's reply) and the last
-    ones (the verdict); the ``Executed Command:`` trailer is only noise.
+    ones (the verdict); the ``Executed Command:`` and ``Stacktrace:`` trailers
+    are only noise.
     """
     for text in (exc.stderr, exc.stdout):
-        lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-        if "Executed Command:" in lines:
-            lines = lines[:lines.index("Executed Command:")]
+        lines = tool_lines(text)
         if lines:
             picked = list(dict.fromkeys([lines[0], *lines[-3:]]))
             return " | ".join(picked)[:600]
@@ -588,6 +605,11 @@ class BatchPublisher:
     can show it while the retries go on.
     """
 
+    #: ``transaction`` answering 16 for longer than this is no publish of
+    #: another host any more (the real tool took 9.7 s for 200 MB): the lease
+    #: is reported as held, with the way out.
+    lease_held_after = 120.0
+
     def __init__(self, cfg: Config, server: CvmfsServer | None = None,
                  stop: threading.Event | None = None,
                  on_problem: Callable[[str, str], None] | None = None) -> None:
@@ -595,6 +617,7 @@ class BatchPublisher:
         self.server = server or CvmfsServer(cfg.cvmfs)
         self.stop = stop or threading.Event()
         self.on_problem = on_problem or (lambda repo, text: None)
+        self._busy_since: dict[str, float] = {}  # repo -> first 16 of the current streak
 
     # -- entry points ----------------------------------------------------------------
 
@@ -676,14 +699,20 @@ class BatchPublisher:
         return out
 
     def _tree(self, repo: str, step: str = "open") -> Tree:
-        """The repository's union mount, as a :class:`Tree` (PublishError if unusable)."""
-        union = self.server.union(repo)
+        """The published layer (``<spool>/<repo>/rdonly``), as a :class:`Tree`.
+
+        Why not the union ``/cvmfs/<repo>``: while a transaction is open (one
+        left by a publish still running as an orphan, say) it shows the
+        unpublished content, and "already published" would drop a batch that
+        was never published (cvmfs README §10). PublishError if unusable.
+        """
+        published = self.server.published(repo)
         try:
-            return Tree(union)
+            return Tree(published)
         except OSError as exc:
             code = exc.errno or -1
             raise PublishError(repo, step, code, f"{errno.errorcode.get(code, code)} "
-                               f"{exc.strerror} ({union})") from None
+                               f"{exc.strerror} ({published})") from None
 
     def _skipped(self, repo: str, e: Entry, why: str, out: Outcome) -> None:
         out.skipped += 1
@@ -802,8 +831,19 @@ class BatchPublisher:
             self.recover(repo)
             try:
                 self.server.transaction(repo)
+                self._busy_since.pop(repo, None)
                 return
+            except TransactionRefused as exc:
+                raise PublishError(
+                    repo, exc.step, exc.rc,
+                    f"{_tool_message(exc)} | the gateway refuses every transaction of this "
+                    "repository until an operator acts (expired whitelist: re-sign it on the "
+                    "stratum 0; layout mismatch: migrate the repository); the batch stays "
+                    "staged and is retried rarely", needs_operator=True) from None
             except TransactionBusy as exc:
+                held = self._lease_held(repo, exc)
+                if held:
+                    raise PublishError(repo, exc.step, exc.rc, held) from None
                 if attempt > retries or self.stop.is_set():
                     raise PublishError.from_cvmfs(exc) from None
                 delay = backoff.next()
@@ -814,13 +854,30 @@ class BatchPublisher:
             except CvmfsError as exc:
                 raise PublishError.from_cvmfs(exc) from None
 
+    def _lease_held(self, repo: str, exc: CvmfsError) -> str:
+        """For a 16 (lease busy) lasting longer than a publish: what to tell the operator."""
+        if exc.rc != EBUSY:
+            return ""
+        now = time.monotonic()
+        since = self._busy_since.setdefault(repo, now)
+        if now - since < self.lease_held_after:
+            return ""
+        gateway = self.cfg.cvmfs.gateway_url.rstrip("/")
+        # The way out first: the status document keeps the first 300 characters.
+        return (f"lease {repo}/ busy for {now - since:.0f}s, longer than a publish: leaked? "
+                f"Way out: `cvmfs_server abort -f {repo}` on its publisher, or "
+                f"DELETE {gateway}/leases-by-path/{repo}/ (gateway admin key); else it expires "
+                f"(max_lease_time, 2 h) | {_tool_message(exc)}")
+
     def abort(self, repo: str) -> None:
         """``abort -f`` until the repository is out of its transaction.
 
         Why insist: after a failed abort (5: gateway unreachable) the
         repository is still in its transaction and holds its lease; nothing
         else may be done to it first. Only a shutdown interrupts the retries;
-        the next start aborts the transaction it finds.
+        the next start aborts the transaction it finds. A publish still
+        running (22 with the lock message: one orphaned by a killed daemon) is
+        waited for through its lock, then aborted.
         """
         backoff = Backoff(self.cfg.sync.backoff_initial, self.cfg.sync.backoff_max)
         while True:
@@ -830,6 +887,8 @@ class BatchPublisher:
                 return
             except NotInTransaction:
                 return
+            except PublishInProgress as exc:
+                self._wait_for_publish(repo, exc)
             except CvmfsError as exc:
                 if not self.server.in_transaction(repo):
                     log.warning("repository=%s step=abort rc=%d error=%s outcome=not in a "
@@ -844,6 +903,28 @@ class BatchPublisher:
                     raise PublishError(repo, "abort", exc.rc,
                                        f"{msg} (shutting down in a transaction: the next "
                                        "start aborts it)") from None
+
+    def _wait_for_publish(self, repo: str, exc: CvmfsError) -> None:
+        """Wait (bounded by ``cvmfs.command_timeout``, logged) until the publish
+        holding ``is_publishing.lock`` ends; PublishError when it does not."""
+        limit = self.cfg.cvmfs.command_timeout
+        lock = self.server.publish_lock(repo)
+        log.warning("repository=%s step=abort rc=%d error=%s outcome=waiting: a publish still "
+                    "holds %s (orphaned by a daemon killed alone?), waiting up to %.0fs for "
+                    "it to end before aborting", repo, exc.rc, _tool_message(exc), lock, limit)
+        self.on_problem(repo, f"abort waits for a running publish ({lock})")
+        t0 = time.monotonic()
+        while not self.server.wait_publish_lock(repo, timeout=min(1.0, limit)):
+            waited = time.monotonic() - t0
+            if self.stop.is_set() or waited >= limit:
+                why = "shutting down" if self.stop.is_set() else f"still held after {waited:.0f}s"
+                raise PublishError(repo, "abort", exc.rc,
+                                   f"{_tool_message(exc)} ({why}: the publish holding {lock} "
+                                   "has not ended; if no cvmfs_server or cvmfs_swissknife "
+                                   "process of this repository runs, the lock is stale and the "
+                                   "next try takes it over; retried later)") from None
+        log.info("repository=%s step=abort outcome=publish ended after %.1fs, aborting now",
+                 repo, time.monotonic() - t0)
 
     # -- ingest phases ---------------------------------------------------------------
 

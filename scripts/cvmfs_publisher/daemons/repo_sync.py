@@ -37,7 +37,7 @@ from pathlib import Path
 from .. import runtime, staging
 from ..amqp import Backoff
 from ..config import Config
-from ..cvmfs import CvmfsServer
+from ..cvmfs import CvmfsServer, kill_children
 from ..names import InvalidName, validate_repository
 from ..publish import BatchPublisher, Outcome, PublishError
 from ..status import StatusDocument
@@ -47,6 +47,10 @@ log = logging.getLogger(NAME)
 
 #: Publishes running at once (each is mostly waiting for cvmfs_server).
 WORKERS = 4
+
+#: Retry interval of a repository whose failure needs an operator (transaction
+#: 22: expired whitelist, layout mismatch): retrying sooner cannot help.
+OPERATOR_BACKOFF = 900.0
 
 
 class PendingTimes:
@@ -180,6 +184,7 @@ class RepoSync:
         (their changes stay staged for the next start)."""
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
+        kill_children()  # none is left normally; a command must not outlive the daemon
 
     # -- scheduling --------------------------------------------------------------------
 
@@ -278,7 +283,7 @@ class RepoSync:
         try:
             outcome = self.publisher.publish(repo, take_pending=take_pending)
         except PublishError as exc:
-            self._failed(state, now, exc.step, exc.rc, exc.detail)
+            self._failed(state, now, exc.step, exc.rc, exc.detail, exc.needs_operator)
             return
         except Exception as exc:  # a bug or an unusable staging area: back off, say why
             log.exception("repository=%s step=publish unexpected error", repo)
@@ -315,19 +320,23 @@ class RepoSync:
         self.status.repo(repo, **fields)
         self.status.flush(force=True)
 
-    def _failed(self, state: RepoState, now: float, step: str, rc: int, detail: str) -> None:
+    def _failed(self, state: RepoState, now: float, step: str, rc: int, detail: str,
+                needs_operator: bool = False) -> None:
         repo = state.name
         with state.lock:
             state.failures += 1
             delay = state.backoff.next()
+            if needs_operator:
+                delay = max(delay, OPERATOR_BACKOFF)
             # From the failure, not from the poll that started it (a publish may
             # have spent minutes retrying an abort).
             state.next_attempt = max(now, self.clock()) + delay
             failures = state.failures
-        log.error("repository=%s step=%s rc=%s error=%s outcome=retry in %.1fs "
+        log.error("repository=%s step=%s rc=%s error=%s outcome=%sretry in %.1fs "
                   "(failure %d in a row; the batch stays staged)", repo, step, rc,
-                  detail, delay, failures)
-        self.status.repo(repo, last_result="failed", consecutive_failures=failures,
+                  detail, "needs-operator, " if needs_operator else "", delay, failures)
+        self.status.repo(repo, last_result="needs-operator" if needs_operator else "failed",
+                         consecutive_failures=failures,
                          pending=self.pending(state, cached=False),
                          backoff=round(delay, 3),
                          last_error=f"step={step} rc={rc} {detail}"[:300])
