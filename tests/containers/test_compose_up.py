@@ -216,8 +216,23 @@ def engine() -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="module")
-def deployment(engine: Engine, broker: Any, openbao: Any, ceph: Any) -> Iterator[Deployment]:
+def host_dir() -> Iterator[Path]:
+    """The work directory standing for the publisher host's directories.
+
+    Removed whatever happens, after what the containers mounted below it.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="cvmfs-publisher-containers-", dir="/var/tmp"))
+    try:
+        yield workdir
+    finally:
+        release_host(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def deployment(engine: Engine, host_dir: Path, broker: Any, openbao: Any, ceph: Any
+               ) -> Iterator[Deployment]:
+    workdir = host_dir
     stack = build_stack(workdir / "host", broker, openbao, ceph,
                         CvmfsDouble(workdir / "unused", workdir / "unused"))
     # Our own notification exchange: the consumers find repository queues by
@@ -255,14 +270,12 @@ def deployment(engine: Engine, broker: Any, openbao: Any, ceph: Any) -> Iterator
             with contextlib.suppress(Exception):
                 (workdir / f"{service}.docker.log").write_text(compose.logs(service))
         compose.run("down", "-v", "--timeout", "60", check=False)
-        release_host(workdir)
         cfg = stack.config()
         with contextlib.suppress(Exception):
             cleanup_amqp(cfg, broker, [dep.label] if dep.label else [])
             amqp = Amqp(cfg)
             amqp.ch.exchange_delete(cfg.amqp.notification_exchange)
             amqp.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the checks
