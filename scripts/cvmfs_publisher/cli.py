@@ -40,7 +40,6 @@ from .messages import BadMessage, parse_request
 from .migrate import MigrationError, migrate
 from .names import InvalidName, validate_repository
 from .rabbitmq_api import ManagementAPI
-from .reconcile import reconcile
 
 EX_CONFIG = 78
 DAEMONS = ("publisher-consumer", "cvmfs-repo-consumers", "cvmfs-repo-sync")
@@ -210,6 +209,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    # Imported here: reconcile reads S3 (boto3), which the sync-publisher image
+    # does not install (each image holds only what its daemon imports).
+    from .reconcile import reconcile  # noqa: PLC0415 (see above)
+
     cfg = _load(args)
     try:
         validate_repository(args.repository, cfg.cvmfs.domain)
