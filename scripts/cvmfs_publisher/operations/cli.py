@@ -42,7 +42,6 @@ from ..core.names import InvalidName, validate_repository
 from ..provisioning.messages import BadMessage, parse_request
 from .health import main as health_main
 from .migrate import MigrationError, migrate
-from .reconcile import reconcile
 
 EX_CONFIG = 78
 DAEMONS = ("publisher-consumer", "cvmfs-repo-consumers", "cvmfs-repo-sync")
@@ -212,6 +211,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    # Imported here: reconcile reads S3 (boto3), which the sync-publisher image
+    # does not install (each image holds only what its daemon imports).
+    from .reconcile import reconcile  # noqa: PLC0415 (see above)
+
     cfg = _load(args)
     try:
         validate_repository(args.repository, cfg.cvmfs.domain)
