@@ -46,7 +46,7 @@ from cvmfs_publisher.core import config as config_mod  # noqa: E402
 from cvmfs_publisher.core.status import StatusDocument  # noqa: E402
 from cvmfs_publisher.cvmfs import CvmfsServer, Result  # noqa: E402
 from cvmfs_publisher.daemons.repo_sync import NAME, RepoSync  # noqa: E402
-from cvmfs_publisher.operations.reconcile import reconcile  # noqa: E402
+from cvmfs_publisher.pipeline.reconcile import reconcile  # noqa: E402
 from cvmfs_publisher.publish import BatchPublisher  # noqa: E402
 from cvmfs_publisher.staging.area import Entry, Staging  # noqa: E402
 from tests.cvmfs_server_double import (  # noqa: E402

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from cvmfs_publisher.adapters.rgw import RGW
-from cvmfs_publisher.operations.reconcile import ReconcileError, content_matches, reconcile
+from cvmfs_publisher.pipeline.reconcile import ReconcileError, content_matches, reconcile
 from tests.conftest import unique_label
 from tests.cvmfs_server_double import published_tree, union_dir
 

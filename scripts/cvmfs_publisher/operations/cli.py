@@ -34,7 +34,7 @@ from ..core.names import InvalidName, validate_repository
 from ..provisioning.messages import BadMessage, parse_request
 from .health import main as health_main
 from .migrate import MigrationError, migrate
-from .reconcile import reconcile
+from ..pipeline.reconcile import reconcile
 
 EX_CONFIG = 78
 DAEMONS = ("publisher-consumer", "cvmfs-repo-consumers", "cvmfs-repo-sync")

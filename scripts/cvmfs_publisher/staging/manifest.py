@@ -1,0 +1,185 @@
+"""The manifest: what this host's sync daemon published, and from which S3 object (DESIGN §3).
+
+Why: a reconcile must not read the repository to know it is in sync. With
+the manifest it compares a bucket listing (key, size, ETag, Last-Modified)
+with these records and reads no file; only a difference costs a download.
+
+Where: ``<staging_dir>/<repo>/manifest.json``, on the volume the consumers
+and the sync daemon of one host share. It is per host: two publisher hosts
+on one repository keep two manifests, each of what *its* sync daemon
+published. That is why a manifest carries the revision it describes: one
+whose revision is not the published one (another host published since, a
+crash between publish and manifest, a repository created again) is not
+trusted (:meth:`Manifest.trusted`), and the reconcile then falls back once
+to walking and hashing the published tree, which rebuilds it.
+
+Format (JSON, compact: 100,000 paths are a few MB)::
+
+    {"format": 1, "repository": "...", "revision": 42, "written": 1764130000.0,
+     "entries": {"<path>": ["file"|"symlink"|"tarball", size, mode, "<link target>",
+                            "<etag>", <last-modified>, "<key>"], ...}}
+
+Written atomically and durably (:func:`cvmfs_publisher.core.durable.replace`:
+a new file, fsync, rename over the old one, fsync of the directory), under
+the staging lock, so a reader sees the old or the new manifest, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core import durable
+from .area import Entry
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+NAME = "manifest.json"
+FILE, SYMLINK, TARBALL = "file", "symlink", "tarball"
+TYPES = (FILE, SYMLINK, TARBALL)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One published path and the S3 object it came from."""
+
+    type: str
+    size: int = 0
+    mode: int = 0o644
+    target: str = ""
+    etag: str = ""
+    modified: float = 0.0
+    key: str = ""
+
+    def to_json(self) -> list[Any]:
+        return [self.type, self.size, self.mode, self.target, self.etag, self.modified,
+                self.key]
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Record:
+        if not isinstance(doc, list) or len(doc) != 7 or doc[0] not in TYPES:
+            raise ValueError(f"bad manifest record {doc!r:.120}")
+        kind, size, mode, target, etag, modified, key = doc
+        if not (isinstance(size, int) and isinstance(mode, int) and isinstance(target, str)
+                and isinstance(etag, str) and isinstance(modified, (int, float))
+                and isinstance(key, str)):
+            raise ValueError(f"bad manifest record {doc!r:.120}")
+        return cls(kind, size, mode, target, etag, float(modified), key)
+
+
+def record_of(entry: Entry) -> Record | None:
+    """The record a published staging entry leaves (None for a deletion)."""
+    if entry.op == "put":
+        return Record(FILE, entry.size, entry.mode, "", entry.etag, entry.modified, entry.key)
+    if entry.op == "symlink":
+        return Record(SYMLINK, entry.size, entry.mode, entry.target, entry.etag,
+                      entry.modified, entry.key)
+    if entry.op == "ingest":
+        return Record(TARBALL, entry.size, 0o755, "", entry.etag, entry.modified, entry.key)
+    return None
+
+
+@dataclass
+class Manifest:
+    """The published paths of one repository at ``revision`` (see the module docstring)."""
+
+    repository: str
+    revision: int | None
+    entries: dict[str, Record] = field(default_factory=dict)
+    written: float = 0.0
+
+    def trusted(self, published_revision: int | None) -> bool:
+        """Does it describe the published revision? (Unknown revision: no.)"""
+        return published_revision is not None and self.revision == published_revision
+
+    def apply(self, entries: Iterable[Entry]) -> None:
+        """Fold a published batch in: a path's record replaced, or removed with its subtree."""
+        for e in entries:
+            self._remove_subtree(e.path)
+            rec = record_of(e)
+            if rec is not None:
+                self.entries[e.path] = rec
+
+    def _remove_subtree(self, path: str) -> None:
+        self.entries.pop(path, None)
+        prefix = path + "/"
+        if any(p.startswith(prefix) for p in self.entries):
+            for p in [p for p in self.entries if p.startswith(prefix)]:
+                del self.entries[p]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({
+            "format": FORMAT, "repository": self.repository, "revision": self.revision,
+            "written": self.written or time.time(),
+            "entries": {p: r.to_json() for p, r in self.entries.items()},
+        }, separators=(",", ":")).encode()
+
+
+def published_revision(spool_dir: str | os.PathLike[str], repository: str) -> int | None:
+    """The published revision: the ``revision`` attribute of ``<spool>/<repo>/rdonly``.
+
+    The read-only layer is the truth of what is published, on every host of
+    a repository (``attr -qg revision``, /work/shared/cvmfs README). An
+    attribute read, no process: the consumers may call it (their container
+    mounts the spool read-only). None when it cannot be read.
+    """
+    try:
+        raw = os.getxattr(Path(spool_dir) / repository / "rdonly", "user.revision")
+        return int(raw.decode().strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def path_of(staging_root: str | os.PathLike[str]) -> Path:
+    """The manifest file of the repository whose staging directory is ``staging_root``."""
+    return Path(staging_root) / NAME
+
+
+def load(staging_root: str | os.PathLike[str], repository: str) -> Manifest | None:
+    """The manifest, or None when there is none or it cannot be read (logged: a reconcile
+    then walks and hashes the tree once, which rebuilds it)."""
+    path = path_of(staging_root)
+    try:
+        doc = json.loads(path.read_bytes())
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"format {doc.get('format') if isinstance(doc, dict) else '?'}")
+        if doc.get("repository") != repository:
+            raise ValueError(f"written for {doc.get('repository')!r}")
+        revision = doc.get("revision")
+        if revision is not None and not isinstance(revision, int):
+            raise ValueError(f"revision {revision!r}")
+        raw = doc.get("entries")
+        if not isinstance(raw, dict):
+            raise ValueError("no entries")
+        entries = {p: Record.from_json(r) for p, r in raw.items() if isinstance(p, str)}
+        return Manifest(repository, revision, entries, float(doc.get("written") or 0.0))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("repository=%s step=manifest outcome=unreadable file=%s reason=%s; the "
+                    "next reconcile walks the published tree and rebuilds it", repository,
+                    path, str(exc)[:200])
+        return None
+
+
+def save(staging_root: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Replace the manifest atomically and durably (the caller holds the staging lock)."""
+    manifest.written = time.time()
+    durable.replace(path_of(staging_root), manifest.to_bytes(), mode=0o644)
+
+
+def discard(staging_root: str | os.PathLike[str], repository: str, why: str) -> None:
+    """Remove a manifest that no longer describes what is published (says why)."""
+    try:
+        os.unlink(path_of(staging_root))
+    except FileNotFoundError:
+        return
+    log.info("repository=%s step=manifest outcome=discarded reason=%s; the next reconcile "
+             "rebuilds it", repository, why)
