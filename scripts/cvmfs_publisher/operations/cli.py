@@ -31,10 +31,10 @@ from ..adapters.rabbitmq_api import ManagementAPI
 from ..core import config
 from ..core.errors import PublisherError
 from ..core.names import InvalidName, validate_repository
+from ..pipeline.reconcile import reconcile
 from ..provisioning.messages import BadMessage, parse_request
 from .health import main as health_main
 from .migrate import MigrationError, migrate
-from ..pipeline.reconcile import reconcile
 
 EX_CONFIG = 78
 DAEMONS = ("publisher-consumer", "cvmfs-repo-consumers", "cvmfs-repo-sync")

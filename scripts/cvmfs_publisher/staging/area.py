@@ -202,7 +202,10 @@ class Staging:
         so downloads of several paths commit in parallel. ``seq`` is a
         nanosecond timestamp: it orders entries and stays monotonic across a
         crash without a counter file to fsync. Per-path order is the
-        caller's (the consumers serialise changes of one key).
+        caller's (the consumers serialise changes of one key); when two
+        fetches of one path still race (an event's and a reconcile's), the
+        entry whose fetch *started* later (``time``) is kept, since it asked
+        S3 later. Returns the entry that is pending afterwards.
         """
         if entry.op not in OPS:
             raise ValueError(f"unknown op {entry.op!r}")
@@ -216,7 +219,15 @@ class Staging:
         durable.write_new(tmp, json.dumps(asdict(entry), sort_keys=True).encode())
         with self.locked():
             old = self._read(self.pending / name)
-            os.replace(tmp, self.pending / name)
+            if old is not None and old.time > entry.time:
+                # S3 was asked later for the pending one: it is the fresher view (two
+                # fetches of one path raced: an event's and a reconcile's).
+                os.unlink(tmp)
+                stale_object = entry.object if entry.object != old.object else ""
+                old, entry = None, old
+            else:
+                stale_object = ""
+                os.replace(tmp, self.pending / name)
             # fd on the directory inode: still the right one if the sync daemon
             # renames pending/ to batch/ right after we release the lock
             dfd = os.open(self.pending, os.O_RDONLY | os.O_DIRECTORY)
@@ -227,6 +238,8 @@ class Staging:
         if old and old.object and old.object != entry.object:
             with contextlib.suppress(FileNotFoundError):
                 (self.objects / old.object).unlink()
+        if stale_object:
+            self.discard_object(stale_object)
         return entry
 
     def discard_download(self, tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import durable
-from .area import Entry
+from .area import Entry, Staging
 
 log = logging.getLogger(__name__)
 
@@ -183,3 +183,28 @@ def discard(staging_root: str | os.PathLike[str], repository: str, why: str) -> 
         return
     log.info("repository=%s step=manifest outcome=discarded reason=%s; the next reconcile "
              "rebuilds it", repository, why)
+
+
+def record_publish(staging: Staging, entries: Iterable[Entry], before: int | None,
+                   after: int | None) -> bool:
+    """The sync daemon published ``entries``, taking the revision from ``before`` to
+    ``after``: fold them into the manifest. True when it was written.
+
+    Only a manifest of revision ``before`` is continued; any other one no
+    longer says what is published (a publish it missed) and is discarded,
+    and none is started from a batch (it would lack every other path): the
+    next reconcile walks the tree once and rebuilds it.
+    """
+    repo = staging.repo
+    with staging.locked():
+        m = load(staging.root, repo)
+        if m is None:
+            return False
+        if before is None or after is None or not m.trusted(before):
+            discard(staging.root, repo, f"it is of revision {m.revision}, the revision before "
+                    f"this publish was {before}")
+            return False
+        m.apply(entries)
+        m.revision = after
+        save(staging.root, m)
+    return True
