@@ -258,7 +258,8 @@ class Env:
         label = label or unique_label("rc-")
         repo = Repo(label, f"{label}.{DOMAIN}", "0f1e2d3c-" + unique_label("s"))
         self.openbao.put_keys(f"{repo.subject}/cvmfs_keys/{repo.repository}", KEYS)
-        self.rgw.s3.create_bucket(Bucket=label)
+        if not self.rgw.bucket_exists(label):  # it may hold data already (a migration)
+            self.rgw.s3.create_bucket(Bucket=label)
         self.repos.append(repo)
         conn = amqp_connection(self.cfg)
         try:

@@ -210,7 +210,7 @@ class ConsumersConfig:
     reconcile_jitter: float = 0.1
     reconcile_parallel: int = 2
     reconcile_after_created: float = 40.0
-    reconcile_grace: float = 60.0
+    reconcile_grace: float = 30.0
 
 
 @dataclass

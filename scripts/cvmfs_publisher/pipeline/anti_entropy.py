@@ -69,6 +69,8 @@ class AntiEntropy:
         self._failures: dict[str, int] = {}
         self._seq = 0
         self._stop = False
+        #: set by :meth:`stop`: running reconciles stage nothing more (``run`` reads it)
+        self.cancel = threading.Event()
         self._s3_down = False
         self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.reconcile_parallel),
                                         thread_name_prefix="reconcile")
@@ -81,12 +83,14 @@ class AntiEntropy:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop scheduling; running reconciles finish the downloads they started."""
+        self.cancel.set()
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=15)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ triggers
 

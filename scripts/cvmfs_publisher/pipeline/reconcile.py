@@ -60,6 +60,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -559,11 +560,17 @@ def _stage_one(s3: Any, bucket: str, st: Staging, ch: Change, repo: str) -> None
     stage_key(s3, st, bucket, object_keys.Target(ch.kind, ch.path, ch.key), repo)
 
 
-def stage_changes(s3: Any, bucket: str, st: Staging, plan: Plan, workers: int) -> None:
-    """Stage every change of ``plan`` (downloads in parallel); failures are listed."""
+def stage_changes(s3: Any, bucket: str, st: Staging, plan: Plan, workers: int,
+                  cancel: threading.Event | None = None) -> None:
+    """Stage every change of ``plan`` (downloads in parallel); failures are listed.
+
+    ``cancel`` set: the changes not started are left for the next reconcile.
+    """
     st.ensure()
 
     def one(ch: Change) -> tuple[Change, str]:
+        if cancel is not None and cancel.is_set():
+            return ch, "cancelled: the daemon is stopping"
         try:
             _stage_one(s3, bucket, st, ch, plan.repository)
             return ch, ""
@@ -587,7 +594,8 @@ def stage_changes(s3: Any, bucket: str, st: Staging, plan: Plan, workers: int) -
 
 def reconcile(cfg: Config, repo: str, dry_run: bool = False, *, s3: Any = None,
               staging: Staging | None = None, quick: bool = False, reingest: bool = False,
-              workers: int | None = None, grace: float = 0.0) -> Plan:
+              workers: int | None = None, grace: float = 0.0,
+              cancel: threading.Event | None = None) -> Plan:
     """Diff ``repo``'s published state with its bucket and stage the differences.
 
     ``dry_run``: compute and return the plan only (print it with ``str()``).
@@ -597,7 +605,8 @@ def reconcile(cfg: Config, repo: str, dry_run: bool = False, *, s3: Any = None,
     client (default: from ``cfg.s3``). ``staging``: the repository's staging
     (the consumers pass theirs, which stamps their term on entries).
     ``grace``: leave objects modified in the last ``grace`` seconds to their
-    events.
+    events. ``cancel``: set by a stopping daemon; what is not staged yet is
+    left (and listed as failed).
     """
     t0 = time.monotonic()
     validate_repository(repo, cfg.cvmfs.domain)
@@ -635,7 +644,7 @@ def reconcile(cfg: Config, repo: str, dry_run: bool = False, *, s3: Any = None,
             plan.rebuilt = _rebuild(cfg, st, repo, revision, synced)
     _settle_in_flight(st, plan, etags, recent)
     if not dry_run and plan.changes:
-        stage_changes(client, bucket, st, plan, n)
+        stage_changes(client, bucket, st, plan, n, cancel)
     plan.seconds = time.monotonic() - t0
     log.info("repository=%s step=reconcile outcome=%s mode=%s objects=%d changes=%d staged=%d "
              "failed=%d in_flight=%d recent=%d hashed=%d took=%.1fs", repo,

@@ -143,12 +143,15 @@ class Stager:
         self._recheck(repository, staging)
         c = self.cfg.consumers
         return reconcile.reconcile(self.cfg, repository, s3=self.s3, staging=staging,
-                                   grace=c.reconcile_grace, workers=max(1, c.downloads))
+                                   grace=c.reconcile_grace, workers=max(1, c.downloads),
+                                   cancel=self.anti_entropy.cancel)
 
     def _recheck(self, repository: str, staging: Staging) -> None:
         """Stage again, from what S3 holds now, every entry an ended term left unpublished."""
         leftovers = fencing.to_check(staging)
         for entry in leftovers:
+            if self.anti_entropy.cancel.is_set():
+                return  # stopping: the next term checks the rest
             target = None
             if entry.key:
                 try:
