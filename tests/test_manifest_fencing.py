@@ -168,3 +168,31 @@ def test_a_later_fetch_wins_over_an_earlier_one(tmp_path: Path) -> None:
     early = put(st, "k", b"asked S3 earlier", time=100.0)
     assert early.object == late.object, "the pending entry stays the later fetch"
     assert len(os.listdir(st.objects)) == 1, "the loser's object is dropped"
+
+
+def test_rebuild_from_the_published_tree(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "f").write_bytes(b"hello\n")
+    os.chmod(tree / "d" / "f", 0o755)
+    os.symlink("f", tree / "d" / "l")
+    (tree / "new_repository").write_bytes(b"")
+    (tree / ".cvmfscatalog").write_bytes(b"")
+    m, hashed = manifest.rebuild_from_tree(tree, REPO, 9)
+    assert hashed == 1 and m.revision == 9
+    assert set(m.entries) == {"d/f", "d/l"}
+    f = m.entries["d/f"]
+    assert (f.type, f.size, f.mode, f.etag) == ("file", 6, 0o755,
+                                                "b1946ac92492d2347c6235b4d2611184")
+    assert m.entries["d/l"].target == "f" and m.entries["d/l"].type == "symlink"
+
+
+def test_ensure_rebuilds_once_then_trusts(tmp_path: Path) -> None:
+    st = Staging(tmp_path / "staging", REPO).ensure()
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_bytes(b"a")
+    assert manifest.ensure(st, tree, None) == "unknown"
+    assert manifest.ensure(st, tree, 3) == "rebuilt"
+    assert manifest.ensure(st, tree, 3) == "trusted"
+    assert manifest.ensure(st, tree, 4) == "rebuilt", "another revision was published"

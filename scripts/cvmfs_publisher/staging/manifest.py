@@ -26,9 +26,11 @@ the staging lock, so a reader sees the old or the new manifest, never a mix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +44,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 NAME = "manifest.json"
+_CHUNK = 1 << 20
+#: Entries of the published tree that no key creates: catalog markers and mkfs's placeholder.
+RESERVED_PREFIX = ".cvmfs"
+MKFS_PLACEHOLDER = "new_repository"
 FILE, SYMLINK, TARBALL = "file", "symlink", "tarball"
 TYPES = (FILE, SYMLINK, TARBALL)
 
@@ -135,6 +141,101 @@ def published_revision(spool_dir: str | os.PathLike[str], repository: str) -> in
         return int(raw.decode().strip())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
+
+
+def md5_file(path: str | os.PathLike[str]) -> str | None:
+    """MD5 of a regular file (never following a symlink), or None if unreadable.
+
+    A single-part upload's ETag is this MD5, so it tells whether a published
+    file holds an object's content.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    h = hashlib.md5(usedforsecurity=False)
+    try:
+        while chunk := os.read(fd, _CHUNK):
+            h.update(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def rebuild_from_tree(tree: str | os.PathLike[str], repository: str,
+                      revision: int) -> tuple[Manifest, int]:
+    """A manifest of the published ``tree`` alone (walk and hash): (manifest, files hashed).
+
+    For the sync daemon, which sees the published tree but not S3: each
+    file's recorded ETag is its MD5 (what a single-part upload's ETag is), so
+    a reconcile finds it in sync when the object is; an object uploaded in
+    parts, whose ETag differs, is staged once more and the publish records
+    its real ETag. Symlinks record their target (an object's body is its
+    target). Tarball content is recorded file by file (the reconcile keeps
+    what lies under a tarball's directory). Nothing is followed; catalog
+    markers and mkfs's placeholder are left out.
+    """
+    root = Path(tree)
+    m = Manifest(repository, revision)
+    hashed = 0
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            it = os.scandir(root / rel_dir if rel_dir else root)
+        except OSError as exc:
+            raise OSError(f"cannot list {root / rel_dir}: {exc.strerror}") from None
+        with it:
+            for d in it:
+                rel = f"{rel_dir}/{d.name}" if rel_dir else d.name
+                if d.name.startswith(RESERVED_PREFIX) or (not rel_dir
+                                                           and d.name == MKFS_PLACEHOLDER):
+                    continue
+                st = d.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(rel)
+                elif stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(d.path)
+                    raw = target.encode("utf-8", "surrogateescape")
+                    m.entries[rel] = Record(SYMLINK, len(raw), 0o777, target,
+                                            hashlib.md5(raw, usedforsecurity=False).hexdigest())
+                elif stat.S_ISREG(st.st_mode):
+                    digest = md5_file(d.path)
+                    hashed += 1
+                    if digest is not None:
+                        m.entries[rel] = Record(FILE, st.st_size, stat.S_IMODE(st.st_mode), "",
+                                                digest)
+    return m, hashed
+
+
+def ensure(staging: Staging, tree: str | os.PathLike[str], revision: int | None) -> str:
+    """The sync daemon's check before it publishes: the manifest describes ``revision``.
+
+    Returns what was done: ``"trusted"``, ``"rebuilt"`` (missing, unreadable
+    or of another revision: walked and hashed once), or ``"unknown"`` (the
+    revision cannot be read: nothing is trusted or written).
+    """
+    repo = staging.repo
+    if revision is None:
+        return "unknown"
+    with staging.locked():
+        current = load(staging.root, repo)
+        if current is not None and current.trusted(revision):
+            return "trusted"
+    t0 = time.monotonic()
+    m, hashed = rebuild_from_tree(tree, repo, revision)
+    with staging.locked():
+        current = load(staging.root, repo)
+        if current is not None and current.trusted(revision):
+            return "trusted"  # a reconcile rebuilt it meanwhile
+        save(staging.root, m)
+    log.info("repository=%s step=manifest outcome=rebuilt revision=%d paths=%d hashed=%d "
+             "took=%.1fs reason=%s", repo, revision, len(m.entries), hashed,
+             time.monotonic() - t0, "none" if current is None else
+             f"it was of revision {current.revision}")
+    return "rebuilt"
 
 
 def path_of(staging_root: str | os.PathLike[str]) -> Path:
