@@ -174,7 +174,7 @@ def test_rebuild_from_the_published_tree(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     (tree / "d").mkdir(parents=True)
     (tree / "d" / "f").write_bytes(b"hello\n")
-    os.chmod(tree / "d" / "f", 0o755)
+    os.chmod(tree / "d" / "f", 0o755)  # noqa: S103 - an executable, as published
     os.symlink("f", tree / "d" / "l")
     (tree / "new_repository").write_bytes(b"")
     (tree / ".cvmfscatalog").write_bytes(b"")
@@ -196,3 +196,14 @@ def test_ensure_rebuilds_once_then_trusts(tmp_path: Path) -> None:
     assert manifest.ensure(st, tree, 3) == "rebuilt"
     assert manifest.ensure(st, tree, 3) == "trusted"
     assert manifest.ensure(st, tree, 4) == "rebuilt", "another revision was published"
+
+
+def test_peek_revision_reads_the_header_only(tmp_path: Path) -> None:
+    st = Staging(tmp_path, REPO).ensure()
+    assert manifest.peek_revision(st.root) is None
+    m = manifest.Manifest(REPO, 12)
+    m.entries = {f"p{i}": manifest.Record("file", i) for i in range(1000)}
+    manifest.save(st.root, m)
+    assert manifest.peek_revision(st.root) == 12
+    manifest.save(st.root, manifest.Manifest(REPO, None))
+    assert manifest.peek_revision(st.root) is None
