@@ -11,14 +11,17 @@ to their events and looks again after it, so these tests take about 40 s.
 from __future__ import annotations
 
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from cvmfs_publisher.adapters.amqp_source import ACTIVITY_POLL
+from devstack.rabbitmq import Broker
 from tests.conftest import unique_label
 from tests.consumers.support import (
     Env,
     Process,
+    amqp_connection,
     put_state,
     queue_counts,
     running,
@@ -96,3 +99,58 @@ def test_only_the_active_consumer_heals_and_the_next_one_after_failover(
         a.stop()
         b.stop()
     assert env.staged(r, host_a / "staging") == {}, "a never saw these events"
+
+
+def close_daemon_connections(env: Env, broker: Broker) -> int:
+    """Force-close the daemon's broker connections in this test's vhost only.
+
+    A lost broker connection as the daemon sees it, without restarting the
+    broker (the machine's RabbitMQ is shared: it is never restarted here).
+    """
+    n = 0
+    for c in broker.api("GET", "/api/connections") or []:
+        name = (c.get("client_properties") or {}).get("connection_name", "")
+        if c.get("vhost") == env.cfg.amqp.vhost and name.startswith("cvmfs-repo-consumers"):
+            broker.api("DELETE", "/api/connections/" + urllib.parse.quote(c["name"], safe=""))
+            n += 1
+    return n
+
+
+def test_lost_events_and_a_lost_broker_connection_are_healed(env: Env,
+                                                             broker: Broker) -> None:
+    """300 uploads: the first 150 raise events; then RGW loses every event (the
+    notification is gone) and the daemon loses its broker connection. Counts:
+    delivered by RGW, healed by reconcile, lost (must be 0)."""
+    r = env.provision()
+    conn = amqp_connection(env.cfg)
+    ch = conn.channel()
+    observer = ch.queue_declare("", exclusive=True).method.queue  # counts RGW's events
+    ch.queue_bind(observer, env.cfg.amqp.notification_exchange, routing_key=r.label)
+    first, second = items("delivered", 150), items("lost", 150)
+    try:
+        with running(env.cfg, r.label):
+            wait_until("active", lambda: "outcome=active-consumer" in env.log_text(), 30, 0.2)
+            env.put_many(r, first)
+            env.wait_staged(r, expected(first), timeout=HEAL_TIMEOUT)
+            env.rgw.delete_notification(r.label)
+            assert close_daemon_connections(env, broker) >= 1
+            t_lost = time.monotonic()
+            env.put_many(r, second)
+            uploaded = time.monotonic()
+            env.wait_staged(r, expected({**first, **second}), timeout=HEAL_TIMEOUT,
+                            exact=True)
+            healed_after = time.monotonic() - uploaded
+            wait_until("status", lambda: env.status()["repositories"][r.repository].get(
+                "healed_total", 0) >= 150, 10, 0.2)
+        delivered = ch.queue_declare(observer, passive=True).method.message_count
+    finally:
+        conn.close()
+    healed = env.status()["repositories"][r.repository]["healed_total"]
+    staged = env.staged(r)
+    lost = sum(1 for k, v in expected({**first, **second}).items() if staged.get(k) != v)
+    print(f"\nheal figures: uploaded 300, delivered by RGW {delivered}, healed by reconcile "
+          f"{healed}, lost {lost}; the lost half was staged {healed_after:.1f}s after its "
+          f"last upload ({time.monotonic() - t_lost:.1f}s after the first)")
+    assert delivered == 150 and healed == 150 and lost == 0
+    assert "amqp connection lost" in env.log_text()
+    assert "reason='active consumer again after a broker reconnection'" in env.log_text()

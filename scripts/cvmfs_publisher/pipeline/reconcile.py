@@ -59,6 +59,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import stat
 import threading
 import time
@@ -191,13 +192,54 @@ class Plan:
 # --------------------------------------------------------------------------- listing
 
 
+_DONE = object()
+
+
+def _pages(s3: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    """ListObjectsV2 pages, the next one requested while this one is processed.
+
+    Each page costs a round trip to RGW and some CPU here to map its keys;
+    overlapping them keeps a reconcile close to the cost of the bare listing.
+    """
+    pages: queue.Queue[Any] = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            paginator = s3.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix,
+                                           PaginationConfig={"PageSize": 1000}):
+                while not stop.is_set():
+                    try:
+                        pages.put(page, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            pages.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            pages.put(exc)
+
+    thread = threading.Thread(target=produce, name="listing", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = pages.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def list_bucket(s3: Any, bucket: str, prefix: str, tarball_dir: str,
                 plan: Plan) -> dict[str, Wanted]:
     """Stream the bucket listing into ``{repository path: Wanted}``."""
     wanted: dict[str, Wanted] = {}
-    paginator = s3.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix,
-                                   PaginationConfig={"PageSize": 1000}):
+    for page in _pages(s3, bucket, prefix):
         for obj in page.get("Contents", []) or []:
             plan.objects += 1
             key = obj["Key"]
@@ -620,7 +662,7 @@ def reconcile(cfg: Config, repo: str, dry_run: bool = False, *, s3: Any = None,
     trusted = known is not None and (known.trusted(revision) or (
         revision is None and not mounted))
     if not trusted and not mounted:
-        if known is None and revision is None:
+        if known is None and revision is None and st.root.is_dir():
             raise Transient("no manifest yet and the published tree is not visible here: "
                             "the sync daemon rebuilds it before its next publish", repo)
         why = ("no manifest" if known is None else
