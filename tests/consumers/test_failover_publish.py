@@ -134,8 +134,11 @@ def test_no_stale_publish_after_failover(env: Env, tmp_path: Path, case: str,
             env.s3.delete_object(Bucket=r.label, Key=KEY)
         else:
             env.put(r, KEY, y_makes)
-        wait_until("y published the newest K", lambda: published(env, r.repository) == y_makes,
-                   90, 0.2)
+        wait_until("y staged the newest K", lambda: f'key="{KEY}" outcome=staged op='
+                   f'{"delete" if y_makes is None else "put"}' in y.log(), 60, 0.2)
+        wait_until("y published the newest K", lambda: published(env, r.repository) == y_makes
+                   and y.staging(r.repository).pending_count() == 0
+                   and not y.staging(r.repository).has_batch(), 90, 0.2)
         # 4. x comes back, its sync daemon first (the worst order), while y is active.
         x.restart_sync()
         x.restart_consumers()

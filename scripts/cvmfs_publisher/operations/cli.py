@@ -91,6 +91,10 @@ def collect_status(cfg: config.Config, with_queues: bool = True) -> dict[str, An
                         r[k] = entry[k]
             elif name == "cvmfs-repo-consumers":
                 r["staged"] = entry.get("pending", 0)
+                for k in ("last_reconcile", "reconcile_seconds", "reconcile_healed",
+                          "healed_total"):
+                    if k in entry:
+                        r[k] = entry[k]
             if entry.get("last_error"):
                 r["last_error"] = f"{name}: {entry['last_error']}"
     if with_queues and cfg.amqp.management_url:
@@ -127,13 +131,15 @@ def cmd_status(args: argparse.Namespace) -> int:
               "see 'cvmfs-publisher dlq list'")
     print()
     print(f"{'REPOSITORY':40} {'QUEUE':>5} {'PENDING':>7} {'LAST PUBLISH':>13} {'RESULT':7} "
-          "LAST ERROR")
+          f"{'LAST RECONCILE':>14} {'HEALED':>6} LAST ERROR")
     for repo in sorted(st["repositories"]):
         r = st["repositories"][repo]
         depth = "-" if r["queue_depth"] is None else str(r["queue_depth"])
         pending = int(r.get("pending") or 0) + int(r.get("staged") or 0)
+        healed = "-" if "healed_total" not in r else str(r["healed_total"])
         print(f"{repo:40} {depth:>5} {pending:>7} {_age(r['last_publish'], now):>13} "
-              f"{r['last_result'] or '-':7} {r['last_error'][:60]}")
+              f"{r['last_result'] or '-':7} {_age(r.get('last_reconcile', 0.0), now):>14} "
+              f"{healed:>6} {r['last_error'][:60]}")
     print()
     print("everything is published" if st["all_published"] else "NOT everything is published")
     return 0 if st["all_published"] else 1

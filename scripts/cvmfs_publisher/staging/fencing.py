@@ -34,6 +34,11 @@ the live term is never set aside by it. An entry with no term (an
 operator's ``cvmfs-publisher reconcile``, or staged before fencing existed)
 is not fenced: it was checked against S3 when it was staged.
 
+A lost broker connection ends the term too (the broker may hand the role
+to another host meanwhile): what was staged and not yet published is
+fetched again once this host is active again, usually a handful of keys,
+since the sync daemon publishes within seconds.
+
 Not covered: a host that loses its role while its sync daemon is already
 inside a publish; that publish completes. Its content was what S3 held when
 it was staged, and the new active host's reconcile after the failover
