@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from cvmfs_publisher.core.config import ConsumersConfig
+from cvmfs_publisher.core.errors import Transient
 from cvmfs_publisher.core.status import StatusDocument
 from cvmfs_publisher.pipeline.anti_entropy import AntiEntropy
 from tests.consumers.support import wait_until
@@ -168,5 +169,24 @@ def test_results_in_status_and_retries(status: StatusDocument) -> None:
         # objects too recent to tell: looked at again after the grace period
         delay, why = ae.pending()["a.infn.it"]
         assert why == "objects too recent last time" and delay <= 31 + 1
+    finally:
+        ae.stop()
+
+
+def test_a_reconcile_failing_on_s3_then_succeeding_reconciles_the_others(
+        status: StatusDocument) -> None:
+    rec = Recorder()
+    rec.plans["a.infn.it"] = [FakePlan(), Transient("S3 unreachable"), FakePlan()]
+    ae = scheduler(status, rec)
+    try:
+        for r in ("a.infn.it", "b.infn.it"):
+            ae.activated(r, "active consumer")
+        wait_until("first runs", lambda: len(rec.calls) == 2)
+        ae.request("a.infn.it", "periodic")  # S3 is down now: no event shows it
+        wait_until("failed run", lambda: len(rec.calls) == 3)
+        ae.request("a.infn.it", "operator")  # S3 is back
+        wait_until("b after the outage", lambda: ("b.infn.it", "S3 back after an outage")
+                   in rec.calls)
+        assert ("a.infn.it", "S3 back after an outage") not in rec.calls
     finally:
         ae.stop()

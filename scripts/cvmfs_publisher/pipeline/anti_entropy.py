@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..core.config import ConsumersConfig
+from ..core.errors import Transient
 from ..core.status import StatusDocument
 
 log = logging.getLogger(__name__)
@@ -114,13 +115,14 @@ class AntiEntropy:
         """A download failed as transient (S3 unreachable or erroring)."""
         self._s3_down = True
 
-    def s3_ok(self) -> None:
-        """A download succeeded: after an S3 outage, reconcile every active repository."""
+    def s3_ok(self, done: str = "") -> None:
+        """A download (or the reconcile of ``done``) succeeded: after an S3 outage,
+        reconcile every active repository (but ``done``, which just was)."""
         if not self._s3_down:
             return
         self._s3_down = False
         with self._cond:
-            active = sorted(self._active)
+            active = sorted(self._active - {done})
         for repository in active:
             self.request(repository, "S3 back after an outage")
 
@@ -195,6 +197,7 @@ class AntiEntropy:
 
     def _done(self, repository: str, reason: str, plan: Any) -> None:
         self._failures.pop(repository, None)
+        self.s3_ok(done=repository)
         healed = int(plan.staged)
         self.status.repo(repository, last_reconcile=time.time(),
                          reconcile_seconds=round(plan.seconds, 3), reconcile_healed=healed,
@@ -217,6 +220,8 @@ class AntiEntropy:
         self._periodic(repository)
 
     def _failed(self, repository: str, reason: str, exc: Exception, took: float) -> None:
+        if isinstance(exc, Transient):
+            self.s3_failed()  # S3 unreachable or erroring (also seen with no event flowing)
         n = self._failures.get(repository, 0) + 1
         self._failures[repository] = n
         delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (n - 1))

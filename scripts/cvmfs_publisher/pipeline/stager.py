@@ -139,7 +139,7 @@ class Stager:
             staging = self._stagings.get(repository)
             term = self._terms.get(repository)
         if staging is None or term is None or not term.active:
-            raise Transient("not the active consumer any more", repository)
+            raise LookupError(f"{repository}: this host is not its active consumer any more")
         self._recheck(repository, staging)
         c = self.cfg.consumers
         return reconcile.reconcile(self.cfg, repository, s3=self.s3, staging=staging,
