@@ -94,11 +94,29 @@ ingest aborts its own transaction, a failed mkfs leaves
 same code as ``transaction`` and therefore consumes ``transaction`` entries too.
 ``CVMFS_DOUBLE_PUBLISH_DELAY=<s>`` slows every publish and ingest down in the
 same window (after ``is_publishing.lock`` is taken and the overlay is read-only,
-before the commit), so that tests can SIGKILL it there.
+before the commit), so that tests can SIGKILL it there. That window runs in a
+forked child, as the real upload runs in ``cvmfs_swissknife sync``, a child of the
+``cvmfs_server`` script: it holds the flock, outlives a caller killed alone, and
+dies of SIGPIPE on its next line when nobody reads its output any more, leaving
+the transaction open (README §10). Meanwhile ``abort`` answers 22 with
+``Could not acquire lock <spool>/is_publishing.lock``.
+``CVMFS_DOUBLE_REAL_TIMING=1`` makes commands take the real tool's time
+(README §3: publish about 0.5 s plus its size, transaction 0.05 s, abort 0.2 s),
+for benchmarks; off by default.
+
+Gateway leases: a table under ``<root>/double/gateway/`` (it survives ``rmfs`` and
+``mkfs``, as the gateway's own does). ``transaction`` takes ``<repo>/`` (or the
+sub-path), ``publish`` and ``abort`` release it; ``rmfs`` only deletes the
+session token, so the lease stays held for ``CVMFS_DOUBLE_LEASE_SECONDS``
+(default 7,200, the gateway's ``max_lease_time``) and every ``transaction`` of a
+repository created again under that name answers 16 ``lease path busy`` until it
+expires or ``drop_lease`` (the admin's ``DELETE /api/v1/leases-by-path``) removes it.
 
 Helpers for tests (import ``tests.cvmfs_server_double``): ``published_tree``,
 ``revisions``, ``current_revision``, ``calls``, ``inject_fault``,
-``clear_faults``, ``violations``, ``unmount_all``, ``in_transaction``,
+``clear_faults``, ``leases``, ``drop_lease``, ``kill_during_publish``, ``violations``,
+``unmount_all``,
+``in_transaction``,
 ``union_dir``, ``spool_dir``, ``double_env``.
 """
 
@@ -119,6 +137,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import stat
 import sys
 import tarfile
@@ -134,6 +153,11 @@ ENV_ROOT = "CVMFS_DOUBLE_ROOT"
 ENV_PUBLISH_DELAY = "CVMFS_DOUBLE_PUBLISH_DELAY"
 ENV_NO_MOUNT = "CVMFS_DOUBLE_NO_MOUNT"
 ENV_BACKOFF_SCALE = "CVMFS_DOUBLE_BACKOFF_SCALE"
+ENV_LEASE_SECONDS = "CVMFS_DOUBLE_LEASE_SECONDS"
+ENV_REAL_TIMING = "CVMFS_DOUBLE_REAL_TIMING"
+
+#: The gateway's ``max_lease_time`` (README §9): a leaked lease blocks this long.
+DEFAULT_LEASE_SECONDS = 7200.0
 
 #: The executable itself, for fixtures that configure ``cvmfs.server_command``.
 DOUBLE_PATH = Path(__file__).resolve()
@@ -147,6 +171,11 @@ _MS_REMOUNT = 32
 _MS_BIND = 4096
 _MNT_DETACH = 2
 _OPAQUE_XATTR = "trusted.overlay.opaque"
+#: The shape of the C++ tool's ``Stacktrace:`` block (README §10: 11 address lines).
+_STACKTRACE = "Stacktrace:\n" + "\n".join(
+    f"/usr/bin/cvmfs_publish(+0x{0x4a2f0 + 0x1d3 * i:x}) [0x{0x5581c0a4a2f0 + 0x1d3 * i:x}]"
+    for i in range(11)
+)
 _OVERLAY_XATTR_PREFIX = "trusted.overlay."
 
 
@@ -727,11 +756,17 @@ def _faults_file(root: Path) -> Path:
 
 @contextlib.contextmanager
 def _faults_locked(root: Path) -> Iterator[dict[str, Any]]:
-    """The fault queue under an flock on a separate lock file; rewritten by
+    """The fault queue (see :func:`_json_locked`)."""
+    with _json_locked(_faults_file(root)) as data:
+        yield data
+
+
+@contextlib.contextmanager
+def _json_locked(path: Path) -> Iterator[dict[str, Any]]:
+    """A JSON document under an flock on a separate ``.lock`` file; rewritten by
     atomic replace, so that a reader without the lock never sees it half written."""
-    path = _faults_file(root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name("faults.lock"), "a") as lock:
+    with open(path.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             text = path.read_text(encoding="utf-8")
@@ -760,6 +795,58 @@ def _pop_fault(ctx: Context, command: str, repo: str) -> dict[str, Any] | None:
     if delay > 0:
         time.sleep(delay)
     return found
+
+
+# --------------------------------------------------------------------------- gateway leases
+
+
+def _leases_file(root: Path) -> Path:
+    """The gateway's lease table: outside every repository's directories, so it
+    survives ``rmfs`` and ``mkfs`` as the real gateway's SQLite table does."""
+    return _double_dir(root) / "gateway" / "leases.json"
+
+
+def _lease_key(repo: str, sub: str) -> str:
+    """``<repo>/`` for a whole-repository lease, ``<repo>/<sub>/`` below it."""
+    return f"{repo}/{sub.strip('/')}/" if sub.strip("/") else f"{repo}/"
+
+
+def _lease_seconds() -> float:
+    return float(os.environ.get(ENV_LEASE_SECONDS, "") or DEFAULT_LEASE_SECONDS)
+
+
+def _go_duration(seconds: float) -> str:
+    """The gateway's ``Time remaining`` format (Go's time.Duration, e.g. 1h59m59.8s)."""
+    hours, rest = divmod(max(seconds, 0.0), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.9f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{int(hours)}h{int(minutes)}m{text}"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+def _lease_acquire(root: Path, key: str, token: str) -> float | None:
+    """Takes the lease ``key`` for ``token``; the seconds left of an overlapping
+    lease that another session holds (busy), or None when acquired."""
+    now = time.time()
+    with _json_locked(_leases_file(root)) as table:
+        for held, lease in list(table.items()):
+            if lease["expires"] <= now:
+                del table[held]
+            elif held.startswith(key) or key.startswith(held):
+                return float(lease["expires"]) - now
+        table[key] = {"token": token, "expires": now + _lease_seconds()}
+    return None
+
+
+def _lease_drop(root: Path, token: str) -> bool:
+    """Releases the lease of session ``token``; False when the gateway does not know it."""
+    now = time.time()
+    with _json_locked(_leases_file(root)) as table:
+        found = [k for k, v in table.items() if v["token"] == token and v["expires"] > now]
+        for k in [k for k, v in table.items() if v["token"] == token or v["expires"] <= now]:
+            del table[k]
+    return bool(found)
 
 
 def _fault_rc(entry: dict[str, Any] | None) -> int | None:
@@ -1268,20 +1355,35 @@ def _try_open(ctx: Context, r: Repo, conf: dict[str, str], lease: str) -> tuple[
                 "CernVM-FS transaction error: lease path busy",
             ),
             errno.EEXIST: ("", "CernVM-FS transaction error: another transaction is already open"),
+            # The gateway unreachable (README §10): the message, then the C++
+            # tool's backtrace block of 11 addresses.
             1: (
                 "",
                 "Make lease acquire request failed: 7. Reply: \n"
-                "(unexpected termination) cannot acquire lease",
+                "(unexpected termination) cannot acquire lease\n"
+                + _STACKTRACE,
             ),
+            # README §1 [src] gives only the codes of these two; the wording is the double's.
+            errno.EINVAL: (
+                "",
+                "CernVM-FS transaction error: repository whitelist is expired "
+                "(or the repository layout does not match this version)",
+            ),
+            errno.EIO: ("", "CernVM-FS transaction error: cannot construct the publisher"),
         }
         out, err = defaults.get(rc, ("", f"CernVM-FS transaction error: injected failure {rc}"))
         out = fault.get("stdout", out)
         err = fault.get("stderr", err)
         ctx.console.raw(out, None)
         return rc, err
+    token = base64.b32encode(os.urandom(32))
     if gateway:
+        busy = _lease_acquire(ctx.root, _lease_key(r.name, lease), token.decode())
+        if busy is not None:
+            undo()
+            ctx.out(f"Path busy. Time remaining = {_go_duration(busy)}")
+            return errno.EBUSY, "CernVM-FS transaction error: lease path busy"
         ctx.out("Gateway reply: ok")
-        token = base64.b32encode(os.urandom(32))
         fd = os.open(r.token, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
         os.fchmod(fd, 0o600)
         os.write(fd, token)
@@ -1299,6 +1401,7 @@ def _try_open(ctx: Context, r: Repo, conf: dict[str, str], lease: str) -> tuple[
             )
         if problem is not None:
             if gateway:
+                _lease_drop(ctx.root, token.decode())
                 ctx.out("Gateway reply: ok")
             undo()
             return problem[0], f"CernVM-FS transaction error: {problem[1]}"
@@ -1315,8 +1418,10 @@ def _open_transaction(
     ctx: Context, r: Repo, conf: dict[str, str], lease: str, timeout: int | None
 ) -> int:
     """transaction: health check, then attempts with the real backoff (0.5 s .. 5 s)."""
+    _real_pause(0.05)
     if not _check_mounts(ctx, r, repair="safe", variant="cpp"):
         ctx.err("(unexpected termination) cannot establish writable mountpoint")
+        ctx.err(_STACKTRACE)
         return 1
     _plain_check_outside_writes(ctx, r)
     scale = float(os.environ.get(ENV_BACKOFF_SCALE, "1") or 1)
@@ -1346,7 +1451,17 @@ def _remount_lines(ctx: Context, r: Repo) -> None:
 def _discard_transaction(ctx: Context, r: Repo, conf: dict[str, str]) -> None:
     """What a successful abort does to the state (also ingest's own abort -f)."""
     if _is_gateway(conf):
-        ctx.out("Gateway reply: ok")
+        token = ""
+        with contextlib.suppress(OSError):
+            token = r.token.read_text().strip()
+        if _lease_drop(ctx.root, token):
+            ctx.out("Gateway reply: ok")
+        else:  # expired, or dropped by an admin on the gateway (README §1)
+            ctx.out("Error from gateway: 'invalid lease'")
+            ctx.err(
+                "force abort, continue despite error while trying to drop lease, removing "
+                "session token. Error: gateway doesn't recognize the lease or cannot drop it"
+            )
     _check_mounts(ctx, r, repair="always")
     if _mount_mode(r.root) == "plain":
         _sync_tree(r.lower, r.union)
@@ -1410,14 +1525,20 @@ def _commit(
         ctx.out("." * (count // 100))
     ctx.out("Waiting for upload of files before committing...")
     delay = float(os.environ.get(ENV_PUBLISH_DELAY, "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
+    upload = delay + _real_seconds(kind, r, gateway, plain)
+    if upload > 0:
+        if not _swissknife(ctx, upload):
+            # The upload child died (SIGPIPE once nobody reads its output, or a
+            # kill): nothing committed, the state of README §6 B stays behind.
+            ctx.err("Synchronization failed")
+            return 1
+    else:
+        ctx.out("Committing file catalogs...")
     fault = _pop_fault(ctx, kind, r.name)
     rc = _fault_rc(fault)
     if fault is not None and rc is not None:
         return _commit_failed(ctx, r, conf, kind=kind, rc=rc, fault=fault, lock_fd=lock_fd)
 
-    ctx.out("Committing file catalogs...")
     ctx.out(f"Swissknife {label}: Wait for all uploads to finish")
     lease = ""
     with contextlib.suppress(OSError):
@@ -1451,6 +1572,9 @@ def _commit(
         ctx.out("Flushing file system buffers")
         ctx.out("Signing new manifest")
         ctx.out("Remounting newly created repository revision")
+    if gateway:
+        with contextlib.suppress(OSError):
+            _lease_drop(ctx.root, r.token.read_text().strip())
     _union_mount(r)
     for p in (r.txn_lock, r.token, r.lease_file):
         with contextlib.suppress(FileNotFoundError):
@@ -1475,7 +1599,7 @@ def _commit_failed(
     stats = r.spool / "stats.db"
     label = "Sync" if kind == "publish" else "Ingest"
     default_out = (
-        f"Committing file catalogs...\nSwissknife {label}: Wait for all uploads to finish\n"
+        f"Swissknife {label}: Wait for all uploads to finish\n"
         f"Swissknife {label}: Exporting repository manifest\nStatistics stored at: {stats}"
     )
     default_err = (
@@ -1498,6 +1622,83 @@ def _commit_failed(
         ctx.console.raw(None, fault.get("stderr", default_err))
     _release_publish_lock(r, lock_fd)
     return rc
+
+
+def _swissknife(ctx: Context, seconds: float) -> bool:
+    """The upload phase in a child process; True when it ended well.
+
+    Why a child: the real ``cvmfs_server publish`` is a shell script whose
+    ``cvmfs_swissknife sync`` child inherits the flock on is_publishing.lock
+    and the output pipe. Killed alone, the caller leaves that child running
+    (README §10): it goes on holding the lock, then dies of SIGPIPE on its next
+    line once nobody reads the pipe, leaving the transaction open. The child
+    here does the same: it sleeps through the upload, then prints the line
+    that follows it (SIGPIPE at default disposition kills it there).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child ends with os._exit
+        code = 1
+        try:
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            time.sleep(seconds)
+            line = b"Committing file catalogs...\n"
+            view = memoryview(line)
+            while view:
+                view = view[os.write(1, view):]
+            code = 0
+        finally:
+            os._exit(code)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            return False
+        except InterruptedError:
+            continue
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        ctx.console.out.append("Committing file catalogs...\n")  # printed by the child
+        return True
+    return False
+
+
+def _real_seconds(kind: str, r: Repo, gateway: bool, plain: bool) -> float:
+    """With ``CVMFS_DOUBLE_REAL_TIMING=1``: the real tool's publish time (README §3).
+
+    Fitted to the measurements on these VMs: a constant part (0.48 s local,
+    0.49 s gateway; ingest 0.4 s), plus per changed entry (1,000 files: 0.80 s
+    local, 0.63 s gateway) and per MB (100 MB: 2.1 s local, 2.43 s gateway).
+    Off by default so that the suite stays fast; benchmarks turn it on.
+    """
+    if os.environ.get(ENV_REAL_TIMING, "") in ("", "0"):
+        return 0.0
+    entries, size = (0, 0) if plain else _upper_stats(r.upper)
+    base = 0.4 if kind == "ingest" else (0.49 if gateway else 0.48)
+    per_entry = 0.00014 if gateway else 0.00033
+    per_mb = 0.0194 if gateway else 0.0162
+    return base + entries * per_entry + size / 1e6 * per_mb
+
+
+def _real_pause(seconds: float) -> None:
+    """The fixed cost of a command with ``CVMFS_DOUBLE_REAL_TIMING=1`` (README §3)."""
+    if os.environ.get(ENV_REAL_TIMING, "") not in ("", "0"):
+        time.sleep(seconds)
+
+
+def _upper_stats(upper: Path) -> tuple[int, int]:
+    """(entries, bytes of regular files) in the overlay upper dir: the change."""
+    count = size = 0
+    for dirpath, dirnames, filenames in os.walk(upper):
+        count += len(dirnames) + len(filenames)
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISREG(st.st_mode):
+                    size += st.st_size
+    return count, size
 
 
 def _plain_report_stale_writes(ctx: Context, r: Repo) -> None:
@@ -1738,10 +1939,13 @@ def cmd_abort(ctx: Context, args: list[str]) -> int:
     if not r.spool.is_dir():
         ctx.err(f"Repository {name} is not in a transaction")
         return errno.EINVAL
+    _real_pause(0.2)
     lock_fd = _acquire_publish_lock(r)
     if lock_fd is None:
-        ctx.err(f"(unexpected termination) could not acquire lock {r.pub_lock}")
-        return 1
+        # README §10: while a publish (or its orphaned swissknife) holds the
+        # flock, abort answers 22 like "not in a transaction", with this text.
+        ctx.err(f"Could not acquire lock {r.pub_lock}")
+        return errno.EINVAL
     try:
         if not r.txn_lock.exists():
             with contextlib.suppress(FileNotFoundError):
@@ -2565,6 +2769,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     root = Path(root_env).absolute()
+    # A shell script and C++ tools die of SIGPIPE when their reader is gone
+    # (README §10); Python would ignore it and carry on.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     ctx = Context(root, Console())
     started = time.time()
     try:
@@ -2666,6 +2873,22 @@ def inject_fault(root: str | os.PathLike[str], command: str, **entry: Any) -> No
         data.setdefault(command, []).append(entry)
 
 
+def leases(root: str | os.PathLike[str]) -> dict[str, float]:
+    """The gateway's live leases: ``{lease path: seconds left}`` (as ``GET /leases``)."""
+    now = time.time()
+    try:
+        table = json.loads(_leases_file(Path(root)).read_text(encoding="utf-8") or "{}")
+    except FileNotFoundError:
+        return {}
+    return {k: v["expires"] - now for k, v in table.items() if v["expires"] > now}
+
+
+def drop_lease(root: str | os.PathLike[str], path: str) -> bool:
+    """The gateway admin's ``DELETE /api/v1/leases-by-path/<path>``; False if none."""
+    with _json_locked(_leases_file(Path(root))) as table:
+        return table.pop(path, None) is not None
+
+
 def clear_faults(root: str | os.PathLike[str]) -> None:
     """Drops every queued fault."""
     with _faults_locked(Path(root)) as data:
@@ -2700,6 +2923,30 @@ def unmount_all(root: str | os.PathLike[str]) -> None:
         for point in sorted(set(points), key=len, reverse=True):
             with contextlib.suppress(OSError):
                 _libc().umount2(os.fsencode(point), _MNT_DETACH)
+
+
+def kill_during_publish(root: str | os.PathLike[str], repo: str) -> None:
+    """Leaves ``repo`` as a publish killed with its process group leaves it
+    (README §6 B: in a transaction, overlay read-only, stale is_publishing.lock,
+    ``list`` says ``in transaction - unhealthy``; gateway mode: lease held)."""
+    import subprocess  # only the tests' helpers start processes
+
+    env = double_env(root)
+    subprocess.run([sys.executable, str(DOUBLE_PATH), "transaction", repo], env=env,
+                   check=True, capture_output=True, cwd="/")
+    proc = subprocess.Popen(
+        [sys.executable, str(DOUBLE_PATH), "publish", repo], env={**env, ENV_PUBLISH_DELAY: "60"},
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        cwd="/", start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(b"Waiting for upload"):
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def double_env(root: str | os.PathLike[str], **extra: str) -> dict[str, str]:

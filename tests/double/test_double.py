@@ -16,6 +16,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -30,8 +31,10 @@ from tests.cvmfs_server_double import (
     clear_faults,
     current_revision,
     double_env,
+    drop_lease,
     in_transaction,
     inject_fault,
+    leases,
     published_tree,
     revisions,
     spool_dir,
@@ -595,6 +598,10 @@ def test_sigkill_during_publish_then_recovery(root: Path, local: str) -> None:
         assert probe.rc == 1
         assert f"WARNING: The repository {local} is currently publishing" in probe.err
         assert f"    rm -fR {spool}/is_publishing.lock\n" in probe.err
+        # README §10: abort's 22 here does not mean "not in a transaction".
+        busy = run(root, "abort", "-f", local)
+        assert (busy.rc, busy.err) == (22, f"Could not acquire lock {spool}/is_publishing.lock\n")
+        assert in_transaction(root, local)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -612,12 +619,15 @@ def test_sigkill_during_publish_then_recovery(root: Path, local: str) -> None:
 
     txn = run(root, "transaction", local)
     assert txn.rc == 1
-    assert txn.err.splitlines() == [
+    lines = txn.err.splitlines()
+    assert lines[:5] == [
         f"{local} is in a transaction but {union} is not mounted read/write",
         f"Repository {local} is in a transaction and cannot be repaired.",
         "--> Run `cvmfs_server abort $name` to revert and repair.",
         "(unexpected termination) cannot establish writable mountpoint",
+        "Stacktrace:",
     ]
+    assert len(lines) == 5 + 11
     assert not (spool / "is_publishing.lock").exists()
     assert (spool / "in_transaction.lock").exists()
     pub = run(root, "publish", local)
@@ -860,3 +870,118 @@ def test_plain_fallback_records_writes_outside_a_transaction(root: Path) -> None
     assert run(root, "abort", "-f", LOCAL, **plain).rc == 0
     assert (union / "legit").read_text() == "ok"
     assert len(violations(root)) == 1
+
+
+# --------------------------------------------------------------------------- README §10
+
+
+CALLER = """
+import subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        stdin=subprocess.DEVNULL)
+for line in proc.stdout:
+    if line.startswith(b"Waiting for upload"):
+        print("uploading", flush=True)
+proc.wait()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_publish_outlives_its_killed_caller_then_dies_of_sigpipe(root: Path, gw: str) -> None:
+    """README §10: a caller killed alone leaves its publish running (it holds
+    is_publishing.lock, abort answers 22 + the lock message); once it writes to
+    the pipe nobody reads, it dies and the transaction, token and lease stay."""
+    spool = spool_dir(root, gw)
+    assert run(root, "transaction", gw).rc == 0
+    (union_dir(root, gw) / "new").write_text("unpublished")
+    caller = subprocess.Popen(
+        [sys.executable, "-c", CALLER, str(DOUBLE_PATH), "publish", gw],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        env=double_env(root, CVMFS_DOUBLE_PUBLISH_DELAY="3"), cwd=root,
+    )
+    assert caller.stdout is not None
+    assert caller.stdout.readline() == b"uploading\n"
+    caller.kill()
+    caller.wait()
+    publish = next(c for c in calls(root) if c["command"] == "publish")
+    assert publish["rc"] is None  # the orphan: still running
+    busy = run(root, "abort", "-f", gw)
+    assert (busy.rc, busy.err) == (22, f"Could not acquire lock {spool}/is_publishing.lock\n")
+    # The union shows the unpublished file; the published layer does not.
+    assert (union_dir(root, gw) / "new").read_text() == "unpublished"
+    assert not (published_tree(root, gw) / "new").exists()
+
+    with open(spool / "is_publishing.lock") as fh:  # the flock says when it is over
+        fcntl.flock(fh, fcntl.LOCK_EX)
+    assert in_transaction(root, gw)
+    assert (spool / "session_token").exists()
+    assert list(leases(root)) == [f"{gw}/"]
+    assert current_revision(root, gw) == 1
+    aborted = run(root, "abort", "-f", gw)
+    assert aborted.rc == 0 and aborted.out.startswith("Gateway reply: ok\n")
+    assert leases(root) == {} and not in_transaction(root, gw)
+
+
+def test_rmfs_in_a_transaction_leaks_the_gateway_lease(root: Path, gw: str) -> None:
+    """README §10: rmfs drops the session token, not the lease; the repository
+    created again gets 16 from every transaction until the lease expires."""
+    assert run(root, "transaction", gw).rc == 0
+    assert 7190 < leases(root)[f"{gw}/"] <= 7200
+    assert run(root, "rmfs", "-f", gw).rc == 0
+    assert mkfs_gw(root).rc == 0
+    busy = run(root, "transaction", gw)
+    assert busy.rc == 16
+    assert busy.out.startswith("Path busy. Time remaining = 1h59m")
+    assert busy.err == "CernVM-FS transaction error: lease path busy\n"
+    assert not in_transaction(root, gw)
+    assert run(root, "abort", "-f", gw).rc == 22  # nothing local to abort
+    assert drop_lease(root, f"{gw}/")  # the admin's DELETE /api/v1/leases-by-path
+    assert run(root, "transaction", gw).rc == 0
+
+    # abort -f before rmfs releases it; a short lease expires by itself.
+    assert run(root, "abort", "-f", gw).rc == 0
+    assert leases(root) == {}
+    assert run(root, "transaction", gw, CVMFS_DOUBLE_LEASE_SECONDS="1").rc == 0
+    assert run(root, "rmfs", "-f", gw).rc == 0
+    assert mkfs_gw(root).rc == 0
+    assert run(root, "transaction", gw).rc == 16
+    time.sleep(1.1)
+    assert run(root, "transaction", gw).rc == 0
+    # The gateway forgot this one: abort still succeeds, saying so (README §1).
+    drop_lease(root, f"{gw}/")
+    forgotten = run(root, "abort", "-f", gw)
+    assert forgotten.rc == 0
+    assert forgotten.out.startswith("Error from gateway: 'invalid lease'\n")
+    assert "gateway doesn't recognize the lease" in forgotten.err
+
+
+def test_transaction_exit_codes_of_section_10(root: Path, gw: str) -> None:
+    """1 with the Stacktrace: block (gateway unreachable), 22 and 5 (source), 2 and 20."""
+    inject_fault(root, "transaction", rc=1)
+    down = run(root, "transaction", gw)
+    lines = down.err.splitlines()
+    assert down.rc == 1
+    assert lines[:3] == ["Make lease acquire request failed: 7. Reply: ",
+                         "(unexpected termination) cannot acquire lease", "Stacktrace:"]
+    assert len(lines) == 3 + 11
+    for rc in (22, 5):
+        inject_fault(root, "transaction", rc=rc)
+        failed = run(root, "transaction", gw)
+        assert failed.rc == rc and failed.err.startswith("CernVM-FS transaction error: ")
+        assert not in_transaction(root, gw)
+    assert run(root, "transaction", f"{gw}/no/such").rc == 2
+    assert leases(root) == {}  # acquired, then dropped
+    assert run(root, "transaction", f"{gw}/new_repository/x").rc == 20
+    assert leases(root) == {}
+
+
+def test_real_timing_switch(root: Path, local: str) -> None:
+    """Off: publish is quick; on: it takes at least the real tool's 0.48 s."""
+    for extra in ({}, {"CVMFS_DOUBLE_REAL_TIMING": "1"}):
+        assert run(root, "transaction", local).rc == 0
+        (union_dir(root, local) / "f").write_text("x")
+        assert run(root, "publish", local, **extra).rc == 0
+    quick, real = [c for c in calls(root) if c["command"] == "publish"]
+    assert real["end"] - real["start"] >= 0.48
+    assert "Committing file catalogs...\n" in real["stdout"]
+    assert quick["stdout"].count("Committing file catalogs...") == 1

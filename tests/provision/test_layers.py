@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import ssl
 from pathlib import Path
@@ -9,20 +10,22 @@ from pathlib import Path
 import pytest
 
 from cvmfs_publisher.adapters import amqp
-from cvmfs_publisher.adapters.rgw import RGW
-from cvmfs_publisher.adapters.vault import VaultClient
-from cvmfs_publisher.core import config
-from cvmfs_publisher.core.errors import Permanent, Transient
-from cvmfs_publisher.cvmfs import (
+from cvmfs_publisher.adapters.cvmfs import (
     CommandTimeout,
     CvmfsError,
     CvmfsServer,
     GatewayUnreachable,
     NotInTransaction,
+    PublishInProgress,
     TransactionBusy,
+    TransactionRefused,
 )
+from cvmfs_publisher.adapters.rgw import RGW
+from cvmfs_publisher.adapters.vault import VaultClient
+from cvmfs_publisher.core import config
+from cvmfs_publisher.core.errors import Permanent, Transient
 from tests.conftest import Stack
-from tests.cvmfs_server_double import inject_fault
+from tests.cvmfs_server_double import calls, inject_fault
 
 
 @pytest.fixture
@@ -75,15 +78,21 @@ def test_vault_errors_are_classified(vault_cfg, openbao, tmp_path: Path) -> None
         VaultClient(down.vault).login()
 
 
-def test_cvmfs_exit_codes_are_mapped(stack: Stack, cvmfs_double) -> None:
+def gateway_repository(stack: Stack, repo: str) -> tuple[config.Config, CvmfsServer]:
+    """A gateway-mode repository created with keys in the configured keys_dir."""
     cfg = stack.config()
-    repo = "layer.infn.it"
     keys = Path(cfg.cvmfs.keys_dir)
-    keys.mkdir(parents=True)
+    keys.mkdir(parents=True, exist_ok=True)
     for ext in ("pub", "crt", "gw"):
         (keys / f"{repo}.{ext}").write_text("k")
     cv = CvmfsServer(cfg.cvmfs)
     cv.mkfs_gateway(repo, str(keys))
+    return cfg, cv
+
+
+def test_cvmfs_exit_codes_are_mapped(stack: Stack, cvmfs_double) -> None:
+    repo = "layer.infn.it"
+    _, cv = gateway_repository(stack, repo)
     assert cv.exists(repo) and cv.healthy(repo)
     cv.transaction(repo)
     assert cv.in_transaction(repo)
@@ -112,6 +121,43 @@ def test_cvmfs_exit_codes_are_mapped(stack: Stack, cvmfs_double) -> None:
     inject_fault(cvmfs_double.root, "transaction", delay=5)
     with pytest.raises(CommandTimeout):
         cv.run("transaction", repo, ["transaction", repo], timeout=1)
+    # the timeout killed the command's process group: nothing of it runs on
+    assert not [c for c in calls(cvmfs_double.root) if c["rc"] is None and alive(c["pid"])]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_cvmfs_exit_codes_are_read_with_their_message(stack: Stack, cvmfs_double) -> None:
+    """cvmfs README §10: abort's 22 is two things; transaction's 22 is permanent;
+    the Stacktrace: block is not a message."""
+    repo = "layer2.infn.it"
+    cfg, cv = gateway_repository(stack, repo)
+    assert cv.installed(repo) == []
+    inject_fault(cvmfs_double.root, "transaction", rc=22)
+    with pytest.raises(TransactionRefused):
+        cv.transaction(repo)
+    inject_fault(cvmfs_double.root, "transaction", rc=1)
+    with pytest.raises(CvmfsError) as err:
+        cv.transaction(repo)
+    assert "cannot acquire lease" in str(err.value) and "0x" not in str(err.value)
+    cv.transaction(repo)
+    with open(cv.publish_lock(repo), "a") as fh:  # a publish running
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with pytest.raises(PublishInProgress) as busy:
+            cv.abort(repo)
+        assert busy.value.rc == 22 and "is_publishing.lock" in str(busy.value)
+        assert not cv.wait_publish_lock(repo, timeout=0.3)
+    assert cv.wait_publish_lock(repo, timeout=0)
+    cv.abort(repo)
+    with pytest.raises(NotInTransaction):
+        cv.abort(repo)
+    (Path(cfg.cvmfs.repositories_dir) / repo / "server.conf").unlink()
+    assert cv.installed(repo) == ["server.conf"]
 
 
 def test_tls_verification_is_on_by_default(caplog) -> None:

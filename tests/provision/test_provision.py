@@ -19,6 +19,7 @@ import pytest
 from cvmfs_publisher.core.names import label_of
 from devstack import rabbitmq as rabbit_mod
 from tests.conftest import REPO_ROOT
+from tests.cvmfs_server_double import in_transaction, inject_fault, kill_during_publish, leases
 from tests.provision.helpers import (
     Scenario,
     assert_provisioned,
@@ -32,7 +33,8 @@ def put_and_expect_event(s: Scenario) -> dict:
     s.rgw.s3.put_object(Bucket=s.label, Key="outside/ignored.txt", Body=b"no event")
     s.rgw.s3.put_object(Bucket=s.label, Key="cvmfs/x", Body=b"hello")
 
-    bodies = s.amqp.consume(s.label, 20)
+    # a new persistent topic delivers once RGW's 30 s queue scan took it up (README)
+    bodies = s.amqp.consume(s.label, 60)
     assert len(bodies) == 1, "expected exactly the cvmfs/ event (none for outside/)"
     rec = json.loads(bodies[0])["Records"][0]
     assert rec["s3"]["object"]["key"] == "cvmfs/x"
@@ -324,3 +326,51 @@ def test_provisioning_without_announcement_listener(scenario, broker) -> None:
         wait_until("provisioned", lambda: "outcome=provisioned" in s.log_text(), 30)
     assert s.amqp.queue_depth(s.cfg.amqp.dead_letter_queue) == 0
     assert_provisioned(s, broker)
+
+
+def test_same_create_message_while_stuck_in_a_transaction(scenario, broker) -> None:
+    """cvmfs README §10: a repository left in a transaction by a crash is
+    ``in transaction - unhealthy``; rmfs + mkfs would leak its gateway lease
+    (16 for two hours). Provisioning leaves it to the sync daemon, which
+    repairs it with abort -f."""
+    s = scenario()
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        s.amqp.wait_announcement("created", s.repo)
+    kill_during_publish(s.double_root, s.repo)
+    listed = subprocess.run([s.cfg.cvmfs.server_command, "list"], capture_output=True,
+                            text=True, check=True).stdout
+    assert f"{s.repo} (stratum0 / gw - in transaction - unhealthy)" in listed
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        s.amqp.wait_announcement("created", s.repo)
+    assert s.calls("rmfs") == [] and len(s.calls("mkfs")) == 1
+    assert in_transaction(s.double_root, s.repo)
+    assert "outcome=left-to-sync" in s.log_text()
+    # What the sync daemon then does: abort -f releases the lease, transactions work.
+    server = [s.cfg.cvmfs.server_command]
+    subprocess.run([*server, "abort", "-f", s.repo], capture_output=True, check=True)
+    assert f"{s.repo}/" not in leases(s.double_root)
+    subprocess.run([*server, "transaction", s.repo], capture_output=True, check=True)
+    subprocess.run([*server, "abort", "-f", s.repo], capture_output=True, check=True)
+    assert_provisioned(s, broker)
+
+
+def test_delete_in_a_transaction_aborts_before_rmfs(scenario, broker) -> None:
+    """Deprovisioning a repository in a transaction: abort -f first; while the
+    abort fails (5: gateway unreachable) no rmfs (the message is retried), so
+    the gateway lease is released, never leaked."""
+    s = scenario()
+    with running(s.cfg, broker):
+        s.amqp.send(s.csv)
+        s.amqp.wait_announcement("created", s.repo)
+        kill_during_publish(s.double_root, s.repo)
+        inject_fault(s.double_root, "abort", rc=5)
+        s.amqp.send(s.json("delete"))
+        s.amqp.wait_announcement("deleted", s.repo, timeout=60)
+    aborts = s.calls("abort")
+    assert [c["rc"] for c in aborts] == [5, 0]
+    rmfs = s.calls("rmfs")
+    assert [c["rc"] for c in rmfs] == [0] and rmfs[0]["start"] > aborts[1]["end"]
+    assert not (Path(s.cfg.cvmfs.repositories_dir) / s.repo).exists()
+    assert f"{s.repo}/" not in leases(s.double_root)

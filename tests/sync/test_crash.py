@@ -10,14 +10,19 @@ right after ``publish``; the double's publish delay holds a publish open.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.cvmfs_server_double import calls, spool_dir, union_dir
+from tests.conftest import REPO_ROOT
+from tests.cvmfs_server_double import calls, inject_fault, leases, spool_dir, union_dir
 
 from .conftest import REPO, SyncEnv, files_of, stop, wait_until
 
@@ -154,3 +159,64 @@ def test_sigterm_finishes_the_publish_in_hand(fast: SyncEnv) -> None:
     repo = status["repositories"][REPO]
     assert repo["last_result"] == "ok" and repo["pending"] == 0 and repo["last_publish"] > 0
     assert "stopped" in Path(env.raw["log"]["dir"], "cvmfs-repo-sync.log").read_text()
+
+
+def test_lone_sigkill_of_the_daemon_during_a_long_publish(fast: SyncEnv) -> None:
+    """cvmfs README §10: SIGKILL of the daemon's PID alone (KillMode=process, kill -9,
+    the OOM killer) leaves the upload running: it holds is_publishing.lock (abort
+    answers 22 with the lock message), the union shows the unpublished files, and
+    it dies of SIGPIPE seconds later leaving the transaction open. The restart
+    must wait for it, abort, and publish the batch: nothing lost."""
+    env = fast
+    wanted = stage_batch(env)
+    proc = env.start(CVMFS_DOUBLE_PUBLISH_DELAY="4")
+    try:
+        wait_until("publish uploading", lambda: any(
+            c["command"] == "publish" and c["rc"] is None for c in calls(env.root)), 30, proc)
+        time.sleep(0.3)  # in the upload window (the double prints its line, then forks)
+    finally:
+        proc.kill()  # the PID only, not its group
+    killed(proc)
+    lock = spool_dir(env.root, REPO) / "is_publishing.lock"
+    with open(lock) as fh:
+        with pytest.raises(BlockingIOError):  # the upload outlived its caller
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    assert env.in_transaction() and not env.revisions()
+
+    restart_and_settle(env, wanted)
+
+    log = env.log_text()
+    assert "outcome=already-published" not in log
+    assert "outcome=waiting: a publish still holds" in log
+    assert [r for r in env.revisions() if r["command"] == "publish"], "nothing published"
+    assert not leases(env.root)
+
+
+def test_cvmfs_server_dies_with_its_caller(env: SyncEnv) -> None:
+    """A cvmfs_server child gets SIGKILL when the daemon that started it dies alone."""
+    env.put("f", b"x")
+    env.publisher().publish(REPO)  # the repository exists
+    inject_fault(env.root, "transaction", delay=60)
+    script = ("import sys; from cvmfs_publisher.adapters.cvmfs import CvmfsServer; "
+              "from cvmfs_publisher.core import config; "
+              "cfg = config.load(sys.argv[1]); CvmfsServer(cfg.cvmfs).transaction(sys.argv[2])")
+    cfg_path = env.workdir / "caller.yaml"
+    cfg_path.write_text(yaml.safe_dump(env.raw))
+    caller = subprocess.Popen([sys.executable, "-c", script, str(cfg_path), REPO],
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "scripts")})
+    running = wait_until("transaction running", lambda: [
+        c for c in calls(env.root) if c["command"] == "transaction" and c["rc"] is None], 30)
+    caller.kill()
+    caller.wait()
+    pid = running[0]["pid"]
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    wait_until("cvmfs_server gone with its caller", gone, 10)
+    if env.in_transaction():  # it died before or after taking the lock: clean up
+        subprocess.run([str(env.double.command), "abort", "-f", REPO], check=True,
+                       capture_output=True)

@@ -3,13 +3,15 @@ transaction, never a lost batch, every error one log line."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import subprocess
+import threading
 
 import pytest
 
-from cvmfs_publisher.publish import PublishError
-from tests.cvmfs_server_double import inject_fault, union_dir
+from cvmfs_publisher.publishing.errors import PublishError
+from tests.cvmfs_server_double import drop_lease, inject_fault, spool_dir, union_dir
 
 from .conftest import REPO, SyncEnv, files_of
 
@@ -109,27 +111,111 @@ def test_abort_gateway_unreachable_is_retried_first(env: SyncEnv) -> None:
     assert files_of(env.published()) == {"f": ("f", 0o644, b"x")}
 
 
-def test_abort_not_in_transaction_22(env: SyncEnv) -> None:
-    """abort answering 22 is taken at its word; if a lock file is still there,
-    the next attempt aborts it as stale before anything else."""
+def test_abort_22_is_not_believed_while_in_transaction_lock_is_there(env: SyncEnv) -> None:
+    """cvmfs README §10: an exit code alone never decides a state. 22 means "not
+    in a transaction" only with that message and in_transaction.lock gone; here
+    the lock is still there, so the abort is retried until it is gone."""
     env.put("f", b"x")
     inject_fault(env.root, "publish", rc=1)
-    inject_fault(env.root, "abort", rc=22)
+    inject_fault(env.root, "abort", rc=22,
+                 stderr=f"Repository {REPO} is not in a transaction")
     with pytest.raises(PublishError):
         env.publisher().publish(REPO)
-    assert rcs(env, "abort") == [22]
+    assert rcs(env, "abort") == [22, 0]
+    assert not env.in_transaction() and env.staging().has_batch()
 
     out = env.publisher().publish(REPO)
 
-    assert out is not None and out.aborted_stale == 1
-    assert [c["command"] for c in env.calls()][-3:] == ["abort", "transaction", "publish"]
+    assert out is not None and out.replay
+    assert [c["command"] for c in env.calls()][-2:] == ["transaction", "publish"]
     assert files_of(env.published()) == {"f": ("f", 0o644, b"x")}
+
+
+def test_abort_waits_for_a_publish_still_holding_its_lock(env: SyncEnv) -> None:
+    """22 with ``Could not acquire lock .../is_publishing.lock``: a publish (an
+    orphan of a killed daemon) still runs. The flock says when it is over; then
+    the abort goes through."""
+    env.put("old", b"published")
+    env.publisher().publish(REPO)
+    subprocess.run([str(env.double.command), "transaction", REPO], check=True,
+                   capture_output=True)
+    lock = spool_dir(env.root, REPO) / "is_publishing.lock"
+    holder = open(lock, "a")  # held across the timer below
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    released = threading.Timer(1.0, holder.close)
+    released.start()
+    try:
+        assert env.publisher().transactions.recover(REPO)
+    finally:
+        released.cancel()
+        holder.close()
+    assert rcs(env, "abort")[0] == 22 and rcs(env, "abort")[-1] == 0
+    assert "Could not acquire lock" in env.calls("abort")[0]["stderr"]
+    assert not env.in_transaction()
+
+
+def test_transaction_22_needs_an_operator(env: SyncEnv) -> None:
+    """transaction 22 (expired whitelist, layout mismatch) is permanent until an
+    operator acts: not retried, the batch kept, a long backoff, status says so."""
+    inject_fault(env.root, "transaction", rc=22)
+    env.put("f", b"x")
+    daemon = env.daemon()
+    daemon.tick(env.clock[0] + 10)
+    assert rcs(env, "transaction") == [22]
+    assert env.staging().has_batch() and not env.revisions()
+    repo = env.status()["repositories"][REPO]
+    assert repo["last_result"] == "needs-operator"
+    assert repo["backoff"] >= 900
+    assert "until an operator acts" in repo["last_error"]
+    daemon.tick(env.clock[0] + 60)  # no retry a minute later
+    assert rcs(env, "transaction") == [22]
+    daemon.tick(env.clock[0] + 2000)
+    assert files_of(env.published()) == {"f": ("f", 0o644, b"x")}
+
+
+def test_stacktrace_is_cut_from_the_error(env: SyncEnv) -> None:
+    """Gateway unreachable at transaction: the message, not the address block."""
+    inject_fault(env.root, "transaction", rc=1)
+    env.put("f", b"x")
+    with pytest.raises(PublishError) as exc:
+        env.publisher().publish(REPO)
+    assert "cannot acquire lease" in exc.value.detail
+    assert "Stacktrace" not in exc.value.detail and "0x" not in exc.value.detail
+    env.publisher().publish(REPO)
+
+
+def test_a_leaked_lease_is_reported_with_the_way_out(env: SyncEnv) -> None:
+    """rmfs of a repository in a transaction leaks its lease (cvmfs README §10):
+    the recreated repository gets 16 for as long as the lease lives. When 16
+    lasts longer than a publish takes, the error names the lease path and the
+    documented way out."""
+    env.put("f", b"x")
+    env.publisher().publish(REPO)
+    cmd = str(env.double.command)
+    subprocess.run([cmd, "transaction", REPO], check=True, capture_output=True)
+    subprocess.run([cmd, "rmfs", "-f", REPO], check=True, capture_output=True)
+    env.put("g", b"y")
+    pub = env.publisher()
+    with pytest.raises(PublishError) as exc:
+        pub.publish(REPO)  # mkfs again, then 16 until the retries are spent
+    assert exc.value.rc == 16 and "leases-by-path" not in exc.value.detail
+    pub.transactions.lease_held_after = 0.0  # as if the 16s had lasted longer than any publish
+    with pytest.raises(PublishError) as exc:
+        pub.publish(REPO)
+    detail = exc.value.detail
+    assert exc.value.rc == 16 and f"lease {REPO}/" in detail
+    assert f"cvmfs_server abort -f {REPO}" in detail
+    assert f"DELETE http://gateway.test:4929/api/v1/leases-by-path/{REPO}/" in detail
+    assert drop_lease(env.root, f"{REPO}/")  # what the admin does on the gateway
+    out = pub.publish(REPO)
+    assert out is not None and out.publishes == 1
+    assert files_of(env.published())["g"] == ("f", 0o644, b"y")
 
 
 def test_abort_22_when_nothing_open_is_fine(env: SyncEnv) -> None:
     env.put("f", b"x")
     env.publisher().publish(REPO)
-    env.publisher().abort(REPO)  # nothing open: 22, no retry, no error
+    env.publisher().transactions.abort(REPO)  # nothing open: 22, no retry, no error
     assert rcs(env, "abort") == [22]
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from ..adapters import amqp
+from ..adapters.cvmfs import CvmfsServer
 from ..adapters.rabbitmq_api import ManagementAPI
 from ..adapters.rgw import RGW
 from ..adapters.vault import VaultClient
@@ -21,9 +22,8 @@ from ..core import delivery, runtime
 from ..core.config import Config
 from ..core.errors import Permanent
 from ..core.status import StatusDocument
-from ..cvmfs import CvmfsServer
-from ..provision import Provisioner
 from ..provisioning.messages import BadMessage, parse_request
+from ..provisioning.provisioner import Provisioner
 
 NAME = "publisher-consumer"
 log = logging.getLogger(__name__)

@@ -17,19 +17,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pika
-import pika.adapters.blocking_connection
-
-from .adapters import amqp
-from .adapters.rabbitmq_api import ManagementAPI
-from .adapters.rgw import RGW
-from .adapters.vault import RepositoryKeys, VaultClient
-from .core.announcements import announcement
-from .core.config import Config
-from .core.errors import Transient
-from .core.names import label_of, vault_path
-from .cvmfs import CvmfsError, CvmfsServer
-from .provisioning.messages import ProvisionRequest
+from ..adapters import amqp
+from ..adapters.cvmfs import CvmfsError, CvmfsServer, NotInTransaction
+from ..adapters.rabbitmq_api import ManagementAPI
+from ..adapters.rgw import RGW
+from ..adapters.vault import RepositoryKeys, VaultClient
+from ..core import durable
+from ..core.announcements import announcement
+from ..core.config import Config
+from ..core.errors import Transient
+from ..core.names import label_of, vault_path
+from ..staging.area import Staging
+from .messages import ProvisionRequest
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +58,11 @@ def write_keys(keys_dir: Path, repo: str, keys: RepositoryKeys) -> bool:
     try:
         for ext, content in wanted.items():
             p = tmp / f"{repo}.{ext}"
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(content)
-                fh.flush()
-                os.fsync(fh.fileno())
+            durable.write_new(p, content.encode("utf-8"), 0o600)
             os.chmod(p, KEY_MODES[ext])
         for ext in wanted:
             os.replace(tmp / f"{repo}.{ext}", keys_dir / f"{repo}.{ext}")
-        dfd = os.open(keys_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        durable.fsync_dir(keys_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True
@@ -96,8 +87,8 @@ class Provisioner:
 
     # -- create -------------------------------------------------------------------------
 
-    def create(self, req: ProvisionRequest, conn: pika.BlockingConnection,
-               ch: pika.adapters.blocking_connection.BlockingChannel) -> list[str]:
+    def create(self, req: ProvisionRequest, conn: amqp.Connection,
+               ch: amqp.Channel) -> list[str]:
         """Provision ``req.repository``; returns the steps that changed something."""
         repo, label = req.repository, label_of(req.repository)
         changed: list[str] = []
@@ -121,21 +112,34 @@ class Provisioner:
         return changed
 
     def _ensure_repository(self, repo: str, keys_dir: Path) -> bool:
-        """mkfs unless it exists healthy; a failed mkfs' leftover is removed first."""
+        """mkfs unless it exists (:meth:`CvmfsServer.create_repository`); Transient on failure."""
         try:
-            if self.cvmfs.exists(repo):
-                if self.cvmfs.healthy(repo):
-                    return False
-                log.warning("repository=%s step=mkfs outcome=leftover: unhealthy or keys "
-                            "missing, removing it with rmfs -f and creating it again", repo)
-                self.cvmfs.rmfs(repo)
-            self.cvmfs.mkfs_gateway(repo, str(keys_dir))
+            return self.cvmfs.create_repository(repo, str(keys_dir))
         except CvmfsError as exc:
             raise Transient(str(exc), repo) from None
-        return True
 
-    def _ensure_queue(self, conn: pika.BlockingConnection,
-                      ch: pika.adapters.blocking_connection.BlockingChannel, label: str) -> bool:
+    def _remove_repository(self, repo: str) -> None:
+        """``abort -f`` when in a transaction, then ``rmfs -f``; Transient (retried
+        later) when the abort did not succeed, so the gateway lease is never leaked."""
+        try:
+            if self.cvmfs.in_transaction(repo):
+                log.info("repository=%s step=deprovision outcome=aborting: in a transaction, "
+                         "abort -f before rmfs (releases the gateway lease)", repo)
+                try:
+                    self.cvmfs.abort(repo)
+                except NotInTransaction:
+                    pass
+            if self.cvmfs.in_transaction(repo):  # a publish opened one meanwhile
+                raise Transient(f"cvmfs_server abort -f {repo}: still in a transaction, rmfs "
+                                "would leak its gateway lease; retried later", repo)
+            self.cvmfs.rmfs(repo)
+        except CvmfsError as exc:
+            raise Transient(f"{exc} (rmfs not run: it would leak the gateway lease; "
+                            "retried later)" if exc.step == "abort" else str(exc),
+                            repo) from None
+
+    def _ensure_queue(self, conn: amqp.Connection,
+                      ch: amqp.Channel, label: str) -> bool:
         """Declare the repository queue, or adopt one an older deployment declared."""
         a = self.cfg.amqp
         changed = False
@@ -182,8 +186,8 @@ class Provisioner:
 
     # -- delete -------------------------------------------------------------------------
 
-    def delete(self, req: ProvisionRequest, conn: pika.BlockingConnection,
-               ch: pika.adapters.blocking_connection.BlockingChannel) -> list[str]:
+    def delete(self, req: ProvisionRequest, conn: amqp.Connection,
+               ch: amqp.Channel) -> list[str]:
         """Undo :meth:`create`: notification, topic, queue, repository, keys, staging."""
         repo, label = req.repository, label_of(req.repository)
         changed: list[str] = []
@@ -201,15 +205,10 @@ class Provisioner:
         if self.mgmt.policy(f"cvmfs-repo-{label}"):
             self.mgmt.delete_policy(f"cvmfs-repo-{label}")
         if self.cvmfs.exists(repo):
-            try:
-                self.cvmfs.rmfs(repo)
-            except CvmfsError as exc:
-                raise Transient(str(exc), repo) from None
+            self._remove_repository(repo)
             changed.append("rmfs")
         remove_keys(Path(self.cfg.cvmfs.keys_dir), repo)
-        staging = Path(self.cfg.cvmfs.staging_dir) / repo
-        if staging.is_dir() and not staging.is_symlink():
-            shutil.rmtree(staging)
+        if Staging(self.cfg.cvmfs.staging_dir, repo).remove():
             changed.append("staging")
         amqp.publish_confirmed(ch, self.cfg.amqp.control_exchange, f"repository.deleted.{label}",
                                announcement("deleted", repo, label, label),

@@ -1,0 +1,443 @@
+"""Applying one staged batch to one repository: the sync daemon's unit of work.
+
+The repository is reached through the publish backend
+(:mod:`cvmfs_publisher.publishing.backend`; today ``cvmfs_server``), its
+transactions through :mod:`cvmfs_publisher.publishing.transactions`.
+
+How a batch is applied
+----------------------
+1. The repository must exist locally: created (gateway mode, keys from
+   ``cvmfs.keys_dir``) when absent, or when a failed mkfs left it half made
+   (:meth:`cvmfs_publisher.adapters.cvmfs.CvmfsServer.create_repository`).
+2. A transaction left open (``in_transaction.lock``) can only be a crash's
+   leftover (this daemon is the repository's only publisher on this host):
+   ``abort -f`` first, once per batch, and say so in the log.
+3. The batch is cut into *phases* (:func:`cvmfs_publisher.publishing.plan.plan`), in staging order:
+   transaction phases (files, symlinks, deletions) and ingest phases (one
+   tarball each, because ``cvmfs_server ingest`` opens and publishes its own
+   transaction and must run outside ours). Two changes of overlapping paths
+   (the same path, or one inside the other) keep their staging order; all
+   others share as few transactions as possible, so a batch without
+   tarballs is exactly one ``transaction`` + ``publish``.
+4. A transaction phase whose changes are all already in the published tree
+   (the read-only layer ``<spool>/<repo>/rdonly``, never the union, which
+   shows an open transaction's unpublished content) is skipped: a batch is
+   never published empty, and replaying a batch that was published just
+   before a crash adds no revision.
+5. ``transaction`` (16 and 17 are retried with backoff, up to
+   ``sync.transaction_retries``); the changes are applied inside
+   ``<mount_dir>/<repo>`` only, path by path (never a walk of the
+   repository: the cost follows the size of the change), through directory
+   file descriptors and ``O_NOFOLLOW`` (:mod:`cvmfs_publisher.publishing.tree`);
+   ``publish``. Any
+   failure after ``transaction`` ends in ``abort -f``; when ``abort`` answers
+   5 the repository is still in its transaction, so the abort is retried
+   (with backoff) before anything else happens to the repository.
+6. Only when every phase is published does the caller drop the batch from
+   staging (:meth:`BatchPublisher.publish`): the batch survives every crash
+   and failure before that point and is applied again, which is harmless
+   because every phase is idempotent.
+
+Crash points (SIGKILL of the daemon) and what the next start does:
+- during the copy, or between copy and ``publish``: the transaction is still
+  open; it is aborted (its half-written content discarded) and the batch,
+  still in ``batch/``, is applied again;
+- during ``publish``: the real tool leaves the repository in its transaction
+  (or publishes, if it got that far); abort if open, then replay. Killed
+  alone, the daemon may leave the upload (``cvmfs_swissknife``) running; it
+  holds ``is_publishing.lock`` and ``abort`` answers 22 with the lock
+  message, so the abort waits for that lock first (:meth:`BatchPublisher.abort`);
+- after ``publish``, before staging is cleaned: the replay finds every
+  transaction phase already in place and publishes nothing (ingest phases are
+  ingested again: their content cannot be compared cheaply);
+- a change staged while a batch was in flight is in ``pending/``, applied by
+  the next batch, after the replay: an old batch never overwrites it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..adapters.cvmfs import (
+    CvmfsError,
+    CvmfsServer,
+)
+from ..core import tarballs
+from ..core.config import Config
+from ..pipeline.object_keys import UnsafeKey, validate_path
+from ..staging.area import Entry, Staging
+from .backend import PublishBackend, TreeReader, TreeWriter
+from .cvmfs_backend import CvmfsBackend
+from .errors import PublishError
+from .plan import Phase, plan
+from .transactions import Transactions
+from .tree import READ_FLAGS, file_mode
+
+log = logging.getLogger(__name__)
+
+TXN_OPS = ("put", "symlink", "delete")
+
+
+class _Skip(Exception):
+    """An entry that can never be applied as staged (logged, then dropped)."""
+
+
+@dataclass
+class Outcome:
+    """What applying one batch did (for logs, status and benchmarks)."""
+
+    repository: str
+    entries: int = 0
+    written: int = 0
+    symlinks: int = 0
+    deleted: int = 0
+    ingested: int = 0
+    ingest_deleted: int = 0
+    skipped: int = 0
+    unchanged: int = 0
+    publishes: int = 0
+    transactions: int = 0
+    aborted_stale: int = 0
+    replay: bool = False
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def touched(self) -> int:
+        """Repository paths written or removed by this daemon (not by ingest)."""
+        return self.written + self.symlinks + self.deleted
+
+    def summary(self) -> str:
+        return (f"entries={self.entries} written={self.written} symlinks={self.symlinks} "
+                f"deleted={self.deleted} ingested={self.ingested} "
+                f"ingest_deleted={self.ingest_deleted} unchanged={self.unchanged} "
+                f"skipped={self.skipped} publishes={self.publishes} "
+                f"took={self.seconds:.2f}s{' replay' if self.replay else ''}")
+
+
+def _open_object(path: Path) -> IO[bytes]:
+    """A staged object, opened without following a link; _Skip unless a regular file."""
+    fd = os.open(path, READ_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Skip(f"staged object {path.name} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def check_tarball(path: Path) -> str:
+    """Why the staged tarball must not be ingested ("" when it may be)."""
+    try:
+        with _open_object(path) as raw:
+            return tarballs.check(raw)
+    except FileNotFoundError:
+        return "staged object is missing"
+    except _Skip as exc:
+        return str(exc)
+
+
+class BatchPublisher:
+    """Applies staged batches through the publish backend (one repository per call, thread-safe).
+
+    ``stop``: set on SIGTERM; waits (retries) give up early, but a phase in
+    hand is finished (published or aborted). ``on_problem(repo, text)`` is
+    told about a repository stuck in a failing abort, so the status document
+    can show it while the retries go on.
+    """
+
+    def __init__(self, cfg: Config, server: CvmfsServer | None = None,
+                 stop: threading.Event | None = None,
+                 on_problem: Callable[[str, str], None] | None = None,
+                 backend: PublishBackend | None = None) -> None:
+        self.cfg = cfg
+        self.backend = backend or CvmfsBackend(server or CvmfsServer(cfg.cvmfs))
+        self.stop = stop or threading.Event()
+        self.on_problem = on_problem or (lambda repo, text: None)
+        self.transactions = Transactions(cfg, self.backend, self.stop, self._problem)
+        self._checked: set[str] = set()  # repositories create_repository has seen whole
+
+    def _problem(self, repo: str, text: str) -> None:
+        """Through self: a caller may set ``on_problem`` after construction."""
+        self.on_problem(repo, text)
+
+    # -- entry points ----------------------------------------------------------------
+
+    def staging(self, repo: str) -> Staging:
+        return Staging(self.cfg.cvmfs.staging_dir, repo)
+
+    def publish(self, repo: str, take_pending: bool = True) -> Outcome | None:
+        """Apply the leftover batch (or, with ``take_pending``, take a new one).
+
+        Returns None when there was nothing to publish. Raises
+        :class:`PublishError`; the batch then stays in staging.
+        """
+        st = self.staging(repo)
+        if not st.exists():
+            return None
+        # Once per batch, before anything else: a transaction a crash left open.
+        checked = self.backend.exists(repo)
+        stale = checked and self.transactions.recover(repo)
+        replay = st.has_batch()
+        entries = st.take_batch() if (take_pending or replay) else []
+        if replay and not entries:
+            st.finish_batch()  # an empty leftover would block every later batch
+            entries = st.take_batch() if take_pending else []
+            replay = False
+        if not entries:
+            return None
+        outcome = self.apply(repo, st, entries, recovered=checked)
+        outcome.replay = replay
+        outcome.aborted_stale += int(stale)
+        st.finish_batch()
+        return outcome
+
+    def ensure_repository(self, repo: str) -> bool:
+        """Create the repository when absent, or a failed mkfs' leftover again.
+
+        The full check (:meth:`CvmfsServer.create_repository`: files, ``list``)
+        runs once per repository and process; afterwards only its absence does.
+        True if it was created.
+        """
+        if repo in self._checked and self.backend.exists(repo):
+            return False
+        try:
+            created = self.backend.create_repository(repo, self.cfg.cvmfs.keys_dir)
+        except CvmfsError as exc:
+            raise PublishError.from_cvmfs(exc) from None
+        self._checked.add(repo)
+        return created
+
+    # -- one batch -------------------------------------------------------------------
+
+    def apply(self, repo: str, st: Staging, entries: list[Entry],
+              recovered: bool = False) -> Outcome:
+        """Publish ``entries`` into ``repo`` (does not touch staging).
+
+        ``recovered``: the caller already aborted a stale transaction of this
+        repository for this batch (:meth:`publish` does), so it is not looked
+        for again. Every phase leaves the repository out of its transaction
+        (published or aborted), so later phases need no recovery either.
+        """
+        t0 = time.monotonic()
+        out = Outcome(repo, entries=len(entries))
+        good = []
+        for e in entries:
+            try:
+                validate_path(e.path)
+                if e.op not in (*TXN_OPS, "ingest", "ingest-delete"):
+                    raise _Skip(f"unknown op {e.op!r}")
+            except (UnsafeKey, _Skip) as exc:
+                self._skipped(repo, e, str(exc), out)
+                continue
+            good.append(e)
+        self.ensure_repository(repo)
+        if not recovered and self.transactions.recover(repo):
+            out.aborted_stale += 1
+        published = _Published(self, repo)
+        try:
+            phases = plan(good, published.tree().is_dir)
+            for phase in phases:
+                if phase.kind == "txn":
+                    self._txn_phase(repo, st, phase, out, published)
+                else:
+                    self._ingest_phase(repo, st, phase.entries[0], out, published)
+        finally:
+            published.close()
+        out.seconds = time.monotonic() - t0
+        return out
+
+    def _tree(self, repo: str, step: str = "open") -> TreeReader:
+        """The published revision's tree (PublishError if unusable)."""
+        try:
+            return self.backend.reader(repo)
+        except OSError as exc:
+            code = exc.errno or -1
+            raise PublishError(repo, step, code, f"{errno.errorcode.get(code, code)} "
+                               f"{exc.strerror} ({self.backend.where(repo)})") from None
+
+    def _skipped(self, repo: str, e: Entry, why: str, out: Outcome) -> None:
+        out.skipped += 1
+        out.errors.append(f"{e.path}: {why}")
+        log.error("repository=%s step=apply path=%r op=%s key=%r rc=- error=%s "
+                  "outcome=skipped (the next change of this key, or a reconcile, "
+                  "brings it)", repo, e.path[:300], e.op, e.key[:300], why)
+
+    # -- transaction phases ------------------------------------------------------------
+
+    def _in_place(self, tree: TreeReader, st: Staging, phase: Phase) -> bool:
+        """Is every change of the phase already in the published tree?"""
+        try:
+            return self._all_in_place(tree, st, phase)
+        except _Skip:
+            return False
+
+    def _all_in_place(self, tree: TreeReader, st: Staging, phase: Phase) -> bool:
+        for p in phase.parents:
+            if not tree.is_dir(p):
+                return False
+        for e in phase.entries:
+            cur = tree.lstat(e.path)
+            if e.op == "delete":
+                if cur is not None:
+                    return False
+            elif e.op == "symlink":
+                if cur is None or not stat.S_ISLNK(cur.st_mode) \
+                        or tree.readlink(e.path) != self._link_target(st, e):
+                    return False
+            else:
+                if cur is None or not stat.S_ISREG(cur.st_mode) \
+                        or stat.S_IMODE(cur.st_mode) != file_mode(e.mode):
+                    return False
+                try:
+                    with _open_object(st.object_path(e)) as obj:
+                        if os.fstat(obj.fileno()).st_size != cur.st_size \
+                                or not tree.same_content(e.path, obj.fileno()):
+                            return False
+                except (OSError, _Skip):
+                    return False
+        return True
+
+    @staticmethod
+    def _link_target(st: Staging, e: Entry) -> str:
+        if e.target:
+            return e.target
+        try:
+            with _open_object(st.object_path(e)) as obj:
+                return obj.read(4096).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _Skip(f"symlink without a readable target: {exc}") from None
+
+    def _txn_phase(self, repo: str, st: Staging, phase: Phase, out: Outcome,
+                   published: _Published) -> None:
+        if self._in_place(published.tree(), st, phase):
+            out.unchanged += len(phase.entries)
+            log.info("repository=%s step=apply outcome=already-published entries=%d "
+                     "(nothing to publish)", repo, len(phase.entries))
+            return
+        published.changed()  # a new revision (or an abort) follows: read it afresh
+        self.transactions.open(repo)
+        out.transactions += 1
+        step = "apply"
+        try:
+            with self.backend.writer(repo) as tree:
+                for e in phase.entries:
+                    self._apply_entry(repo, tree, st, e, out)
+                for p in phase.parents:
+                    tree.makedirs(p)
+            step = "publish"
+            self.backend.publish(repo)
+        except BaseException as exc:
+            # Whatever happened (even KeyboardInterrupt), never leave it open.
+            self.transactions.abort(repo)
+            if isinstance(exc, CvmfsError):
+                raise PublishError.from_cvmfs(exc) from None
+            if isinstance(exc, OSError):
+                code = exc.errno or -1
+                where = exc.filename or ""
+                raise PublishError(repo, step, code,
+                                   f"{errno.errorcode.get(code, code)} {exc.strerror}"
+                                   f"{f' ({where})' if where else ''}") from None
+            raise
+        out.publishes += 1
+
+    def _apply_entry(self, repo: str, tree: TreeWriter, st: Staging, e: Entry,
+                     out: Outcome) -> None:
+        try:
+            if e.op == "delete":
+                if tree.delete(e.path):
+                    out.deleted += 1
+            elif e.op == "symlink":
+                target = self._link_target(st, e)
+                if not target or "\x00" in target:
+                    raise _Skip("empty or NUL-containing symlink target")
+                tree.symlink(e.path, target)
+                out.symlinks += 1
+            else:
+                try:
+                    obj = _open_object(st.object_path(e))
+                except FileNotFoundError:
+                    raise _Skip(f"staged object {e.object!r} is missing") from None
+                with obj:
+                    tree.write_file(e.path, obj.fileno(), file_mode(e.mode))
+                out.written += 1
+        except _Skip as exc:
+            self._skipped(repo, e, str(exc), out)
+
+    # -- ingest phases ---------------------------------------------------------------
+
+    def _ingest_phase(self, repo: str, st: Staging, e: Entry, out: Outcome,
+                      published: _Published) -> None:
+        """``ingest -d`` the old directory, then ``ingest -t -`` the tarball (two
+        calls: gateway mode refuses ``-d`` with ``-t``)."""
+        obj = st.object_path(e)
+        if e.op == "ingest":
+            why = check_tarball(obj)
+            if why:
+                self._skipped(repo, e, f"tarball refused: {why}", out)
+                return
+        present = published.tree().lstat(e.path) is not None
+        if present or e.op == "ingest":
+            published.changed()  # each ingest call is a new revision
+        if present:
+            self._ingest_call(repo, lambda: self.backend.ingest_delete(repo, e.path))
+            out.publishes += 1
+            if e.op == "ingest-delete":
+                out.ingest_deleted += 1
+        if e.op == "ingest":
+            def ingest() -> Any:
+                with tarballs.stream(_open_object(obj)) as stream:
+                    return self.backend.ingest_tar(repo, e.path, stream)
+            self._ingest_call(repo, ingest)
+            out.publishes += 1
+            out.ingested += 1
+
+    def _ingest_call(self, repo: str, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except CvmfsError as exc:
+            if self.backend.in_transaction(repo):  # ingest aborts itself; make sure
+                self.transactions.abort(repo)
+            raise PublishError.from_cvmfs(exc) from None
+        except (OSError, _Skip) as exc:
+            if self.backend.in_transaction(repo):
+                self.transactions.abort(repo)
+            code = getattr(exc, "errno", None) or -1
+            raise PublishError(repo, "ingest", code, str(exc)) from None
+
+
+class _Published:
+    """The published tree of one repository during one batch, opened once per revision.
+
+    Why: it is read before every phase (is it already in place, is the
+    ingest directory there), and only a publish changes it: a new revision
+    is a new mount, so after :meth:`changed` the next :meth:`tree` opens it
+    again; until then every phase reads through the same directory fd.
+    """
+
+    def __init__(self, publisher: BatchPublisher, repo: str) -> None:
+        self.publisher, self.repo = publisher, repo
+        self._tree: TreeReader | None = None
+
+    def tree(self) -> TreeReader:
+        if self._tree is None:
+            self._tree = self.publisher._tree(self.repo)
+        return self._tree
+
+    def changed(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        tree, self._tree = self._tree, None
+        if tree is not None:
+            tree.__exit__(None, None, None)
