@@ -137,8 +137,13 @@ def published_revision(spool_dir: str | os.PathLike[str], repository: str) -> in
     attribute read, no process: the consumers may call it (their container
     mounts the spool read-only). None when it cannot be read.
     """
+    return revision_of(Path(spool_dir) / repository / "rdonly")
+
+
+def revision_of(published_root: str | os.PathLike[str]) -> int | None:
+    """The ``revision`` attribute of a published tree's root (None when unreadable)."""
     try:
-        raw = os.getxattr(Path(spool_dir) / repository / "rdonly", "user.revision")
+        raw = os.getxattr(published_root, "user.revision")
         return int(raw.decode().strip())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
