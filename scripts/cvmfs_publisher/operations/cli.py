@@ -219,6 +219,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    # Imported here: reconcile reads S3 (boto3), which the sync-publisher image
+    # does not install (each image holds only what its daemon imports).
+    from .reconcile import reconcile  # noqa: PLC0415 (see above)
+
     cfg = _load(args)
     try:
         validate_repository(args.repository, cfg.cvmfs.domain)
