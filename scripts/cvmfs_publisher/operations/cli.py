@@ -39,7 +39,6 @@ from ..adapters.rabbitmq_api import ManagementAPI
 from ..core import config
 from ..core.errors import PublisherError, Transient
 from ..core.names import InvalidName, validate_repository
-from ..pipeline.reconcile import reconcile
 from ..provisioning.messages import BadMessage, parse_request
 from .health import main as health_main
 from .migrate import MigrationError, migrate
@@ -221,7 +220,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     # Imported here: reconcile reads S3 (boto3), which the sync-publisher image
     # does not install (each image holds only what its daemon imports).
-    from .reconcile import reconcile  # noqa: PLC0415 (see above)
+    from ..pipeline.reconcile import reconcile  # noqa: PLC0415 (see above)
 
     cfg = _load(args)
     try:
