@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from ..adapters.cvmfs import CvmfsServer, Result
+from ..staging import manifest
 from .tree import Tree
 
 
@@ -29,7 +30,8 @@ class CvmfsBackend:
         return self.server.exists(repo)
 
     def create_repository(self, repo: str, keys_dir: str) -> bool:
-        return self.server.create_repository(repo, keys_dir)
+        """mkfs when absent; a leftover is the provisioner's to judge (see the adapter)."""
+        return self.server.create_repository(repo, keys_dir, leftovers=False)
 
     def in_transaction(self, repo: str) -> bool:
         return self.server.in_transaction(repo)
@@ -57,6 +59,10 @@ class CvmfsBackend:
 
     def where(self, repo: str) -> Path:
         return self.server.published(repo)
+
+    def revision(self, repo: str) -> int | None:
+        """``attr -qg revision <spool>/<repo>/rdonly`` (cvmfs README), without a process."""
+        return manifest.revision_of(self.server.published(repo))
 
     def publish_lock(self, repo: str) -> Path:
         return self.server.publish_lock(repo)
