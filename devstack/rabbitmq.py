@@ -274,11 +274,10 @@ def cleanup_amqp(cfg: Any, broker: Broker, labels: list[str]) -> None:
             cfg.amqp.user, cfg.amqp.password.get())))  # type: ignore[union-attr]
     ch = conn.channel()
     a = cfg.amqp
-    queues = [a.publisher_queue, a.dead_letter_queue, *labels]
-    queues += [f"{q}.retry.{d}s" for q in (a.publisher_queue, *labels) for d in a.retry_delays]
-    for q in queues:
+    delays = [f"{a.retry_prefix}.{d}s" for d in a.retry_delays]
+    for q in [a.publisher_queue, a.dead_letter_queue, *labels, *delays]:
         ch.queue_delete(q)
-    for ex in (a.control_exchange, a.dead_letter_exchange):
+    for ex in (a.control_exchange, a.dead_letter_exchange, *delays):
         ch.exchange_delete(ex)
     conn.close()
     for label in labels:

@@ -121,6 +121,7 @@ def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDo
             "control_exchange": unique_label("ctl-"),
             "dead_letter_exchange": unique_label("dlx-"),
             "dead_letter_queue": unique_label("dlq-"),
+            "retry_prefix": unique_label("retry-"),
             "retry_delays": [1, 2],
         },
         "vault": {"url": bao.url, "role_id_file": str(secrets / "role_id"),

@@ -349,9 +349,7 @@ class Env:
         conn = amqp_connection(self.cfg)
         try:
             ch = conn.channel()
-            for q in [repo.label] + [amqp.retry_queue_name(repo.label, d)
-                                     for d in self.cfg.amqp.retry_delays]:
-                ch.queue_delete(q)
+            ch.queue_delete(repo.label)
         finally:
             conn.close()
 

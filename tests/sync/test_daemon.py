@@ -20,47 +20,73 @@ from .conftest import OTHER, REPO, SyncEnv, files_of, wait_until
 T0 = 1_800_000_000.0
 
 
-def test_burst_is_coalesced_into_one_publish(env: SyncEnv) -> None:
+def test_first_change_to_a_quiet_repository_is_published_at_once(env: SyncEnv) -> None:
     daemon = env.daemon()
     daemon.tick(T0)  # start-up recovery: nothing there yet
-    for i in range(300):
-        env.put(f"burst/f{i:03d}", b"%d" % i, t=T0 + i * 0.005)
-        if i % 50 == 0:
-            assert daemon.tick(T0 + i * 0.005 + 0.1) == []  # still busy: no publish
-    assert daemon.tick(T0 + 1.5 + 2.0) == [REPO]  # quiet for 2 s after the last one
+    env.put("a", b"1", t=T0 + 1)
+    assert daemon.tick(T0 + 1.01) == [REPO]  # no quiet window to wait for
+    assert daemon.tick(T0 + 60) == []
+    env.put("b", b"2", t=T0 + 61)  # quiet again for a minute: at once again
+    assert daemon.tick(T0 + 61.01) == [REPO]
+    assert [sorted(r["added"]) for r in env.revisions()] == [["a"], ["b"]]
 
-    assert len(env.revisions()) == 1
-    assert len(files_of(env.published())) == 300
+
+def test_burst_after_its_first_change_is_coalesced_into_one_more_publish(env: SyncEnv) -> None:
+    daemon = env.daemon(sync={"quiet_seconds": 2.0, "max_delay_seconds": 30.0})  # the defaults
+    daemon.tick(T0)  # start-up recovery: nothing there yet
+    published = []
+    for i in range(1000):  # 1,000 uploads over 10 s, the daemon looking every 0.5 s
+        t = T0 + i * 0.01
+        env.put(f"burst/f{i:04d}", b"%d" % i, t=t)
+        if i % 50 == 0:
+            published += daemon.tick(t + 0.001)
+    for k in range(1, 11):
+        published += daemon.tick(T0 + 10 + 0.5 * k)
+    assert len(published) == 2  # the first upload at once, the rest when the burst is over
+    assert [len(r["added"]) for r in env.revisions()] == [2, 999]  # burst/ and f0000, the rest
+    assert len(files_of(env.published())) == 1000
     assert env.clean()
 
 
-def test_quiet_window(env: SyncEnv) -> None:
+def test_changes_staged_before_the_start_follow_their_window(env: SyncEnv) -> None:
+    now = env.clock[0]
+    env.put("a", b"1", t=now - 1.0)  # a burst in progress when the daemon (re)started
+    daemon = env.daemon(sync={"quiet_seconds": 2.0, "max_delay_seconds": 30.0})
+    assert daemon.tick(now + 0.5) == [REPO, OTHER]  # the start-up recoveries, without "a"
+    assert daemon.tick(now + 0.6) == []
+    env.put("b", b"2", t=now + 0.7)
+    assert daemon.tick(now + 0.8) == []  # part of the same burst: no leading edge
+    assert daemon.tick(now + 2.8) == [REPO]
+    assert [sorted(r["added"]) for r in env.revisions()] == [["a", "b"]]
+
+
+def test_quiet_window_after_the_leading_edge(env: SyncEnv) -> None:
     daemon = env.daemon(sync={"quiet_seconds": 2.0, "max_delay_seconds": 30.0})
     daemon.tick(T0)
     env.put("a", b"1", t=T0)
-    assert daemon.tick(T0 + 1.0) == []
-    env.put("b", b"2", t=T0 + 1.5)  # the window starts again
+    assert daemon.tick(T0 + 1.0) == [REPO]  # the leading edge
+    env.put("b", b"2", t=T0 + 1.5)  # within the quiet window of that publish
     assert daemon.tick(T0 + 3.0) == []
-    assert not env.revisions()
-    assert daemon.tick(T0 + 3.5) == [REPO]
+    env.put("c", b"3", t=T0 + 3.2)  # the window starts again
+    assert daemon.tick(T0 + 5.0) == []
+    assert daemon.tick(T0 + 5.3) == [REPO]
     assert daemon.tick(T0 + 100) == []  # nothing pending: nothing to do
-    assert len(env.revisions()) == 1
-    assert set(files_of(env.published())) == {"a", "b"}
+    assert [sorted(r["added"]) for r in env.revisions()] == [["a"], ["b", "c"]]
 
 
 def test_max_delay_bounds_a_steady_trickle(env: SyncEnv) -> None:
     daemon = env.daemon(sync={"quiet_seconds": 2.0, "max_delay_seconds": 5.0})
     daemon.tick(T0)
     published_at = []
-    for i in range(12):  # one change a second: never quiet for 2 s
+    for i in range(13):  # one change a second: never quiet for 2 s
         t = T0 + i
         env.put(f"t{i}", b"x", t=t)
         if daemon.tick(t + 0.5):
             published_at.append(i)
-    # The oldest change (t0) has waited 5 s at t=5.5; the next batch starts with
-    # t6 and is published at t=11.5.
-    assert published_at == [5, 11]
-    assert [len(r["added"]) for r in env.revisions()] == [6, 6]
+    # t0 at once (leading edge); the next batch starts with t1, which has waited
+    # 5 s at t=6.5; the one after starts with t7 and is published at t=12.5.
+    assert published_at == [0, 6, 12]
+    assert [len(r["added"]) for r in env.revisions()] == [1, 6, 6]
 
 
 def test_pending_times_follow_the_directory(env: SyncEnv) -> None:

@@ -182,27 +182,62 @@ def ready_count(conn: pika.BlockingConnection, queue: str) -> int | None:
     return None if declared is None else declared.message_count
 
 
-def retry_queue_name(queue: str, delay: int) -> str:
+def delay_queue_name(cfg: AmqpConfig, delay: int) -> str:
+    """The shared delay queue (and its exchange) of one retry delay: ``<prefix>.<N>s``."""
+    return f"{cfg.retry_prefix}.{delay}s"
+
+
+def legacy_retry_queue_name(queue: str, delay: int) -> str:
+    """A per-queue retry queue of releases before the shared delay queues (migration only)."""
     return f"{queue}.retry.{delay}s"
 
 
-def declare_retry_queues(ch: BlockingChannel, cfg: AmqpConfig, queue: str) -> None:
-    """One delay queue per backoff step: messages expire back into ``queue``.
+def declare_delay_queues(ch: BlockingChannel, cfg: AmqpConfig) -> None:
+    """One delay queue per configured delay, shared by every work queue (idempotent).
 
-    Fixed-TTL queues keep FIFO order, so per-message expiry never blocks
-    behind a longer delay; the retried message does not block the messages
-    behind it in the work queue either.
+    A retried message is published to the fanout exchange ``<prefix>.<N>s``
+    with its work queue's name as routing key; the queue of that name holds
+    it for N seconds (a fixed TTL per queue keeps FIFO order, so a message
+    never waits behind a longer delay) and then dead-letters it to the
+    default exchange. No ``x-dead-letter-routing-key``: the message keeps
+    its routing key, which the default exchange routes to the work queue it
+    came from. So 1,000 repositories need 4 delay queues, not 4,000.
+
+    Classic, not quorum: a quorum queue costs a Raft group (an Erlang process
+    group, a WAL share, about 40 KiB idle) and dead-letters at most once
+    unless configured otherwise; a durable classic queue with persistent
+    messages keeps a retry across a broker restart, which is what it is for.
+    On a cluster it lives on one node (docs/LIMITS.md).
     """
     for delay in cfg.retry_delays:
-        ch.queue_declare(
-            retry_queue_name(queue, delay),
-            durable=True,
-            arguments={
-                "x-message-ttl": delay * 1000,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queue,
-            },
-        )
+        name = delay_queue_name(cfg, delay)
+        ch.exchange_declare(name, exchange_type="fanout", durable=True)
+        ch.queue_declare(name, durable=True, arguments={
+            "x-queue-type": "classic",
+            "x-message-ttl": delay * 1000,
+            "x-dead-letter-exchange": "",
+        })
+        ch.queue_bind(name, name)
+
+
+def delete_if_empty(conn: pika.BlockingConnection, queue: str) -> bool:
+    """Delete ``queue`` unless messages wait in it; True when it is gone (or never was).
+
+    For the per-queue retry queues of earlier releases: one still holding
+    messages keeps them flowing back to their work queue (its own
+    dead-letter arguments) and is deleted by a later call.
+    """
+    ch = conn.channel()  # a refusal (406) closes the channel: a throw-away one
+    try:
+        ch.queue_delete(queue, if_empty=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 406:  # PRECONDITION_FAILED: not empty
+            return False
+        raise
+    finally:
+        if ch.is_open:
+            ch.close()
 
 
 # --------------------------------------------------------------------- deliveries
@@ -303,7 +338,7 @@ def retry_later(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, reason: str) 
     headers = dict(d.headers)
     headers.update({ATTEMPTS_HEADER: attempt, "x-last-error": redact(reason)[:1000]})
     headers.pop("x-delivery-count", None)
-    publish_confirmed(ch, "", retry_queue_name(d.queue, delay), d.body, headers,
+    publish_confirmed(ch, delay_queue_name(cfg, delay), d.queue, d.body, headers,
                       d.properties.content_type or "application/octet-stream")
     return delay
 

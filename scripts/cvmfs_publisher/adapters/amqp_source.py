@@ -45,10 +45,13 @@ queues have no channel-wide prefetch): a channel error on one repository
 whose connection was replaced) is not applied: the broker delivers the
 message again, which the pipeline makes harmless. If the retry or
 dead-letter copy, or the ack, fails on a channel, the message is given back
-(``nack``, requeue). Transient failures go to the delay queue
-``<label>.retry.<N>s`` of their attempt rather than ``nack(requeue)``: a
-requeue comes back at once (no backoff), counts against the quorum queue's
-delivery limit and would block the messages behind it.
+(``nack``, requeue). Transient failures go to the shared delay queue
+``<retry_prefix>.<N>s`` of their attempt (:func:`amqp.declare_delay_queues`),
+which returns them to their queue, rather than ``nack(requeue)``: a requeue
+comes back at once (no backoff), counts against the quorum queue's delivery
+limit and would block the messages behind it. The per-queue retry queues
+``<label>.retry.<N>s`` of earlier releases are deleted once empty (found by
+the discovery thread's depth listing).
 
 **Shutdown.** :meth:`request_stop`: stop consuming, withdraw deliveries not
 started, let running ones finish and settle (at most ``drain_seconds``),
@@ -245,6 +248,7 @@ class RepositoryQueues:
         self._target.withdraw(lambda d: getattr(d, "generation", gen) != gen)
         self._pub = None
         amqp.declare_common(self._publisher(), a)
+        amqp.declare_delay_queues(self._publisher(), a)
         ctl = conn.channel()
         control_queue = ctl.queue_declare("", exclusive=True, auto_delete=True).method.queue
         ctl.queue_bind(control_queue, a.control_exchange, routing_key="repository.#")
@@ -341,7 +345,6 @@ class RepositoryQueues:
                 self._target.open(rq.repository)
                 rq.opened = True
             ch = self._conn.channel()
-            amqp.declare_retry_queues(ch, self.cfg.amqp, rq.queue)
             ch.basic_qos(prefetch_count=self.prefetch)
             ch.add_on_cancel_callback(functools.partial(self._on_cancelled, rq))
             rq.tag = ch.basic_consume(rq.queue, functools.partial(self._on_message, rq, gen))
@@ -442,6 +445,9 @@ class RepositoryQueues:
         listing = self.discovery.take()
         if listing is not None and not self._drain.is_set():
             self._apply_listing(*listing)
+        legacy = self.discovery.take_legacy()
+        if legacy and self._conn is not None and not self._drain.is_set():
+            self._drop_legacy(legacy)
         for rq, tag in self.discovery.take_activated():
             if (not rq.active and rq.tag == tag and rq.channel is not None
                     and rq.channel.is_open and self._queues.get(rq.queue) is rq):
@@ -455,6 +461,15 @@ class RepositoryQueues:
         for queue in [q for q, (_, t) in self._announced.items() if t < horizon]:
             del self._announced[queue]
         self._sync_consumers()
+
+    def _drop_legacy(self, names: list[str]) -> None:
+        """Delete the empty per-queue retry queues of earlier releases (the upgrade)."""
+        assert self._conn is not None
+        for name in names:
+            if amqp.delete_if_empty(self._conn, name):
+                log.info("queue=%s outcome=deleted reason=per-queue retry queue of an earlier "
+                         "release, replaced by the shared delay queues %s.<N>s", name,
+                         self.cfg.amqp.retry_prefix)
 
     def _drain_step(self) -> None:
         if not self._draining_since:
@@ -503,6 +518,7 @@ class Discovery:
         self._activated: list[tuple[RepoQueue, str]] = []
         self._next_activity = 0.0
         self._listing: tuple[float, dict[str, str]] | None = None
+        self._legacy: list[str] = []
         self._refresh_now = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -529,6 +545,12 @@ class Discovery:
         with self.lock:
             listing, self._listing = self._listing, None
         return listing
+
+    def take_legacy(self) -> list[str]:
+        """Per-queue retry queues of an earlier release found since the last call, once."""
+        with self.lock:
+            legacy, self._legacy = self._legacy, []
+        return legacy
 
     def take_activated(self) -> list[tuple[RepoQueue, str]]:
         """Waiting subscriptions the management API reported active, once."""
@@ -588,18 +610,23 @@ class Discovery:
         return next_listing
 
     def _queue_depths(self) -> None:
-        depths: dict[RepoQueue, int] = {}
-        for rq in self.served:
-            try:
-                depths[rq] = self.mgmt.queue_depth(rq.queue)
-            except Exception as exc:
-                log.debug("queue depth of %s: %s", rq.queue, exc)
-                break
+        """Depths of the served queues (one API call), and the legacy retry queues among them."""
+        try:
+            depths = self.mgmt.queue_depths()
+        except Exception as exc:
+            log.debug("queue depths: %s", exc)
+            return
         with self.lock:  # only for repositories still served
-            live = set(self.served)
-            for rq, depth in depths.items():
-                if rq in live:
-                    self.status.repo(rq.repository, queue_depth=depth)
+            for rq in self.served:
+                self.status.repo(rq.repository, queue_depth=depths.get(rq.queue, 0))
+            served = {rq.queue for rq in self.served}  # the publisher queue's: its daemon's
+            self._legacy = [name for name in depths if _legacy_of(name) in served]
+
+
+def _legacy_of(name: str) -> str:
+    """The work queue of a per-queue retry queue ``<queue>.retry.<N>s``, else ""."""
+    queue, sep, tail = name.rpartition(".retry.")
+    return queue if sep and tail.endswith("s") and tail[:-1].isdigit() else ""
 
 
 def _close_quietly(ch: BlockingChannel) -> None:

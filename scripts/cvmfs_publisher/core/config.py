@@ -114,6 +114,8 @@ class AmqpConfig:
     dead_letter_queue: str = "cvmfs.dead-letter"
     delivery_limit: int = 5
     retry_delays: list[int] = field(default_factory=lambda: [5, 30, 120, 600])
+    #: the shared delay queues are <retry_prefix>.<delay>s (one per delay, all queues)
+    retry_prefix: str = "cvmfs.retry"
 
 
 @dataclass
@@ -220,6 +222,8 @@ class SyncConfig:
     quiet_seconds: float = 2.0
     max_delay_seconds: float = 30.0
     poll_interval: float = 0.5
+    #: every repository is looked at this often even without an inotify event
+    scan_interval: float = 60.0
     backoff_initial: float = 5.0
     backoff_max: float = 300.0
     transaction_retries: int = 10
@@ -406,6 +410,8 @@ def _check_values(cfg: Config) -> None:
                           "expected seconds >= 0")
     if cfg.sync.quiet_seconds < 0 or cfg.sync.max_delay_seconds < cfg.sync.quiet_seconds:
         raise ConfigError("sync.max_delay_seconds: must be >= sync.quiet_seconds >= 0")
+    if cfg.sync.poll_interval <= 0 or cfg.sync.scan_interval < cfg.sync.poll_interval:
+        raise ConfigError("sync.scan_interval: must be >= sync.poll_interval > 0")
     if not cfg.s3.prefix.endswith("/"):
         raise ConfigError("s3.prefix: must end with '/'")
     domain = cfg.cvmfs.domain

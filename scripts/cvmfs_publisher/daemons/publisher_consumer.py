@@ -55,7 +55,9 @@ class PublisherConsumer:
         if not amqp.queue_exists(conn, a.publisher_queue):
             ch.queue_declare(a.publisher_queue, durable=True, arguments=amqp.work_queue_arguments(
                 a, a.publisher_queue, single_active=False))
-        amqp.declare_retry_queues(ch, a, a.publisher_queue)
+        amqp.declare_delay_queues(ch, a)
+        for delay in a.retry_delays:  # the per-queue ones of earlier releases, once empty
+            amqp.delete_if_empty(conn, amqp.legacy_retry_queue_name(a.publisher_queue, delay))
         ch.basic_qos(prefetch_count=1)
         ch.basic_consume(a.publisher_queue, self._on_message)
         log.info("consuming %s", a.publisher_queue)

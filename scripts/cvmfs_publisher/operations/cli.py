@@ -177,9 +177,9 @@ def _queue_depths(cfg: config.Config, queues: list[str]) -> dict[str, int]:
         if conn.is_open:
             conn.close()
     if cfg.amqp.management_url:
-        api = ManagementAPI(cfg.amqp)
+        sampled = ManagementAPI(cfg.amqp).queue_depths()  # one call, not one per queue
         for q, ready in list(depths.items()):
-            depths[q] = max(ready, api.queue_depth(q))
+            depths[q] = max(ready, sampled.get(q, 0))
     return depths
 
 

@@ -200,8 +200,11 @@ class Provisioner:
         if amqp.queue_exists(conn, label):
             ch.queue_delete(label)
             changed.append("queue")
+        # Retries wait in the shared delay queues now; a repository provisioned by an
+        # earlier release may still have its own. A retry of this repository still in
+        # a shared delay queue expires into a queue that is gone: dropped, as intended.
         for delay in self.cfg.amqp.retry_delays:
-            ch.queue_delete(amqp.retry_queue_name(label, delay))
+            ch.queue_delete(amqp.legacy_retry_queue_name(label, delay))
         if self.mgmt.policy(f"cvmfs-repo-{label}"):
             self.mgmt.delete_policy(f"cvmfs-repo-{label}")
         if self.cvmfs.exists(repo):

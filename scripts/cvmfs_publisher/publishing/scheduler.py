@@ -1,11 +1,19 @@
 """The sync daemon's scheduler: when each repository publishes (DESIGN §3).
 
-Every ``sync.poll_interval`` it looks at each repository's staging area and
-publishes a repository when changes are pending and either nothing was
-staged for ``sync.quiet_seconds`` (a burst is over: one publish for the
-whole burst) or the oldest pending change has waited
+It publishes a repository when changes are pending and either the first of
+them came after ``sync.quiet_seconds`` without a publish started (leading
+edge: a single upload to a quiet repository is published at once), or
+nothing was staged for ``sync.quiet_seconds`` (a burst is over: one more
+publish for the rest of the burst), or the oldest pending change has waited
 ``sync.max_delay_seconds`` (a never-ending trickle still gets published).
 The work itself is :class:`cvmfs_publisher.publishing.batch.BatchPublisher`.
+
+When it looks: the kernel says which staging directories changed
+(:class:`cvmfs_publisher.staging.watch.PendingWatch`, inotify); a repository
+with something pending, in flight or backing off is looked at every
+``sync.poll_interval`` until it is idle again, and every repository once
+every ``sync.scan_interval`` (a safety net: a file system without inotify
+events). An idle host with 1,000 repositories costs no polling.
 
 Repositories are independent: each publish runs in a small thread pool, one
 at a time per repository, and a failing repository backs off alone (capped
@@ -34,6 +42,7 @@ from ..core.config import Config
 from ..core.names import InvalidName, validate_repository
 from ..core.status import StatusDocument
 from ..staging.area import PendingTimes, Staging, repositories
+from ..staging.watch import PendingWatch, Wakeups
 from .batch import BatchPublisher, Outcome
 from .errors import PublishError
 
@@ -59,6 +68,8 @@ class RepoState:
     future: Future | None = None
     failures: int = 0
     publishes: int = 0
+    #: when the last publish that took pending changes started (leading edge)
+    last_start: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -81,12 +92,17 @@ class RepoSync:
             max_workers=workers, thread_name_prefix="publish")
         self.repos: dict[str, RepoState] = {}
         self._refused: set[str] = set()
+        #: changes staged before the daemon started follow their windows, not the edge
+        self.started = clock()
+        self.watch: PendingWatch | None = None
 
     # -- control -----------------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask the loop to end after the publishes in hand (safe from a signal handler)."""
         self._stop.set()
+        if self.watch is not None:
+            self.watch.wake()
 
     @property
     def stopping(self) -> bool:
@@ -99,16 +115,22 @@ class RepoSync:
         """Poll until :meth:`stop`; never raises for a repository's problem."""
         self.status.set(healthy=True)
         self.status.flush(force=True)
-        log.info("polling %s every %.2fs (quiet %.1fs, max delay %.1fs)",
-                 self.cfg.cvmfs.staging_dir, self.cfg.sync.poll_interval,
-                 self.cfg.sync.quiet_seconds, self.cfg.sync.max_delay_seconds)
+        self.watch = PendingWatch(self.cfg.cvmfs.staging_dir)
+        log.info("watching %s (%s; quiet %.1fs, max delay %.1fs, scan every %.0fs)",
+                 self.cfg.cvmfs.staging_dir,
+                 "inotify" if self.watch.available else
+                 f"no inotify: polling every {self.cfg.sync.poll_interval:.2f}s",
+                 self.cfg.sync.quiet_seconds, self.cfg.sync.max_delay_seconds,
+                 self.cfg.sync.scan_interval)
+        wakeups = Wakeups(self.watch, self.cfg.sync.poll_interval, self.cfg.sync.scan_interval,
+                          active=lambda: self.active(self.clock()), stopping=lambda: self.stopping)
         while not self._stop.is_set():
             try:
-                self.tick()
+                self.tick(only=wakeups.next())
             except Exception:  # a bug must not stop every repository
                 log.exception("poll failed")
             self.status.flush()
-            self._stop.wait(self.cfg.sync.poll_interval)
+        self.watch.close()
         log.info("stopping: waiting for the publishes in hand")
         self.close()
         self.status.set(healthy=False)
@@ -171,7 +193,11 @@ class RepoSync:
         why = ""
         if timing is not None:
             oldest, newest = timing
-            if now - newest >= self.cfg.sync.quiet_seconds:
+            # before its first publish here, a repository counts as quiet up to the start
+            last = state.last_start or self.started - self.cfg.sync.quiet_seconds
+            if oldest - last >= self.cfg.sync.quiet_seconds:
+                why = "leading edge"
+            elif now - newest >= self.cfg.sync.quiet_seconds:
                 why = "quiet"
             elif now - oldest >= self.cfg.sync.max_delay_seconds:
                 why = "max delay"
@@ -179,16 +205,22 @@ class RepoSync:
             return True, bool(why), "start-up recovery" + (f", {why}" if why else "")
         return bool(why), True, why
 
-    def tick(self, now: float | None = None) -> list[str]:
-        """One poll: start the publishes that are due; returns their repositories."""
+    def tick(self, now: float | None = None, only: list[str] | None = None) -> list[str]:
+        """One poll: start the publishes that are due; returns their repositories.
+
+        ``only``: look at these repositories only, in this order (None: every one there is).
+        """
         now = self.clock() if now is None else now
         started = []
-        for repo in repositories(self.cfg.cvmfs.staging_dir):
+        repos = repositories(self.cfg.cvmfs.staging_dir) if only is None else only
+        for repo in repos:
             if self._stop.is_set():
                 break
             state = self._state(repo)
             if state is None:
                 continue
+            if self.watch is not None:
+                self.watch.watch(repo)  # before its directory is listed below
             with state.lock:
                 busy = state.future is not None and not state.future.done()
             if busy:
@@ -203,6 +235,8 @@ class RepoSync:
             if not due or now < state.next_attempt:
                 continue
             started.append(repo)
+            if take:
+                state.last_start = now
             log.debug("repository=%s publishing (%s)", repo, why)
             if self.executor is None:
                 self._job(state, now, take)
@@ -278,6 +312,17 @@ class RepoSync:
                          last_error=f"step={step} rc={rc} {detail}"[:300])
         self.status.incr(repo, "errors")
         self.status.flush(force=True)
+
+    def active(self, now: float) -> set[str]:
+        """Repositories to look at every poll: something pending, in flight or backing off."""
+        out = set()
+        for repo, state in self.repos.items():
+            with state.lock:
+                busy = state.future is not None and not state.future.done()
+            if (busy or not state.recovered or state.times.count or state.failures
+                    or now < state.next_attempt):
+                out.add(repo)
+        return out
 
     def _problem(self, repo: str, text: str) -> None:
         self.status.repo(repo, last_result="aborting", last_error=text[:300])

@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""B7: many repositories on one host (issue 14).
+
+Starts a RabbitMQ node of its own (the machine's broker is left alone),
+OpenBao, a one-node Ceph RGW and the cvmfs_server test double, provisions
+``--count`` repositories through the real publisher-consumer daemon (keys
+in Vault and buckets are prepared first, as an operator would), then runs
+the consumers and the sync daemon as real processes with the production
+defaults (retry delays, refresh interval, publishing windows) and prints:
+
+- RabbitMQ memory, Erlang processes and queue count: before, after the
+  provisioning, after the consumers subscribed (they declare what a
+  repository needs for retries);
+- the time to provision the repositories (``--provisioners`` daemons share
+  the publisher queue; 1 is the production set-up);
+- the consumers daemon's and the sync daemon's idle CPU (share of one core,
+  targets < 2 %) and the consumers' RSS (target < 300 MiB);
+- the time from a new repository's ``created`` announcement to a consumer
+  on its queue (target < 5 s);
+- one hot repository receiving ``--hot`` uploads vs a quiet repository's
+  single upload: the quiet upload's PUT -> published latency under that load
+  minus its latency alone, p95 over ``--trials`` trials (target <= 1 s).
+
+Figures only, no assertions. Leaves nothing behind, also on failure, Ctrl-C
+or SIGTERM (daemons, mounts, services, their temporary directory), except
+the logs of a failed run (the daemons', RabbitMQ's, Ceph's), copied to a
+directory it names. As root, like the tests (the double mounts overlays):
+
+    .venv/bin/python bench/bench_scale.py [--count 1000] [--provisioners 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+
+from cvmfs_publisher.adapters import amqp  # noqa: E402
+from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
+from devstack.ceph import Ceph  # noqa: E402
+from devstack.common import sigterm_as_interrupt  # noqa: E402
+from devstack.openbao import OpenBao  # noqa: E402
+from devstack.rabbitmq import Broker, RabbitNode  # noqa: E402
+from devstack.stack import (  # noqa: E402
+    DOMAIN,
+    build_stack,
+    make_double,
+    tear_down,
+    unique_label,
+)
+from tests.cvmfs_server_double import published_tree  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def wait(check: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def p95(values: list[float]) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(0.95 * len(s)) - 1)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def broker_state(broker: Broker) -> str:
+    """Memory, processes and queues of the node (its statistics come every 5 s)."""
+    def node_stats() -> dict:
+        return broker.api("GET", "/api/nodes")[0]  # type: ignore[index]
+    wait(lambda: "mem_used" in node_stats(), 60, "RabbitMQ node statistics", 0.5)
+    node = node_stats()
+    queues = broker.api("GET", "/api/queues?columns=name,type")
+    by_type: dict[str, int] = {}
+    for q in queues:  # type: ignore[union-attr]
+        by_type[q.get("type", "?")] = by_type.get(q.get("type", "?"), 0) + 1
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()))
+    return (f"memory {node['mem_used'] / 2**20:.0f} MiB, {node['proc_used']} Erlang processes, "
+            f"{len(queues)} queues ({kinds or 'none'})")  # type: ignore[arg-type]
+
+
+def consumed_queues(broker: Broker) -> dict[str, int]:
+    return {q["name"]: q.get("consumers", 0)
+            for q in broker.api("GET", "/api/queues?columns=name,consumers", timeout=60)}  # type: ignore[union-attr]
+
+
+class Announcements:
+    """An exclusive queue on the control exchange: which repositories were created, when."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.created: dict[str, float] = {}
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+
+    def _run(self) -> None:
+        conn = amqp.connect(self.cfg.amqp, "bench-announcements")
+        ch = conn.channel()
+        ch.exchange_declare(self.cfg.amqp.control_exchange, exchange_type="topic", durable=True)
+        q = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(q, self.cfg.amqp.control_exchange, routing_key="repository.created.#")
+
+        def on_message(ch, method, props, body) -> None:
+            self.created[method.routing_key.rsplit(".", 1)[-1]] = time.monotonic()
+        ch.basic_consume(q, on_message, auto_ack=True)
+        self._ready.set()
+        while not self._stop.is_set():
+            conn.process_data_events(time_limit=0.05)
+        conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def start(daemon: str, cfg_file: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", f"cvmfs_publisher.daemons.{daemon}",
+                                 "--config", str(cfg_file)], env=env, stdout=out, stderr=out)
+
+
+def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    before = {n: cpu_seconds(p) for n, p in pids.items()}
+    time.sleep(seconds)
+    return {n: (cpu_seconds(p) - before[n]) / seconds for n, p in pids.items()}
+
+
+def keep_logs(work: Path) -> Path:
+    """Copy a failed run's logs out of ``work`` (which is removed) into a new directory."""
+    kept = Path(tempfile.mkdtemp(prefix="bench-scale-logs-"))
+    for out in work.glob("*.out"):  # the daemons' stdout and stderr
+        shutil.copy2(out, kept)
+    for name, logs in (("daemons", work / "log"), ("rabbitmq", work / "rabbitmq" / "log"),
+                       ("ceph", work / "ceph" / "log")):
+        if logs.is_dir():
+            shutil.copytree(logs, kept / name, symlinks=True, dirs_exist_ok=True)
+    return kept
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--provisioners", type=int, default=1)
+    parser.add_argument("--hot", type=int, default=1000)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    with sigterm_as_interrupt():  # the clean-up in run's finally runs on SIGTERM too
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    double = make_double(work / "cvmfs-root")
+    node = bao = ceph = None
+    procs: dict[str, subprocess.Popen] = {}
+    ann = None
+    ok = False
+    try:
+        node = RabbitNode(work / "rabbitmq").start()
+        broker = node.broker()
+        bao = OpenBao(work / "openbao").start()
+        ceph = Ceph(work / "ceph").start()
+        stack = build_stack(work, broker, bao, ceph, double)
+        stack.raw["log"]["level"] = "INFO"
+        del stack.raw["amqp"]["retry_delays"]  # production defaults from here on
+        stack.raw["sync"] = {}
+        stack.raw["status"]["interval"] = 5.0
+        cfg_file = stack.write()
+        cfg = stack.config()
+        env = stack.subprocess_env()
+        rgw = RGW(cfg.s3, cfg.rgw)
+        print(f"RabbitMQ {node.name}: before: {broker_state(broker)}", flush=True)
+
+        labels = [unique_label("s") for _ in range(args.count + 1)]
+        labels, newcomer = labels[:-1], labels[-1]
+
+        def prepare(label: str) -> None:
+            bao.put_keys(f"subj/cvmfs_keys/{label}.{DOMAIN}", {
+                "publicKey": "p", "certificateKey": "c", "gatewayKey": "g"})
+            rgw.s3.create_bucket(Bucket=label)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(prepare, [*labels, newcomer]))
+        print(f"keys and buckets for {args.count + 1} repositories: "
+              f"{time.monotonic() - t0:.1f} s (outside the daemons)", flush=True)
+
+        ann = Announcements(cfg)
+        for i in range(args.provisioners):
+            procs[f"publisher_consumer-{i}"] = start("publisher_consumer", cfg_file, env,
+                                                     work / f"publisher-{i}.out")
+        conn = amqp.connect(cfg.amqp, "bench")
+        ch = conn.channel()
+        ch.confirm_delivery()
+        wait(lambda: consumed_queues(broker).get(cfg.amqp.publisher_queue, 0)
+             >= args.provisioners, 60, "publisher-consumer", 0.2)
+        t0 = time.monotonic()
+        for label in labels:
+            amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue,
+                                   f"a,subj,{label}.{DOMAIN},P".encode())
+        conn.close()  # a blocking connection left idle would miss its heartbeats
+        wait(lambda: all(label in ann.created for label in labels), 7200,
+             "every repository provisioned", 0.5)
+        took = max(ann.created.values()) - t0
+        print(f"provisioned {args.count} repositories with {args.provisioners} "
+              f"publisher-consumer(s): {took:.1f} s, {took / args.count * 1000:.0f} ms each "
+              f"(the double's mkfs included)", flush=True)
+        print(f"RabbitMQ after provisioning: {broker_state(broker)}", flush=True)
+
+        t0 = time.monotonic()
+        procs["repo_consumers"] = start("repo_consumers", cfg_file, env, work / "consumers.out")
+        procs["repo_sync"] = start("repo_sync", cfg_file, env, work / "sync.out")
+        def all_consumed() -> bool:  # one listing per look: 1,000 queues take a while
+            consumers = consumed_queues(broker)
+            return all(consumers.get(label, 0) > 0 for label in labels)
+        wait(all_consumed, 900, "a consumer on every repository queue", 1.0)
+        print(f"consumers subscribed to {args.count} queues in {time.monotonic() - t0:.1f} s",
+              flush=True)
+        time.sleep(10)  # start-up work (recovery scan, first listing) is over
+        print(f"RabbitMQ with the consumers running: {broker_state(broker)}", flush=True)
+        cpu = idle_cpu({"repo_consumers": procs["repo_consumers"].pid,
+                        "repo_sync": procs["repo_sync"].pid}, args.idle_seconds)
+        print(f"idle over {args.idle_seconds:.0f} s: consumers {cpu['repo_consumers'] * 100:.2f} % "
+              f"of a core (target < 2 %), RSS {rss_mib(procs['repo_consumers'].pid):.0f} MiB "
+              f"(target < 300 MiB); sync {cpu['repo_sync'] * 100:.2f} % of a core "
+              f"(target < 2 %), RSS {rss_mib(procs['repo_sync'].pid):.0f} MiB", flush=True)
+
+        conn = amqp.connect(cfg.amqp, "bench")
+        ch = conn.channel()
+        ch.confirm_delivery()
+        t0 = time.monotonic()
+        amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue,
+                               f"a,subj,{newcomer}.{DOMAIN},P".encode())
+        wait(lambda: newcomer in ann.created, 120, "the new repository provisioned")
+        created = ann.created[newcomer]
+
+        def newcomer_consumed() -> bool:
+            declared = amqp.passive_declare(conn, newcomer)  # None until it is declared
+            return declared is not None and declared.consumer_count > 0
+        wait(newcomer_consumed, 120, "a consumer on the new repository's queue")
+        print(f"new repository: consumed {time.monotonic() - created:.2f} s after its "
+              f"'created' announcement (target < 5 s; {created - t0:.2f} s to provision it)",
+              flush=True)
+        conn.close()
+
+        hot_vs_quiet(rgw, ceph, double.root, labels[0], labels[1:1 + args.trials], args.hot)
+        ok = True
+    finally:
+        if ann is not None:
+            ann.close()
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if not ok:
+            print(f"failed: logs kept in {keep_logs(work)}", file=sys.stderr)
+        # topics, buckets and queues go with the services' directories
+        tear_down(work, double.root, [ceph, bao, node])
+
+
+def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
+                 uploads: int) -> None:
+    """The quiet repositories' single uploads, alone and while ``hot`` takes a burst.
+
+    radosgw 16.2 segfaults now and then while it pushes notifications
+    (shared/ceph/README.md): a trial it interrupts is counted and run again
+    on a restarted radosgw.
+    """
+    def quiet_upload(label: str, name: str) -> float:
+        tree = Path(published_tree(root, f"{label}.{DOMAIN}"))
+        t0 = time.monotonic()
+        rgw.s3.put_object(Bucket=label, Key=f"cvmfs/q/{name}", Body=b"q" * 1024)
+        wait((tree / "q" / name).exists, 300, f"{label} {name} published")
+        return time.monotonic() - t0
+
+    def trial(pool: ThreadPoolExecutor, n: int, label: str) -> float:
+        futures = [pool.submit(rgw.s3.put_object, Bucket=hot,
+                               Key=f"cvmfs/hot/{n}/{i:04d}", Body=b"h" * 1024)
+                   for i in range(uploads)]
+        try:
+            # the quiet upload lands while the hot repository's queue holds a backlog
+            wait(lambda: sum(f.done() for f in futures) >= uploads // 5, 300, "hot burst")
+            return quiet_upload(label, f"loaded-{n}")
+        finally:
+            for f in futures:
+                with contextlib.suppress(Exception):
+                    f.result()
+
+    alone = [quiet_upload(label, "alone") for label in quiet]
+    loaded: list[float] = []
+    crashes = 0
+    with ThreadPoolExecutor(16) as pool:
+        n = 0
+        while len(loaded) < len(quiet):
+            n += 1
+            try:
+                loaded.append(trial(pool, n, quiet[len(loaded)]))
+            except Exception as exc:
+                if ceph.rgw_alive() or crashes >= 5:
+                    raise
+                crashes += 1
+                print(f"  radosgw crashed during trial {n} ({type(exc).__name__}); "
+                      f"restarting it and running the trial again", flush=True)
+                ceph.start_rgw()
+    base = statistics.median(alone)
+    delays = [x - base for x in loaded]
+    print(f"quiet upload, PUT -> published: alone p50 {base:.2f} s p95 {p95(alone):.2f} s; "
+          f"during a {uploads}-upload burst on another repository p50 "
+          f"{statistics.median(loaded):.2f} s p95 {p95(loaded):.2f} s; delay p95 "
+          f"{p95(delays):.2f} s over {len(quiet)} trials (target <= 1 s; "
+          f"{crashes} radosgw crashes)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
