@@ -55,7 +55,8 @@ from cvmfs_publisher.pipeline.reconcile import reconcile  # noqa: E402
 from cvmfs_publisher.staging import manifest  # noqa: E402
 from cvmfs_publisher.staging.area import Staging  # noqa: E402
 from devstack import ceph as ceph_mod  # noqa: E402
-from devstack.rabbitmq import ensure_broker  # noqa: E402
+from devstack.common import sigterm_as_interrupt  # noqa: E402
+from devstack.rabbitmq import Broker, RabbitNode  # noqa: E402
 
 DOMAIN = "infn.it"
 LABEL = "bench-reconcile"
@@ -204,10 +205,9 @@ def _first_event(ceph: ceph_mod.Ceph, broker: Any, vhost: str, name: str,
         conn.close()
 
 
-def bench_warmup(ceph: ceph_mod.Ceph, rounds: int) -> None:
+def bench_warmup(ceph: ceph_mod.Ceph, broker: Broker, rounds: int) -> None:
     """First event of a new topic, timed from its creation: for a push endpoint RGW has
     not used yet (a new virtual host, so a new URL) and for a second topic on it."""
-    broker = ensure_broker()
     results: dict[str, list[float | None]] = {}
     for n in range(rounds):
         for persistent in (True, False):
@@ -240,17 +240,22 @@ def main() -> int:
     ap.add_argument("--no-reconcile", action="store_true")
     ap.add_argument("--warmup-rounds", type=int, default=3)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as tmp, sigterm_as_interrupt():
         work = Path(tmp)
-        ceph = ceph_mod.Ceph(work / "ceph").start()
+        ceph = node = None
         try:
+            ceph = ceph_mod.Ceph(work / "ceph").start()
             if not args.no_reconcile:
                 bench_reconcile(work, ceph, args.objects, args.threads)
             if args.warmup:
                 print()
-                bench_warmup(ceph, args.warmup_rounds)
+                node = RabbitNode(work / "rabbitmq").start()
+                bench_warmup(ceph, node.broker(), args.warmup_rounds)
         finally:
-            ceph.stop()
+            if ceph is not None:
+                ceph.stop()
+            if node is not None:
+                node.stop()
     return 0
 
 
