@@ -41,6 +41,7 @@ from ..core.config import Config
 from ..core.names import InvalidName, validate_repository
 from ..core.status import StatusDocument
 from ..publishing.batch import BatchPublisher, Outcome, PublishError
+from ..publishing.receipts import PublishRecorder
 from ..staging import area as staging
 
 NAME = "cvmfs-repo-sync"
@@ -139,8 +140,10 @@ class RepoSync:
         self.status = status
         self.clock = clock
         self._stop = threading.Event()
+        server = server or CvmfsServer(cfg.cvmfs)
+        self.receipts = PublishRecorder(cfg, server)
         self.publisher = BatchPublisher(cfg, server, stop=self._stop,
-                                        on_problem=self._problem)
+                                        on_problem=self._problem, observer=self.receipts)
         self.executor = None if inline else ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="publish")
         self.repos: dict[str, RepoState] = {}
@@ -299,6 +302,7 @@ class RepoSync:
 
     def _succeeded(self, state: RepoState, outcome: Outcome | None, took: float) -> None:
         repo = state.name
+        self.receipts.succeeded(repo)
         with state.lock:
             state.failures = 0
             state.backoff.reset()
@@ -343,6 +347,7 @@ class RepoSync:
                          last_error=f"step={step} rc={rc} {detail}"[:300])
         self.status.incr(repo, "errors")
         self.status.flush(force=True)
+        self.receipts.failed(repo, f"step={step} rc={rc} {detail}")
 
     def _problem(self, repo: str, text: str) -> None:
         self.status.repo(repo, last_result="aborting", last_error=text[:300])

@@ -67,7 +67,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from ..adapters.cvmfs import (
     EBUSY,
@@ -596,6 +596,19 @@ def tar_stream(path: Path, declared: str = "none") -> Iterator[IO[bytes]]:
 # --------------------------------------------------------------------------- publisher
 
 
+class PublishObserver(Protocol):
+    """Told what reached the published tree and what was dropped (the receipt's source).
+
+    Called on the publishing thread, right after the fact; must not raise.
+    """
+
+    def published(self, repo: str, entries: list[Entry]) -> None:
+        """``entries`` are in the published tree now (one publish, or found already there)."""
+
+    def skipped(self, repo: str, entry: Entry, why: str) -> None:
+        """``entry`` can never be applied as staged and was dropped from its batch."""
+
+
 class BatchPublisher:
     """Applies staged batches with ``cvmfs_server`` (one repository per call, thread-safe).
 
@@ -612,8 +625,10 @@ class BatchPublisher:
 
     def __init__(self, cfg: Config, server: CvmfsServer | None = None,
                  stop: threading.Event | None = None,
-                 on_problem: Callable[[str, str], None] | None = None) -> None:
+                 on_problem: Callable[[str, str], None] | None = None,
+                 observer: PublishObserver | None = None) -> None:
         self.cfg = cfg
+        self.observer = observer
         self.server = server or CvmfsServer(cfg.cvmfs)
         self.stop = stop or threading.Event()
         self.on_problem = on_problem or (lambda repo, text: None)
@@ -717,6 +732,8 @@ class BatchPublisher:
     def _skipped(self, repo: str, e: Entry, why: str, out: Outcome) -> None:
         out.skipped += 1
         out.errors.append(f"{e.path}: {why}")
+        if self.observer is not None:
+            self.observer.skipped(repo, e, why)
         log.error("repository=%s step=apply path=%r op=%s key=%r rc=- error=%s "
                   "outcome=skipped (the next change of this key, or a reconcile, "
                   "brings it)", repo, e.path[:300], e.op, e.key[:300], why)
@@ -772,14 +789,17 @@ class BatchPublisher:
                 out.unchanged += len(phase.entries)
                 log.info("repository=%s step=apply outcome=already-published entries=%d "
                          "(nothing to publish)", repo, len(phase.entries))
+                self._observe(repo, phase.entries)
                 return
         self._open_transaction(repo)
         out.transactions += 1
         step = "apply"
+        applied = []
         try:
             with Tree(self.server.union(repo)) as tree:
                 for e in phase.entries:
-                    self._apply_entry(repo, tree, st, e, out)
+                    if self._apply_entry(repo, tree, st, e, out):
+                        applied.append(e)
                 for p in phase.parents:
                     tree.makedirs(p)
             step = "publish"
@@ -797,8 +817,14 @@ class BatchPublisher:
                                    f"{f' ({where})' if where else ''}") from None
             raise
         out.publishes += 1
+        self._observe(repo, applied)
 
-    def _apply_entry(self, repo: str, tree: Tree, st: Staging, e: Entry, out: Outcome) -> None:
+    def _observe(self, repo: str, entries: list[Entry]) -> None:
+        if self.observer is not None and entries:
+            self.observer.published(repo, entries)
+
+    def _apply_entry(self, repo: str, tree: Tree, st: Staging, e: Entry, out: Outcome) -> bool:
+        """Apply one entry in the open transaction; False when it was skipped."""
         try:
             if e.op == "delete":
                 if tree.delete(e.path):
@@ -819,6 +845,8 @@ class BatchPublisher:
                 out.written += 1
         except _Skip as exc:
             self._skipped(repo, e, str(exc), out)
+            return False
+        return True
 
     def _open_transaction(self, repo: str) -> None:
         """``transaction``; 16 (lease busy) and 17 (already open) are retried."""
@@ -952,6 +980,7 @@ class BatchPublisher:
             self._ingest_call(repo, ingest)
             out.publishes += 1
             out.ingested += 1
+        self._observe(repo, [e])
 
     def _ingest_call(self, repo: str, call: Callable[[], Any]) -> None:
         try:
