@@ -10,8 +10,10 @@ When: after each publish and each rejection (the state files in staging
 changed) and, while something is pending or failing, again so the pending
 age stays true; never more than once per ``receipts.interval`` per
 repository (what happens in between is coalesced into the next write), and
-not at all while nothing changes. The key is outside ``s3.prefix``
-(checked by the configuration), so a write raises no bucket event.
+not at all while nothing changes or before anything happened on this host
+(a repository nobody uploaded to yet, a standby host of a repository).
+The key is outside ``s3.prefix`` (checked by the configuration), so a
+write raises no bucket event.
 
 A write that S3 refuses (403 from a bucket policy, no such bucket) is
 logged once per repository, shown in the status document
@@ -114,11 +116,15 @@ class ReceiptWriter:
         r = self._repos.setdefault(repo, _RepoReceipt())
         if now < r.denied_until or now - r.last_try < self.limits.interval:
             return False
-        if receipts.version(self.cfg.cvmfs.staging_dir, repo) != r.written:
-            return True
+        version = receipts.version(self.cfg.cvmfs.staging_dir, repo)
         st = Staging(self.cfg.cvmfs.staging_dir, repo)
+        waiting = st.pending_count() > 0 or st.has_batch()
+        if version == (0, 0) and not waiting:
+            return False  # nothing happened here yet (a new repository, a standby host)
+        if version != r.written:
+            return True
         sync, _ = receipts.state(self.cfg.cvmfs.staging_dir, repo)
-        return st.pending_count() > 0 or st.has_batch() or bool(sync.get("failing"))
+        return waiting or bool(sync.get("failing"))
 
     def _write(self, repo: str, now: float) -> bool:
         r = self._repos[repo]
