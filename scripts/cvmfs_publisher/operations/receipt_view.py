@@ -92,7 +92,7 @@ def format_repository(view: dict[str, Any]) -> str:
                if pend["oldest_age_seconds"] is not None else "")
     error = "-"
     if err:
-        when = f"failing since {err['since']}" if err["failing"] else "recovered since"
+        when = f"failing since {err['since']}" if err["failing"] else "recovered"
         error = f"{err['time']} ({when}): {err['message']}"
     lines = [f"repository  {view['repository']}",
              f"published   revision {revision} at {pub['time'] or '-'}",
