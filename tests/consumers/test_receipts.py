@@ -191,3 +191,26 @@ def test_a_denied_receipt_is_reported_once_and_nothing_else_breaks(
         assert rc == 1  # changes are pending (no sync daemon here)
     finally:
         env.s3.delete_bucket_policy(Bucket=r.label)
+
+
+def test_the_receipt_key_is_configurable_and_the_receipt_can_be_switched_off(
+        env: Env, stack: Stack) -> None:
+    r = env.provision()
+    custom = stack.config(receipts={"key": "feedback/publisher.json"})
+    with running(custom, r.label) as daemon:
+        env.put(r, "cvmfs/../x", b"hostile")
+        wait_until("the receipt at the configured key", lambda: env.s3.list_objects_v2(
+            Bucket=r.label, Prefix="feedback/").get("KeyCount"), 30)
+        assert daemon.receipts is not None
+    doc = json.loads(env.s3.get_object(Bucket=r.label, Key="feedback/publisher.json")[
+        "Body"].read())
+    assert [x["key"] for x in doc["rejected"]] == ["cvmfs/../x"]
+    env.s3.delete_object(Bucket=r.label, Key="feedback/publisher.json")
+    off = stack.config(receipts={"enabled": False})
+    with running(off, r.label) as daemon:
+        assert daemon.receipts is None
+        env.put(r, "cvmfs/y.txt", b"y\n")
+        env.wait_staged(r, {"y.txt": put_state(b"y\n")})
+        time.sleep(2 * off.receipts.interval)  # time enough for a write that must not come
+    assert env.s3.list_objects_v2(Bucket=r.label, Prefix="feedback/").get("KeyCount") == 0
+    assert receipt(env, r) is None
