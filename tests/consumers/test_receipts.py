@@ -9,9 +9,7 @@ settings (a write at most every 5 s per repository).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from cvmfs_publisher.operations import cli
 from tests.conftest import Stack
 from tests.consumers.support import Env, Repo, dead_letters, put_state, running, wait_until
 from tests.cvmfs_server_double import current_revision, inject_fault
+from tests.sync.conftest import tarball
 
 #: What the real tool says when the tar stream is not a tar (cvmfs README §5).
 INGEST_FAILURE = ("Impossible to open the archive: Unrecognized archive format\n"
@@ -60,16 +59,6 @@ def receipt(env: Env, r: Repo) -> dict[str, Any] | None:
     return json.loads(body)
 
 
-def _tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        body = b"#!/bin/sh\necho tool\n"
-        info = tarfile.TarInfo("bin/tool")
-        info.size, info.mode = len(body), 0o755
-        tf.addfile(info, io.BytesIO(body))
-    return buf.getvalue()
-
-
 def status_cli(stack: Stack, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     rc = cli.main(["--config", str(stack.write("cli.yaml")), "status", *args])
     return rc, capsys.readouterr().out
@@ -86,7 +75,7 @@ def test_receipt_and_status_key_follow_an_upload(env: Env, stack: Stack,
     with running(env.cfg, r.label), syncing(env.cfg):
         env.put(r, "cvmfs/bin/hello.sh", b"#!/bin/sh\necho hi\n")
         env.put(r, "cvmfs/../../etc/passwd", b"hostile")
-        env.put(r, "cvmfs/pkg/tool-1.0.tar", _tar())
+        env.put(r, "cvmfs/pkg/tool-1.0.tar", tarball({"bin/tool": b"#!/bin/sh\necho tool\n"}))
         failing = wait_until("the receipt shows the failed ingest", lambda: (
             (d := receipt(env, r)) and d["last_error"] and d["last_error"]["failing"] and d), 60)
         done = wait_until("the receipt shows everything published", lambda: (

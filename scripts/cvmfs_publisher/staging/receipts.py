@@ -76,8 +76,10 @@ def _store(path: Path, doc: dict[str, Any]) -> None:
                     sync_dir=False)
 
 
-class SyncRecord:
-    """cvmfs-repo-sync's half of the receipt state (thread-safe)."""
+class _StateFile:
+    """One daemon's state file of each repository (one writer: the daemon; thread-safe)."""
+
+    NAME = ""
 
     def __init__(self, staging_dir: str | os.PathLike[str], limits: ReceiptsConfig) -> None:
         self.staging_dir = Path(staging_dir)
@@ -85,7 +87,13 @@ class SyncRecord:
         self._lock = threading.Lock()
 
     def path(self, repo: str) -> Path:
-        return self.staging_dir / repo / SYNC_FILE
+        return self.staging_dir / repo / self.NAME
+
+
+class SyncRecord(_StateFile):
+    """cvmfs-repo-sync's half of the receipt state."""
+
+    NAME = SYNC_FILE
 
     def published(self, repo: str, entries: Iterable[Entry], revision: int | None,
                   now: float | None = None) -> None:
@@ -140,16 +148,10 @@ class SyncRecord:
                 _store(self.path(repo), doc)
 
 
-class RejectedRecord:
-    """cvmfs-repo-consumers' half: the keys it dead-lettered (thread-safe)."""
+class RejectedRecord(_StateFile):
+    """cvmfs-repo-consumers' half: the keys it dead-lettered."""
 
-    def __init__(self, staging_dir: str | os.PathLike[str], limits: ReceiptsConfig) -> None:
-        self.staging_dir = Path(staging_dir)
-        self.limits = limits
-        self._lock = threading.Lock()
-
-    def path(self, repo: str) -> Path:
-        return self.staging_dir / repo / REJECTED_FILE
+    NAME = REJECTED_FILE
 
     def add(self, repo: str, key: str, reason: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
