@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from cvmfs_publisher.core.status import StatusDocument
 from cvmfs_publisher.daemons.repo_sync import NAME as SYNC
 from cvmfs_publisher.daemons.repo_sync import RepoSync
 from cvmfs_publisher.operations import cli
+from cvmfs_publisher.pipeline.receipt_upload import DENIED_RETRY, ReceiptWriter
+from cvmfs_publisher.staging.area import Staging
 from tests.conftest import Stack
 from tests.consumers.support import Env, Repo, dead_letters, put_state, running, wait_until
 from tests.cvmfs_server_double import current_revision, inject_fault
@@ -203,3 +206,54 @@ def test_the_receipt_key_is_configurable_and_the_receipt_can_be_switched_off(
         time.sleep(2 * off.receipts.interval)  # time enough for a write that must not come
     assert env.s3.list_objects_v2(Bucket=r.label, Prefix="feedback/").get("KeyCount") == 0
     assert receipt(env, r) is None
+
+
+def test_writes_are_coalesced_and_a_refusal_is_not_retried_in_a_loop(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """The writer driven tick by tick (a fake clock: no timing asserted), real RGW."""
+    r = env.provision()
+    Staging(env.cfg.cvmfs.staging_dir, r.repository).ensure()
+    status = StatusDocument(Path(env.cfg.status.dir) / "w.json", "cvmfs-repo-consumers", 0)
+    spy = CountingRGW(env.cfg.s3, env.cfg.rgw)
+    writer = ReceiptWriter(env.cfg, status, spy, lambda: [r.repository])
+    interval, t0 = env.cfg.receipts.interval, 1_000_000.0
+    assert writer.tick(t0) == []  # nothing happened yet: nothing to tell
+    for i in range(3):
+        writer.rejected(r.repository, f'"cvmfs/bad/../{i}"', f"reason {i}")
+    assert writer.tick(t0 + 1) == [r.repository]
+    assert [x["key"] for x in receipt(env, r)["rejected"]] == [
+        "cvmfs/bad/../2", "cvmfs/bad/../1", "cvmfs/bad/../0"]
+    writer.rejected(r.repository, '"cvmfs/bad/../3"', "reason 3")
+    assert writer.tick(t0 + 2) == []  # within the interval: coalesced
+    assert writer.tick(t0 + 1 + interval) == [r.repository]
+    assert receipt(env, r)["rejected"][0]["key"] == "cvmfs/bad/../3"
+    assert writer.tick(t0 + 1 + 3 * interval) == []  # nothing changed, nothing pending
+    assert spy.receipt_writes == 2
+
+    env.s3.put_bucket_policy(Bucket=r.label, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Principal": {"AWS": ["*"]}, "Action": "s3:PutObject",
+                       "Resource": [f"arn:aws:s3:::{r.label}/{RECEIPT}"]}]}))
+    try:
+        t1 = t0 + 100
+        writer.rejected(r.repository, '"cvmfs/bad/../4"', "reason 4")
+        with caplog.at_level(logging.INFO, logger="cvmfs_publisher.pipeline.receipt_upload"):
+            assert writer.tick(t1) == []
+            for k in range(1, 20):  # new rejections, many rounds: no new attempt
+                writer.rejected(r.repository, f'"cvmfs/bad/../x{k}"', "again")
+                assert writer.tick(t1 + k * interval) == []
+            assert spy.receipt_writes == 3
+            assert writer.tick(t1 + DENIED_RETRY + 1) == []  # one quiet retry, still refused
+            assert spy.receipt_writes == 4
+            refused = [m for m in caplog.messages if "outcome=refused" in m]
+            assert len(refused) == 1 and "AccessDenied" in refused[0]
+            assert status.snapshot()["repositories"][r.repository]["receipt"].startswith(
+                "refused: RGW refused PutObject")
+            env.s3.delete_bucket_policy(Bucket=r.label)
+            assert writer.tick(t1 + 2 * DENIED_RETRY + 2) == [r.repository]
+            assert any("outcome=written-again" in m for m in caplog.messages)
+        assert receipt(env, r)["rejected"][0]["key"] == "cvmfs/bad/../x19"
+        assert status.snapshot()["repositories"][r.repository]["receipt"] == "ok"
+    finally:
+        with contextlib.suppress(Exception):
+            env.s3.delete_bucket_policy(Bucket=r.label)
