@@ -12,6 +12,8 @@ private to this module: the consumers and reconciliation use the
     objects/<id>          content of staged files and tarballs (referenced by entries)
     tmp/                  downloads in progress (never referenced; swept at start-up)
     batch/                the batch the sync daemon is publishing (at most one)
+    receipt-sync.json     the receipt's state, one file per writing daemon: they belong
+    receipt-rejected.json to :mod:`cvmfs_publisher.staging.receipts` (never swept)
 
 Why this shape:
 - Staging holds pending changes only, never a copy of the repository: a

@@ -87,7 +87,7 @@ class _StateFile:
         self._lock = threading.Lock()
 
     def path(self, repo: str) -> Path:
-        return self.staging_dir / repo / self.NAME
+        return Staging(self.staging_dir, repo).root / self.NAME
 
 
 class SyncRecord(_StateFile):
@@ -175,9 +175,10 @@ def _bounded_insert(items: Any, item: dict[str, Any], limit: int) -> list[dict[s
 def version(staging_dir: str | os.PathLike[str], repo: str) -> tuple[int, int]:
     """Changes whenever either state file is replaced (mtime in ns): "is the receipt stale?"."""
     out = []
+    root = Staging(staging_dir, repo).root
     for name in (SYNC_FILE, REJECTED_FILE):
         try:
-            out.append(os.stat(Path(staging_dir) / repo / name).st_mtime_ns)
+            out.append(os.stat(root / name).st_mtime_ns)
         except OSError:
             out.append(0)
     return out[0], out[1]
@@ -185,7 +186,7 @@ def version(staging_dir: str | os.PathLike[str], repo: str) -> tuple[int, int]:
 
 def state(staging_dir: str | os.PathLike[str], repo: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the sync daemon's state, the consumers' rejections) of ``repo``."""
-    root = Path(staging_dir) / repo
+    root = Staging(staging_dir, repo).root
     return _load(root / SYNC_FILE), _load(root / REJECTED_FILE)
 
 
