@@ -120,10 +120,10 @@ def format_key(view: dict[str, Any]) -> str:
         if view.get("last_error"):
             head += f"; the last publish attempt failed: {view['last_error']}"
     elif state == "published":
-        head = (f"{key}: published in revision {view['revision']} at {view['time']} "
+        head = (f"{key}: published in revision {_rev(view)} at {view['time']} "
                 f"(path {view['path']}, ETag {view['etag'] or '-'})")
     elif state == "deleted":
-        head = f"{key}: deleted in revision {view['revision']} at {view['time']} ({view['path']})"
+        head = f"{key}: deleted in revision {_rev(view)} at {view['time']} ({view['path']})"
     elif state == "rejected":
         head = f"{key}: rejected{' at ' + view['time'] if view.get('time') else ''} " \
                f"by {view['by']}: {view['reason']}"
@@ -133,6 +133,10 @@ def format_key(view: dict[str, Any]) -> str:
         head = f"{key}: unknown to the publisher (never staged, published or rejected here)"
     verdict = "in sync" if view["in_sync"] else _advice(view)
     return f"{head}\n{s3_text}\n{verdict}"
+
+
+def _rev(view: dict[str, Any]) -> str:
+    return "?" if view.get("revision") is None else str(view["revision"])
 
 
 def _advice(view: dict[str, Any]) -> str:

@@ -103,7 +103,7 @@ class SyncRecord(_StateFile):
             doc = _load(self.path(repo))
             if revision is not None and revision != doc.get("revision"):
                 doc["revision"], doc["revision_time"] = revision, now
-            rev = doc.get("revision")
+            rev = revision  # None: unreadable (the changes are published all the same)
             recent: list[dict[str, Any]] = doc.get("recent") or []
             known: dict[str, list[Any]] = doc.get("known") or {}
             for e in entries:
