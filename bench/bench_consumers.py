@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """cvmfs-repo-consumers benchmark: throughput against raw S3 GETs, and memory for 1 GiB.
 
-Starts a one-node Ceph RGW (devstack) and uses the machine's
-RabbitMQ, in a private virtual host. For each ``--downloads`` value:
+Starts a one-node Ceph RGW and a RabbitMQ node of its own (cvmfs_publisher.
+devstack; the machine's broker is left alone), with production defaults
+(persistent RGW topics), in a private virtual host. For each ``--downloads`` value:
 
 1. one repository topology (queue, topic, bucket notification: the library
    calls publisher-consumer's Provisioner makes, without Vault and mkfs);
@@ -21,9 +22,12 @@ scales once one repository's staging is not the limit).
 Then the daemon as a subprocess stages one 1 GiB object: its peak RSS
 (VmHWM) before and after (target: growth < 64 MiB).
 
-Figures only, no assertions.
+Figures only, no assertions. Leaves nothing behind, also on failure, Ctrl-C
+or SIGTERM (the RGW, the RabbitMQ node, their temporary directory),
+except the Ceph logs of a failed run, in a directory it names. As root,
+like the tests:
 
-    python3 bench/bench_consumers.py [--events 2000] [--downloads 4 8] [--nagle]
+    .venv/bin/python bench/bench_consumers.py [--events 2000] [--downloads 4 8] [--nagle]
 
 The devstack RGW runs its beast frontend with ``tcp_nodelay=1``: without it
 this radosgw's replies with a body wait ~40 ms for the client's delayed ACK
@@ -64,7 +68,8 @@ from cvmfs_publisher.core.status import StatusDocument  # noqa: E402
 from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers  # noqa: E402
 from cvmfs_publisher.staging.area import Staging  # noqa: E402
 from devstack import ceph as ceph_mod  # noqa: E402
-from devstack.rabbitmq import Broker, ensure_broker  # noqa: E402
+from devstack.common import sigterm_as_interrupt  # noqa: E402
+from devstack.rabbitmq import Broker, RabbitNode  # noqa: E402
 from tests.consumers.support import Pattern  # noqa: E402
 
 DOMAIN = "infn.it"
@@ -91,7 +96,7 @@ class Bench:
                      "retry_delays": [1, 2]},
             "s3": {"endpoint_url": ceph.endpoint, "max_attempts": 1},
             "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}/{vhost}",
-                    "amqp_ack_level": "broker", "persistent": False, "verify_ssl": False},
+                    "amqp_ack_level": "broker", "persistent": True, "verify_ssl": False},
             "cvmfs": {"staging_dir": str(work / "staging"), "domain": DOMAIN},
             "consumers": {"downloads": 4},
         }
@@ -164,7 +169,8 @@ def throughput(b: Bench, events: int, size: int, downloads: int,
         with ThreadPoolExecutor(32) as pool:
             list(pool.map(lambda nk: rgw.s3.put_object(Bucket=nk[0], Key=nk[1], Body=body),
                           keys))
-        wait("events queued", lambda: sum(b.depth(n) for n in names) >= events, 60, 0.2)
+        # a new persistent topic delivers its first events ~30 s after its creation
+        wait("events queued", lambda: sum(b.depth(n) for n in names) >= events, 240, 0.2)
 
         client = RGW(cfg.s3, cfg.rgw, max_pool_connections=max(10, downloads * 2)).s3
         t0 = time.monotonic()
@@ -261,18 +267,20 @@ def main() -> None:
     if args.nagle:
         ceph_mod.CONF = ceph_mod.CONF.replace(" tcp_nodelay=1", "")
     work = Path(tempfile.mkdtemp(prefix="bench-consumers-"))
-    broker = ensure_broker()
     vhost = label()
     quoted = urllib.parse.quote(vhost, safe="")
-    broker.api("PUT", f"/api/vhosts/{quoted}", {})
-    broker.api("PUT", f"/api/permissions/{quoted}/{broker.user}",
-               {"configure": ".*", "write": ".*", "read": ".*"})
-    ceph = ceph_mod.Ceph(work / "ceph").start()
+    node = ceph = None
     ok = False
     results: dict[str, Any] = {"rgw_tcp_nodelay": args.tcp_nodelay, "events": args.events,
                                "repositories": args.repositories,
                                "object_bytes": args.size, "cpus": os.cpu_count()}
     try:
+        node = RabbitNode(work / "rabbitmq").start()
+        broker = node.broker()
+        broker.api("PUT", f"/api/vhosts/{quoted}", {})
+        broker.api("PUT", f"/api/permissions/{quoted}/{broker.user}",
+                   {"configure": ".*", "write": ".*", "read": ".*"})
+        ceph = ceph_mod.Ceph(work / "ceph").start()
         b = Bench(work, broker, ceph, vhost)
         for downloads in args.downloads:
             r = throughput(b, args.events, args.size, downloads, args.repositories)
@@ -295,11 +303,13 @@ def main() -> None:
             kept = Path(tempfile.mkdtemp(prefix="bench-consumers-ceph-log-"))
             subprocess.run(["cp", "-a", str(work / "ceph" / "log"), str(kept)], check=False)
             print(f"failed: Ceph logs kept in {kept}", file=sys.stderr)
-        ceph.stop()
-        with contextlib.suppress(Exception):
-            broker.api("DELETE", f"/api/vhosts/{quoted}")
+        if ceph is not None:
+            ceph.stop()
+        if node is not None:
+            node.stop()
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_interrupt():  # the clean-up in main's finally runs on SIGTERM too
+        main()

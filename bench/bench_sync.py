@@ -19,7 +19,10 @@ Runs against the cvmfs_server test double (tests/cvmfs_server_double.py,
 overlay mounts: needs root), whose own start-up (~0.1-0.2 s per call, a
 Python interpreter) is part of every "sync" figure and reported apart.
 
-Usage: sudo PYTHONPATH=scripts python3 bench/bench_sync.py [--sizes 1000,10000]
+Leaves nothing behind, also on failure, Ctrl-C or SIGTERM (mounts and
+temporary directories are removed in ``finally``). As root, like the tests:
+
+    .venv/bin/python bench/bench_sync.py [--sizes 1000,10000,100000] [--skip-burst]
 """
 
 from __future__ import annotations
@@ -45,10 +48,12 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 from cvmfs_publisher.adapters.cvmfs import CvmfsServer, Result  # noqa: E402
 from cvmfs_publisher.core import config as config_mod  # noqa: E402
 from cvmfs_publisher.core.status import StatusDocument  # noqa: E402
-from cvmfs_publisher.daemons.repo_sync import NAME, RepoSync  # noqa: E402
+from cvmfs_publisher.daemons.repo_sync import NAME  # noqa: E402
 from cvmfs_publisher.operations.reconcile import reconcile  # noqa: E402
 from cvmfs_publisher.publishing.batch import BatchPublisher  # noqa: E402
+from cvmfs_publisher.publishing.scheduler import RepoSync  # noqa: E402
 from cvmfs_publisher.staging.area import Entry, Staging  # noqa: E402
+from devstack.common import sigterm_as_interrupt  # noqa: E402
 from tests.cvmfs_server_double import (  # noqa: E402
     DOUBLE_PATH,
     published_tree,
@@ -294,4 +299,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with sigterm_as_interrupt():  # the clean-ups in finally blocks run on SIGTERM too
+        raise SystemExit(main())

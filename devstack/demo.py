@@ -1,14 +1,23 @@
 """The local demo: a whole stack on loopback, an upload becoming a published repository.
 
-    tools/demo.sh            # set up, run the demo, stop everything at the end (or Ctrl-C)
-    tools/demo.sh --keep     # leave the stack running to explore
-    tools/demo.sh --stop     # stop a stack left by --keep
+    tools/demo.sh                  # set up, run the demo, stop everything at the end (or Ctrl-C)
+    tools/demo.sh --keep           # leave the stack running to explore
+    tools/demo.sh --stop           # stop a stack left by --keep
+    tools/demo.sh --workdir DIR    # any of the above in DIR (default /tmp/cvmfs-publisher-demo)
 
 Services come from ``devstack`` (the same code the test
-suite uses): RabbitMQ (the running one, or Debian's), OpenBao, a one-node
+suite uses): a RabbitMQ node of its own (the machine's broker is left alone), OpenBao, a one-node
 Ceph RGW, and the ``cvmfs_server`` test double (CernVM-FS itself cannot run
 here). The three daemons run as real processes with a generated
 configuration.
+
+One demo per work directory: its state (pids, configuration, mounts) lives
+there, so demos in different directories run side by side (each has its own
+OpenBao, RGW and uniquely named queues on the shared RabbitMQ), and a start
+in a directory whose demo is still running refuses and names it instead of
+stopping it. A demo left by ``--keep`` also writes its configuration's path
+to ``cli.DEMO_CONFIG_POINTER``, so that ``cvmfs-publisher status`` finds it
+without ``--config`` on a machine that has no real configuration.
 """
 
 from __future__ import annotations
@@ -19,7 +28,6 @@ import gzip
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,16 +37,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cvmfs_publisher.adapters import amqp
 from cvmfs_publisher.adapters.rgw import RGW
+from cvmfs_publisher.operations.cli import DEMO_CONFIG_POINTER
 
 from .ceph import Ceph
-from .common import kill_process
+from .common import kill_process, sigterm_as_interrupt
 from .openbao import OpenBao
-from .rabbitmq import cleanup_amqp, ensure_broker
-from .stack import DOMAIN, REPO_ROOT, Stack, build_stack, make_double, unique_label
+from .rabbitmq import RabbitNode
+from .stack import DOMAIN, REPO_ROOT, Stack, build_stack, make_double, tear_down, unique_label
 
 DAEMONS = {
     "publisher-consumer": "cvmfs_publisher.daemons.publisher_consumer",
@@ -46,6 +53,12 @@ DAEMONS = {
     "cvmfs-repo-sync": "cvmfs_publisher.daemons.repo_sync",
 }
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "cvmfs-publisher-demo"
+STATE_FILE = "demo-state.json"
+ENV_FILE = "demo.env"
+
+
+class DemoRunning(RuntimeError):
+    """A demo still runs in the work directory asked for (the message names it)."""
 
 
 class Demo:
@@ -54,6 +67,7 @@ class Demo:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.t0 = time.monotonic()
+        self.rabbit: RabbitNode | None = None
         self.bao: OpenBao | None = None
         self.ceph: Ceph | None = None
         self.procs: dict[str, subprocess.Popen] = {}
@@ -68,12 +82,12 @@ class Demo:
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.workdir.exists():
-            stop_saved(self.workdir, quiet=True)
-        self.workdir.mkdir(parents=True)
-        broker = ensure_broker()
-        self.step(f"RabbitMQ ready on {broker.host}:{broker.port} (management "
-                  f"{broker.management_url})")
+        self._save()  # from now on a second start here sees this demo and refuses
+        self.rabbit = RabbitNode(self.workdir / "rabbitmq")
+        broker = self.rabbit.start().broker()
+        self._save()
+        self.step(f"RabbitMQ node {self.rabbit.name} on {broker.host}:{broker.port} "
+                  f"(management {broker.management_url})")
         self.bao = OpenBao(self.workdir / "openbao").start()
         self.step(f"OpenBao (Vault) dev server on {self.bao.url}: KV v2 'secrets', AppRole")
         self.ceph = Ceph(self.workdir / "ceph", memstore_bytes=1 << 30).start()
@@ -83,9 +97,15 @@ class Demo:
         self.stack.raw["log"]["stdout"] = False
         self.stack.raw["log"]["level"] = "INFO"
         self.stack.raw["sync"].update({"quiet_seconds": 1.0, "max_delay_seconds": 10.0})
+        # the node is the demo's own: the production queue names, as the README has them
+        self.stack.raw["amqp"].update({"publisher_queue": "publisher_queue",
+                                       "dead_letter_queue": "cvmfs.dead-letter"})
         cfg_file = self.stack.write()
         self.step(f"configuration written to {cfg_file}; cvmfs_server test double at "
                   f"{double.command}")
+        a = self.stack.raw["amqp"]
+        self.step(f"queues: publisher queue '{a['publisher_queue']}', dead letters "
+                  f"'{a['dead_letter_queue']}' (the production names: the node is the demo's own)")
         env = self.stack.subprocess_env()
         for name, module in DAEMONS.items():
             out = open(self.workdir / f"{name}.out", "ab")  # owned by the child process
@@ -107,12 +127,17 @@ class Demo:
                    for n in DAEMONS)
 
     def _save(self) -> None:
-        state = {"pids": {n: p.pid for n, p in self.procs.items()},
-                 "services": {"openbao": self.bao.proc.pid if self.bao and self.bao.proc else 0,
-                              **{f"ceph-{n}": p.pid for n, p in
-                                 (self.ceph.procs.items() if self.ceph else [])}},
+        pids = {n: p.pid for n, p in self.procs.items()}
+        services = {"openbao": self.bao.proc.pid if self.bao and self.bao.proc else 0,
+                    **_rabbit_pids(self.rabbit),
+                    **{f"ceph-{n}": p.pid for n, p in
+                       (self.ceph.procs.items() if self.ceph else [])}}
+        state = {"demo": os.getpid(), "pids": pids, "services": services,
+                 "started": {str(pid): process_start(pid)
+                             for pid in (os.getpid(), *pids.values(), *services.values())
+                             if pid},
                  "double_root": str(self.double_root), "labels": self.labels}
-        (self.workdir / "demo-state.json").write_text(json.dumps(state, indent=1))
+        (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
     # -- scenario ------------------------------------------------------------------------
 
@@ -155,7 +180,8 @@ class Demo:
         rgw.s3.put_object(Bucket=label, Key="cvmfs/tools/demo-tool-1.0.tar.gz",
                           Body=_tarball())
         self.step(f"uploaded {len(files)} files and cvmfs/tools/demo-tool-1.0.tar.gz to "
-                  f"s3://{label}/")
+                  f"s3://{label}/ (Ceph 16.2 delivers a new persistent topic's first "
+                  "events up to 30 s after its creation)")
         tree = _published_tree(self.double_root, repo)
         wanted = [tree / "README.txt", tree / "bin/hello.sh", tree / "data/numbers.csv",
                   tree / "software/tools/demo-tool-1.0/bin/demo-tool"]
@@ -177,6 +203,37 @@ class Demo:
         self.step("status: " + _status_line(self.stack))
         self.repo_request = (subject, repo)
         return ok
+
+    def keep(self) -> None:
+        """Leave the stack running: say how to use it, and let the CLI find its configuration."""
+        assert self.stack and self.ceph
+        cfg = self.workdir / "publisher.yaml"
+        bucket = self.labels[-1]
+        published = _published_tree(self.double_root, f"{bucket}.{DOMAIN}")
+        env_file = self.workdir / ENV_FILE
+        env_file.write_text(
+            "# the kept demo's S3 (boto3 and the AWS CLI read these), bucket and published tree\n"
+            f"export AWS_ACCESS_KEY_ID={self.ceph.access_key}\n"
+            f"export AWS_SECRET_ACCESS_KEY={self.ceph.secret_key}\n"
+            f"export AWS_ENDPOINT_URL={self.ceph.endpoint}\n"
+            "export AWS_DEFAULT_REGION=default\n"
+            f"export DEMO_BUCKET={bucket}\n"
+            f"export DEMO_PUBLISHED={published}\n")
+        env_file.chmod(0o600)
+        DEMO_CONFIG_POINTER.write_text(f"{cfg}\n")
+        stop = "tools/demo.sh --stop" + ("" if self.workdir == DEFAULT_WORKDIR
+                                         else f" --workdir {self.workdir}")
+        print(f"\nThe stack keeps running (configuration {cfg}). Explore:\n"
+              "  .venv/bin/cvmfs-publisher status     # finds this configuration by itself\n"
+              f"  tail -f {self.workdir / 'log'}/*.log\n"
+              f"Upload: anything under cvmfs/ in bucket {bucket} (S3 endpoint "
+              f"{self.ceph.endpoint}, credentials in {env_file}) is published:\n"
+              f"  . {env_file}\n"
+              "  .venv/bin/python -c 'import boto3, os; boto3.client(\"s3\").upload_file("
+              "\"README.md\", os.environ[\"DEMO_BUCKET\"], \"cvmfs/README.md\")'\n"
+              "  # or, with the AWS CLI: aws s3 cp README.md s3://$DEMO_BUCKET/cvmfs/README.md\n"
+              "  ls -l $DEMO_PUBLISHED/README.md      # a few seconds later\n"
+              f"Stop it with: {stop}", flush=True)
 
     def deprovision(self) -> None:
         """The other half of the contract: a delete request undoes the provisioning."""
@@ -216,16 +273,21 @@ class Demo:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if self.stack:
-            with contextlib.suppress(Exception):
-                cleanup_amqp(self.stack.config(), ensure_broker(), self.labels)
-        if self.ceph:
-            self.ceph.stop()
-        if self.bao:
-            self.bao.stop()
-        _unmount(self.double_root)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        _forget_pointer(self.workdir)
+        # the node is the demo's own: thrown away whole, nothing to clean on it first
+        tear_down(self.workdir, self.double_root, [self.rabbit, self.ceph, self.bao],
+                  labels=self.labels)
         self.step("stopped everything the demo started")
+
+
+def _rabbit_pids(node: RabbitNode | None) -> dict[str, int]:
+    """The node's session (script and VM: stopped as a group) and its epmd."""
+    pids: dict[str, int] = {}
+    if node is not None and node.proc is not None:
+        pids["rabbitmq-group"] = node.proc.pid
+    if node is not None and node.epmd is not None:
+        pids["rabbitmq-epmd"] = node.epmd.pid
+    return pids
 
 
 def _tarball() -> bytes:
@@ -245,21 +307,14 @@ def _published_tree(root: Path, repo: str) -> Path:
     return Path(published_tree(root, repo))
 
 
-def _unmount(root: Path) -> None:
-    if not root.exists():
-        return
-    sys.path.insert(0, str(REPO_ROOT))
-    from tests.cvmfs_server_double import unmount_all  # noqa: PLC0415
-    unmount_all(root)
-
-
 def _consumers(cfg: Any, queue: str) -> int:
     try:
         conn = amqp.connect(cfg.amqp, "demo")
     except amqp.CONNECTION_ERRORS:
         return 0
     try:
-        return conn.channel().queue_declare(queue, passive=True).method.consumer_count
+        declared = amqp.passive_declare(conn, queue)  # None until provisioning declared it
+        return declared.consumer_count if declared else 0
     except amqp.CONNECTION_ERRORS:
         return 0
     finally:
@@ -278,58 +333,148 @@ def _status_line(stack: Stack) -> str:
     return ", ".join(out)
 
 
-def stop_saved(workdir: Path, quiet: bool = False) -> None:
-    """Stop a stack left running by ``--keep`` (pids from its state file)."""
-    state_file = workdir / "demo-state.json"
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        for pid in state.get("pids", {}).values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGTERM)
-        for pid in [*state.get("pids", {}).values(), *state.get("services", {}).values()]:
-            if pid:
-                kill_process(pid, signal.SIGKILL if pid not in state["pids"].values()
-                             else signal.SIGTERM)
-        _unmount(Path(state.get("double_root", workdir / "cvmfs-root")))
-        with contextlib.suppress(Exception):
-            cfg = Stack(yaml.safe_load((workdir / "publisher.yaml").read_text()), workdir)
-            cleanup_amqp(cfg.config(), ensure_broker(), state.get("labels", []))
-    shutil.rmtree(workdir, ignore_errors=True)
+def process_start(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot), or None if it is gone.
+
+    Stored with each pid in the state file: a pid whose start time differs
+    is another process that reuses the number, never ours to signal.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _ours(pid: int, state: dict[str, Any]) -> bool:
+    started = state.get("started", {}).get(str(pid))
+    return bool(pid) and started is not None and process_start(pid) == started
+
+
+def _state(workdir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((workdir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def running_pids(workdir: Path) -> dict[str, int]:
+    """What still runs of ``workdir``'s demo: the demo itself, its daemons (empty: none)."""
+    state = _state(workdir)
+    named = {"tools/demo.sh": state.get("demo", 0), **state.get("pids", {})}
+    return {name: pid for name, pid in named.items() if _ours(pid, state)}
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Make ``workdir`` for a new demo, refusing to disturb a running one or foreign files.
+
+    Raises :class:`DemoRunning` if a demo's daemons still run there, and
+    ``RuntimeError`` for an existing directory that is not a demo's (the
+    demo removes its directory when it stops, so it must be its own).
+    """
+    if workdir.exists():
+        live = running_pids(workdir)
+        if live:
+            raise DemoRunning(
+                f"a demo is already running in {workdir} ("
+                + ", ".join(f"{n} pid {p}" for n, p in live.items())
+                + f"); stop it with: tools/demo.sh --stop --workdir {workdir}, or start this "
+                "one with another --workdir")
+        if not (workdir / STATE_FILE).exists() and any(workdir.iterdir()):
+            raise RuntimeError(f"{workdir} exists and is not a demo's work directory (no "
+                               f"{STATE_FILE}); the demo deletes its directory when it stops: "
+                               "choose an empty or new --workdir")
+        if (workdir / STATE_FILE).exists():
+            print(f"removing the leftovers of a demo that no longer runs in {workdir}")
+            stop_saved(workdir, quiet=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+
+def _forget_pointer(workdir: Path) -> None:
+    """Remove the CLI's pointer to this demo's configuration (not another demo's)."""
+    with contextlib.suppress(OSError):
+        if DEMO_CONFIG_POINTER.read_text().strip() == str(workdir / "publisher.yaml"):
+            DEMO_CONFIG_POINTER.unlink()
+
+
+def stop_saved(workdir: Path, quiet: bool = False) -> bool:
+    """Stop a stack left running by ``--keep`` (pids from its state file).
+
+    Returns False, saying so unless ``quiet``, when there was nothing to stop.
+    """
+    state_file = workdir / STATE_FILE
+    if not state_file.exists():
+        if not quiet:
+            print(f"no demo in {workdir}: nothing to stop")
+            with contextlib.suppress(OSError):
+                other = Path(DEMO_CONFIG_POINTER.read_text().strip()).parent
+                if other != workdir and running_pids(other):
+                    print(f"a demo runs in {other}: tools/demo.sh --stop --workdir {other}")
+        return False
+    state = _state(workdir)
+    demo = state.get("demo", 0)
+    if _ours(demo, state) and demo != os.getpid():  # a demo still running its scenario
+        kill_process(demo, signal.SIGTERM, timeout=90)  # it stops what it started, then exits
+    daemons = [pid for pid in state.get("pids", {}).values() if _ours(pid, state)]
+    services = [pid for pid in state.get("services", {}).values() if _ours(pid, state)]
+    for pid in daemons:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    for pid in daemons:
+        kill_process(pid, signal.SIGTERM)
+    # the RabbitMQ node is a script and its VM in one session: kill both (its data
+    # is thrown away with the workdir, so nothing needs cleaning on it first)
+    rabbit = state.get("services", {}).get("rabbitmq-group", 0)
+    if _ours(rabbit, state):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(rabbit, signal.SIGKILL)
+    for pid in services:
+        kill_process(pid, signal.SIGKILL)
+    _forget_pointer(workdir)
+    tear_down(workdir, Path(state.get("double_root", workdir / "cvmfs-root")),
+              labels=state.get("labels", []))
     if not quiet:
         print(f"stopped the demo stack in {workdir}")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/demo.sh", description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", action="store_true", help="leave the stack running")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the stack running (and say how to use it)")
     parser.add_argument("--stop", action="store_true", help="stop a stack left by --keep")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                        help="the demo's directory, removed when it stops (default: "
+                        "%(default)s); one demo per directory")
     args = parser.parse_args(argv)
+    workdir = args.workdir.absolute()
     if args.stop:
-        stop_saved(args.workdir)
+        stop_saved(workdir)
         return 0
-    demo = Demo(args.workdir)
-    ok = False
     try:
-        demo.start()
-        ok = demo.run()
-        if ok and not args.keep:
-            demo.deprovision()
-        demo.step("demo " + ("succeeded" if ok else "FAILED"))
-    except KeyboardInterrupt:
-        demo.step("interrupted")
-    except Exception as exc:
-        demo.step(f"demo FAILED: {exc}")
-    finally:
-        if args.keep and ok:
-            cfg = demo.workdir / "publisher.yaml"
-            print(f"\nThe stack keeps running. Explore:\n"
-                  f"  .venv/bin/cvmfs-publisher --config {cfg} status\n"
-                  f"  tail -f {demo.workdir / 'log'}/*.log\n"
-                  f"  ls {demo.double_root / 'var/spool/cvmfs'}/*/rdonly\n"
-                  f"Stop it with: tools/demo.sh --stop")
-        else:
-            demo.stop()
+        prepare_workdir(workdir)
+    except RuntimeError as exc:  # DemoRunning, or a directory that is not a demo's
+        print(f"tools/demo.sh: {exc}", file=sys.stderr)
+        return 1
+    demo = Demo(workdir)
+    ok = False
+    with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C
+        try:
+            demo.start()
+            ok = demo.run()
+            if ok and not args.keep:
+                demo.deprovision()
+            demo.step("demo " + ("succeeded" if ok else "FAILED"))
+        except KeyboardInterrupt:
+            demo.step("interrupted")
+        except Exception as exc:
+            demo.step(f"demo FAILED: {exc}")
+        finally:
+            if args.keep and ok:
+                demo.keep()
+            else:
+                demo.stop()
     return 0 if ok else 1
 
 

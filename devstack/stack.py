@@ -7,10 +7,13 @@ configuration here, from the running services (``rabbitmq``, ``openbao``,
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
 import sys
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +129,7 @@ def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDo
                "secret_key_file": str(secrets / "s3_secret"), "max_attempts": 1,
                "connect_timeout": 2.0, "read_timeout": 10.0},
         "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}",
-                "amqp_ack_level": "broker", "persistent": False, "verify_ssl": False},
+                "amqp_ack_level": "broker", "persistent": True, "verify_ssl": False},
         "cvmfs": {**double.paths(), "domain": DOMAIN,
                   "stratum0_url": "http://stratum0.test/cvmfs",
                   "gateway_url": "http://gateway.test:4929/api/v1",
@@ -136,3 +139,36 @@ def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDo
                  "backoff_initial": 0.2, "backoff_max": 2.0},
     }
     return Stack(raw, workdir)
+
+
+def unmount_double(root: Path) -> None:
+    """Unmount everything the ``cvmfs_server`` test double mounted under ``root``."""
+    if not root.exists():
+        return
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests.cvmfs_server_double import unmount_all  # noqa: PLC0415 - the double's own API
+    unmount_all(root)
+
+
+def tear_down(workdir: Path, double_root: Path, services: Sequence[Any] = (),
+              cfg: config_mod.Config | None = None, broker: Any = None,
+              labels: Iterable[str] = ()) -> None:
+    """Remove what a local stack (the demo, a benchmark) left: nothing stays behind.
+
+    In this order: the double's mounts (a bind mount and an overlay per
+    repository), the objects on the shared broker (queues, exchanges,
+    policies; skipped if the broker cannot be reached), the services
+    (anything with ``stop()``: OpenBao, Ceph; their data lives in
+    ``workdir``), then ``workdir`` itself. The daemons must be stopped first.
+    """
+    from .rabbitmq import cleanup_amqp  # noqa: PLC0415 - pika only when a broker is used
+
+    unmount_double(double_root)
+    if cfg is not None and broker is not None:
+        with contextlib.suppress(Exception):  # a broker that is gone holds nothing of ours
+            cleanup_amqp(cfg, broker, list(labels))
+    for service in services:
+        if service is not None:
+            service.stop()
+    shutil.rmtree(workdir, ignore_errors=True)

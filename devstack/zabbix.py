@@ -6,9 +6,12 @@ The one place that knows how to start the Zabbix pieces for the tests
 * :func:`start_agent` runs ``zabbix_agentd`` in the foreground on a free
   loopback port with the project's UserParameter file; :func:`get_key` asks
   it a key with the Zabbix passive-check protocol.
-* :func:`start_api` prepares PostgreSQL (role, database, schema loaded once),
-  writes the frontend's ``/etc/zabbix/zabbix.conf.php`` and serves the
-  frontend (JSON-RPC API) with ``php -S``.
+* :func:`start_api` prepares PostgreSQL (a private role and database, see
+  :meth:`Database.private_one`, with the schema), installs the frontend's
+  ``/etc/zabbix/zabbix.conf.php`` (which reads its settings from the
+  environment) and serves the frontend (JSON-RPC API) with ``php -S``, the
+  database's settings in its environment; :func:`drop_database` removes the
+  role and database afterwards.
 * :func:`start_server` optionally runs ``zabbix_server`` against that
   database, with small process counts so it fits a 2-core test machine.
 
@@ -22,11 +25,11 @@ Measured facts behind the choices: ``../shared/zabbix/README.md``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -34,7 +37,7 @@ import struct
 import subprocess
 import tempfile
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +60,8 @@ SCHEMA_FILES = ("schema.sql.gz", "images.sql.gz", "data.sql.gz")
 DEFAULT_USER = "Admin"
 DEFAULT_PASSWORD = "zabbix"  # noqa: S105 - Zabbix's documented initial password
 
-#: Serialises database set-up between concurrent test sessions on one machine.
-DB_LOCK_FILE = Path(tempfile.gettempdir()) / "cvmfs-publisher-zabbix-db.lock"
+#: Names of the private roles and databases (:meth:`Database.private_one`).
+PRIVATE_PREFIX = "cvmfs_publisher_zbx_"
 
 
 class ServiceUnavailable(RuntimeError):
@@ -268,17 +271,38 @@ def _agent_ready(agent: Agent) -> bool:
 
 @dataclass(frozen=True)
 class Database:
-    """Where the Zabbix schema lives (a loopback test database by default)."""
+    """Where the Zabbix schema lives, and as whom the frontend and server connect."""
 
     host: str = "127.0.0.1"
     port: int = 5432
     name: str = "zabbix"
     user: str = "zabbix"
-    password: str = "zabbix"  # noqa: S105 - loopback test database
+    password: str = field(default="zabbix", repr=False)  # loopback test database
     admin_user: str = "postgres"
+    private: bool = False  # made by private_one(), ours to drop (drop_database refuses others)
+
+    @classmethod
+    def private_one(cls, **kwargs: Any) -> Database:
+        """A role and a database of random names, for one test session.
+
+        Concurrent sessions on one machine each get their own (no shared
+        state, no lock), and :func:`drop_database` removes them afterwards:
+        nothing is left in a PostgreSQL server the tests did not start.
+        """
+        name = PRIVATE_PREFIX + secrets.token_hex(6)
+        return cls(name=name, user=name, password=secrets.token_urlsafe(18), private=True,
+                   **kwargs)
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "PGPASSWORD": self.password, "PGCONNECT_TIMEOUT": "5"}
+
+    def frontend_env(self) -> dict[str, str]:
+        """The variables :data:`FRONTEND_CONFIG_TEXT` reads, for the frontend's process."""
+        return {"CVMFS_PUBLISHER_ZBX_DB_HOST": self.host,
+                "CVMFS_PUBLISHER_ZBX_DB_PORT": str(self.port),
+                "CVMFS_PUBLISHER_ZBX_DB_NAME": self.name,
+                "CVMFS_PUBLISHER_ZBX_DB_USER": self.user,
+                "CVMFS_PUBLISHER_ZBX_DB_PASSWORD": self.password}
 
 
 def _psql(db: Database, sql: str, *, user: str, dbname: str, single_transaction: bool = False,
@@ -321,33 +345,23 @@ def ensure_postgresql(db: Database, timeout: float = 60.0) -> None:
              timeout, log)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def setup_database(db: Database, schema_dir: Path = SCHEMA_DIR, timeout: float = 300.0) -> bool:
     """Create the role and database if absent and load the schema once.
 
-    Idempotent and safe to run concurrently (a file lock). The three SQL
-    files load in ONE transaction, so a half-loaded schema never exists and
-    "table dbversion exists" reliably means "loaded". Returns True when the
-    schema was loaded by this call.
+    The three SQL files load in ONE transaction, so a half-loaded schema
+    never exists and "table dbversion exists" reliably means "loaded".
+    Returns True when the schema was loaded by this call. If it fails, a
+    private database is dropped again, so a failed start leaves nothing.
     """
-    with _file_lock(DB_LOCK_FILE):
-        _psql(db, (
-            "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', :'role', :'pw')"
-            " WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'role') \\gexec\n"
-            "SELECT format('CREATE DATABASE %I OWNER %I ENCODING ''UTF8'' TEMPLATE template0"
-            " LC_COLLATE ''C'' LC_CTYPE ''C''', :'db', :'role')"
-            " WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = :'db') \\gexec\n"
-        ), user=db.admin_user, dbname="postgres",
-            variables={"role": db.user, "pw": db.password, "db": db.name})
+    _psql(db, (
+        "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', :'role', :'pw')"
+        " WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'role') \\gexec\n"
+        "SELECT format('CREATE DATABASE %I OWNER %I ENCODING ''UTF8'' TEMPLATE template0"
+        " LC_COLLATE ''C'' LC_CTYPE ''C''', :'db', :'role')"
+        " WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = :'db') \\gexec\n"
+    ), user=db.admin_user, dbname="postgres",
+        variables={"role": db.user, "pw": db.password, "db": db.name})
+    try:
         loaded = _psql(db, "SELECT to_regclass('public.dbversion') IS NOT NULL;\n",
                        user=db.user, dbname=db.name).strip()
         if loaded == "t":
@@ -360,42 +374,59 @@ def setup_database(db: Database, schema_dir: Path = SCHEMA_DIR, timeout: float =
         # them template.delete took 11 s instead of 0.05 s (measured).
         _psql(db, "ANALYZE;\n", user=db.admin_user, dbname=db.name, timeout=timeout)
         return True
+    except BaseException:
+        if db.private:
+            with contextlib.suppress(Exception):
+                drop_database(db)
+        raise
 
 
-def _php_string(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def drop_database(db: Database, timeout: float = 120.0) -> None:
+    """Drop a private database and its role (sessions still connected are ended).
+
+    Refuses any database :meth:`Database.private_one` did not make: the
+    machine's own databases are never ours to drop.
+    """
+    if not db.private or not db.name.startswith(PRIVATE_PREFIX):
+        raise ValueError(f"refusing to drop {db.name!r}: not a private test database")
+    _psql(db, ("SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE)', :'db') \\gexec\n"
+               "SELECT format('DROP ROLE IF EXISTS %I', :'role') \\gexec\n"),
+          user=db.admin_user, dbname="postgres", timeout=timeout,
+          variables={"role": db.user, "db": db.name})
 
 
-def write_frontend_config(db: Database, path: Path = FRONTEND_CONFIG,
-                          server: tuple[str, int] | None = None) -> None:
-    """Write the frontend's database settings (atomically; mode 0640: it holds a password)."""
-    lines = [
-        "<?php",
-        "// Written by devstack.zabbix (test / demo instance).",
-        "$DB['TYPE'] = 'POSTGRESQL';",
-        f"$DB['SERVER'] = {_php_string(db.host)};",
-        f"$DB['PORT'] = {_php_string(str(db.port))};",
-        f"$DB['DATABASE'] = {_php_string(db.name)};",
-        f"$DB['USER'] = {_php_string(db.user)};",
-        f"$DB['PASSWORD'] = {_php_string(db.password)};",
-        "$DB['SCHEMA'] = '';",
-        "$DB['ENCRYPTION'] = false;",
-        "$DB['DOUBLE_IEEE754'] = true;",
-        "$ZBX_SERVER_NAME = 'cvmfs-publisher devstack';",
-        "$IMAGE_FORMAT_DEFAULT = IMAGE_FORMAT_PNG;",
-    ]
-    if server:
-        lines += [f"$ZBX_SERVER = {_php_string(server[0])};",
-                  f"$ZBX_SERVER_PORT = {_php_string(str(server[1]))};"]
-    text = "\n".join(lines) + "\n"
+#: The frontend's configuration file. Its path is hard-coded in Debian's frontend
+#: (``FRONTEND_CONFIG``), so one file serves every frontend on the machine: the
+#: settings come from the environment of each ``php -S`` process
+#: (:meth:`Database.frontend_env`), each frontend on its own private database, and the
+#: file holds no password.
+FRONTEND_CONFIG_TEXT = """<?php
+// Written by devstack.zabbix (test instances): the settings come from
+// the environment of the frontend's php -S process (Database.frontend_env()).
+$DB['TYPE'] = 'POSTGRESQL';
+$DB['SERVER'] = getenv('CVMFS_PUBLISHER_ZBX_DB_HOST') ?: 'localhost';
+$DB['PORT'] = getenv('CVMFS_PUBLISHER_ZBX_DB_PORT') ?: '0';
+$DB['DATABASE'] = getenv('CVMFS_PUBLISHER_ZBX_DB_NAME') ?: 'zabbix';
+$DB['USER'] = getenv('CVMFS_PUBLISHER_ZBX_DB_USER') ?: 'zabbix';
+$DB['PASSWORD'] = getenv('CVMFS_PUBLISHER_ZBX_DB_PASSWORD') ?: '';
+$DB['SCHEMA'] = '';
+$DB['ENCRYPTION'] = false;
+$DB['DOUBLE_IEEE754'] = true;
+$ZBX_SERVER_NAME = 'cvmfs-publisher devstack';
+$IMAGE_FORMAT_DEFAULT = IMAGE_FORMAT_PNG;
+"""
+
+
+def write_frontend_config(path: Path = FRONTEND_CONFIG) -> None:
+    """Install :data:`FRONTEND_CONFIG_TEXT` at ``path`` (atomically; kept if already there)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.read_text(encoding="utf-8") == text:
+    if path.exists() and path.read_text(encoding="utf-8") == FRONTEND_CONFIG_TEXT:
         return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o640)
+            fh.write(FRONTEND_CONFIG_TEXT)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -447,9 +478,9 @@ class Frontend:
         _stop_group(self.process)
 
 
-def start_frontend(workdir: Path, *, docroot: Path = FRONTEND_DIR,
+def start_frontend(workdir: Path, db: Database, *, docroot: Path = FRONTEND_DIR,
                    timeout: float = 30.0) -> Frontend:
-    """Serve the frontend with PHP's built-in server; return once the API answers.
+    """Serve the frontend on ``db`` with PHP's built-in server; return once the API answers.
 
     Ready means ``apiinfo.version`` returns a version (the frontend reads its
     configuration file and the database on every request).
@@ -457,7 +488,8 @@ def start_frontend(workdir: Path, *, docroot: Path = FRONTEND_DIR,
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = workdir / "php-frontend.log"
     port = free_port()
-    proc = _spawn(["php", "-S", f"127.0.0.1:{port}", "-t", str(docroot)], log_file, cwd=workdir)
+    proc = _spawn(["php", "-S", f"127.0.0.1:{port}", "-t", str(docroot)], log_file,
+                  env={**os.environ, **db.frontend_env()}, cwd=workdir)
     frontend = Frontend(port, proc, log_file)
 
     def ready() -> bool:
@@ -475,16 +507,19 @@ def start_frontend(workdir: Path, *, docroot: Path = FRONTEND_DIR,
     return frontend
 
 
-def start_api(workdir: Path, db: Database | None = None, *, install: bool = True,
+def start_api(workdir: Path, db: Database, *, install: bool = True,
               timeout: float = 60.0) -> Frontend:
-    """Everything the API needs: packages, PostgreSQL, schema, frontend config, ``php -S``."""
-    db = db or Database()
+    """Everything the API needs: packages, PostgreSQL, schema, frontend config, ``php -S``.
+
+    ``db`` is normally :meth:`Database.private_one`; the caller drops it with
+    :func:`drop_database` once the frontend and the server are stopped.
+    """
     if install:
         ensure_packages(SERVER_PACKAGES)
     ensure_postgresql(db, timeout)
     setup_database(db)
-    write_frontend_config(db)
-    return start_frontend(workdir, timeout=timeout)
+    write_frontend_config()
+    return start_frontend(workdir, db, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- server
@@ -507,7 +542,7 @@ class Server:
         _stop_group(self.process, timeout=20.0)
 
 
-def start_server(workdir: Path, db: Database | None = None, *, install: bool = True,
+def start_server(workdir: Path, db: Database, *, install: bool = True,
                  cache_update_frequency: int = 1, extra_config: Sequence[str] = (),
                  timeout: float = 60.0) -> Server:
     """Start ``zabbix_server`` on a free loopback port against ``db`` (set up by :func:`start_api`).
@@ -516,7 +551,6 @@ def start_server(workdir: Path, db: Database | None = None, *, install: bool = T
     cache is refreshed every ``cache_update_frequency`` seconds so that hosts
     created through the API are polled within seconds, not a minute.
     """
-    db = db or Database()
     if install:
         ensure_packages(SERVER_PACKAGES)
     binary = shutil.which("zabbix_server") or "/usr/sbin/zabbix_server"

@@ -48,7 +48,7 @@ def test_wheel_holds_the_package_only(tmp_path: Path) -> None:
     assert not [n for n in names if "devstack" in n or n.startswith("tests/")]
 
 
-@pytest.mark.parametrize("daemon", ["publisher_consumer", "repo_consumers"])
+@pytest.mark.parametrize("daemon", ["publisher_consumer", "repo_consumers", "repo_sync"])
 def test_daemon_mains_are_thin(daemon: str) -> None:
     """A daemon's main module composes; what it composes lives in its own modules."""
     lines = (PACKAGE / "daemons" / f"{daemon}.py").read_text().count("\n")

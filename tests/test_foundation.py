@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,40 @@ def test_status_document_atomic(tmp_path: Path) -> None:
     assert doc["repositories"]["a.infn.it"]["pending"] == 3
     assert doc["dead_lettered"] == 1
     assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize(("daemon", "has_broker"), [
+    ("publisher-consumer", True), ("cvmfs-repo-consumers", True), ("cvmfs-repo-sync", False)])
+def test_broker_connected_only_for_daemons_with_a_broker(
+        tmp_path: Path, daemon: str, has_broker: bool) -> None:
+    """cvmfs-repo-sync has no broker: no ``broker_connected`` rather than a false ``false``."""
+    from cvmfs_publisher.core import runtime
+
+    cfg = tmp_path / "publisher.yaml"
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    cfg.write_text(yaml.safe_dump({
+        "log": {"dir": str(tmp_path / "log"), "stdout": False},
+        "status": {"dir": str(tmp_path / "status")},
+        "amqp": {"password_file": str(secret), "management_url": "http://127.0.0.1:1"},
+        "vault": {"url": "http://127.0.0.1:1", "role_id_file": str(secret),
+                  "secret_id_file": str(secret)},
+        "s3": {"endpoint_url": "http://127.0.0.1:1", "access_key_file": str(secret),
+               "secret_key_file": str(secret)},
+        "rgw": {"push_endpoint": "amqp://127.0.0.1"},
+        "cvmfs": {"stratum0_url": "http://s0/cvmfs", "gateway_url": "http://gw/api"}}))
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level,
+             {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)})
+    try:
+        rt = runtime.start(daemon, "test", ["--config", str(cfg)])
+        assert ("broker_connected" in rt.status.snapshot()) is has_broker
+    finally:  # runtime.start set up the root logger and signal handlers of a daemon
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+        for sig, handler in saved[2].items():
+            signal.signal(sig, handler)
 
 
 def test_readme_documents_every_key() -> None:

@@ -13,7 +13,7 @@ from cvmfs_publisher.adapters.rabbitmq_api import ManagementAPI
 from cvmfs_publisher.adapters.rgw import RGW
 from devstack.rabbitmq import Broker
 from tests.conftest import Stack, unique_label
-from tests.consumers.support import Env, wait_for_bucket_writes
+from tests.consumers.support import Env
 
 
 @pytest.fixture(scope="session")
@@ -47,31 +47,6 @@ def consumer_overrides(broker: Broker, vhost: str, **extra: dict[str, Any]
     for section, values in extra.items():
         base.setdefault(section, {}).update(values)
     return base
-
-
-@pytest.fixture(autouse=True)
-def radosgw_alive(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Report a radosgw death clearly, and do not let it fail the next tests.
-
-    This radosgw 16.2 has crashed now and then under our load (shared/ceph/
-    README.md facts 7 and later runs here: about one session in five, during
-    parallel uploads, cause not found). A crash inside a test fails that test
-    with the log's tail; the next test starts on a restarted radosgw.
-    """
-    if "ceph" not in request.fixturenames:
-        yield
-        return
-    ceph = request.getfixturevalue("ceph")
-    if not ceph.rgw_alive():
-        ceph.start_rgw()
-        wait_for_bucket_writes(ceph)
-    yield
-    if not ceph.rgw_alive():
-        logs = [ceph.workdir / "log" / "rgw.out", ceph.workdir / "log" / "client.rgw.log"]
-        tail = "\n".join(p.read_text(errors="replace")[-1500:] for p in logs if p.exists())
-        ceph.start_rgw()
-        wait_for_bucket_writes(ceph)
-        pytest.fail(f"radosgw died during this test; its log ends with:\n{tail}")
 
 
 @pytest.fixture

@@ -249,7 +249,7 @@ def assert_provisioned(s: Scenario, broker: Broker) -> None:
     attrs = s.rgw.get_topic_attributes(arn)
     endpoint = json.loads(attrs["EndPoint"]) if attrs.get("EndPoint", "").startswith("{") \
         else attrs
-    assert "amqp://127.0.0.1:5672" in json.dumps(endpoint)
+    assert f"amqp://{broker.host}:{broker.port}" in json.dumps(endpoint)
     assert "notification" in json.dumps(attrs)
     assert "broker" in json.dumps(attrs)
     # bucket notification on cvmfs/ for created and removed events

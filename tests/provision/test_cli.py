@@ -80,7 +80,8 @@ def test_status_table_and_json(scenario, broker) -> None:
         s.amqp.wait_announcement("created", s.repo)
     assert_provisioned(s, broker)
     for daemon in ("cvmfs-repo-consumers", "cvmfs-repo-sync"):
-        doc = StatusDocument(status_dir / f"{daemon}.json", daemon)
+        doc = StatusDocument(status_dir / f"{daemon}.json", daemon,
+                             broker=daemon != "cvmfs-repo-sync")  # as runtime.start does
         doc.repo(s.repo, pending=0, last_publish=time.time() - 30, last_result="ok")
         doc.flush(force=True)
     pc = StatusDocument(status_dir / "publisher-consumer.json", "publisher-consumer")
@@ -89,18 +90,26 @@ def test_status_table_and_json(scenario, broker) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert s.repo in res.stdout and "everything is published" in res.stdout
     # a failing repository: exit 1, the error on its line
-    sync = StatusDocument(status_dir / "cvmfs-repo-sync.json", "cvmfs-repo-sync")
+    sync = StatusDocument(status_dir / "cvmfs-repo-sync.json", "cvmfs-repo-sync", broker=False)
+    error = (f"publish exited 1: gateway unreachable; lease held on /var/spool/cvmfs/{s.repo}/"
+             "in_transaction.lock (check the gateway)")  # longer than any column
     sync.repo(s.repo, pending=4, last_result="failed", consecutive_failures=2,
-              last_error="publish exited 1: gateway unreachable")
+              last_error=error)
     sync.flush(force=True)
     res = cli(s.stack, cfg_file, "status")
     assert res.returncode == 1
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith(s.repo))
-    assert "failed" in line and "gateway unreachable" in line and " 4 " in line
+    lines = res.stdout.splitlines()
+    i = next(n for n, ln in enumerate(lines) if ln.startswith(s.repo))
+    assert "failed" in lines[i] and " 4 " in lines[i]
+    assert lines[i + 1].strip() == f"last error: cvmfs-repo-sync: {error}"  # whole
     res = cli(s.stack, cfg_file, "status", "--json")
     doc = json.loads(res.stdout)
     assert doc["all_published"] is False
     assert doc["repositories"][s.repo]["queue_depth"] == 0
+    assert doc["repositories"][s.repo]["last_error"] == f"cvmfs-repo-sync: {error}"
+    # broker_connected only where there is a broker: cvmfs-repo-sync has none
+    assert "broker_connected" not in doc["daemons"]["cvmfs-repo-sync"]
+    assert doc["daemons"]["publisher-consumer"]["broker_connected"] is False
 
 
 def test_config_check(tmp_path: Path, capsys) -> None:

@@ -33,7 +33,8 @@ def put_and_expect_event(s: Scenario) -> dict:
     s.rgw.s3.put_object(Bucket=s.label, Key="outside/ignored.txt", Body=b"no event")
     s.rgw.s3.put_object(Bucket=s.label, Key="cvmfs/x", Body=b"hello")
 
-    bodies = s.amqp.consume(s.label, 20)
+    # a new persistent topic delivers once RGW's 30 s queue scan took it up (README)
+    bodies = s.amqp.consume(s.label, 60)
     assert len(bodies) == 1, "expected exactly the cvmfs/ event (none for outside/)"
     rec = json.loads(bodies[0])["Records"][0]
     assert rec["s3"]["object"]["key"] == "cvmfs/x"

@@ -27,8 +27,9 @@ import yaml
 from cvmfs_publisher.core import config as config_mod
 from cvmfs_publisher.core.config import Config
 from cvmfs_publisher.core.status import StatusDocument
-from cvmfs_publisher.daemons.repo_sync import NAME, RepoSync
+from cvmfs_publisher.daemons.repo_sync import NAME
 from cvmfs_publisher.publishing.batch import BatchPublisher
+from cvmfs_publisher.publishing.scheduler import RepoSync
 from cvmfs_publisher.staging.area import Entry, Staging
 from tests.conftest import DOUBLE, REPO_ROOT, CvmfsDouble, make_double
 from tests.cvmfs_server_double import (

@@ -9,7 +9,9 @@ import threading
 from pathlib import Path
 
 from cvmfs_publisher.core.status import StatusDocument
-from cvmfs_publisher.daemons.repo_sync import NAME, PendingTimes, RepoSync
+from cvmfs_publisher.daemons.repo_sync import NAME
+from cvmfs_publisher.publishing.scheduler import RepoSync
+from cvmfs_publisher.staging.area import PendingTimes
 from tests.conftest import DOUBLE
 from tests.cvmfs_server_double import calls, inject_fault
 
@@ -63,7 +65,7 @@ def test_max_delay_bounds_a_steady_trickle(env: SyncEnv) -> None:
 
 def test_pending_times_follow_the_directory(env: SyncEnv) -> None:
     st = env.staging()
-    times = PendingTimes(st.pending)
+    times = PendingTimes(st)
     assert times.get() is None
     env.put("a", b"1", t=T0)
     env.put("b", b"1", t=T0 + 5)

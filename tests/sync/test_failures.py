@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from cvmfs_publisher.publishing.batch import PublishError
+from cvmfs_publisher.publishing.errors import PublishError
 from tests.cvmfs_server_double import drop_lease, inject_fault, spool_dir, union_dir
 
 from .conftest import REPO, SyncEnv, files_of
@@ -145,7 +145,7 @@ def test_abort_waits_for_a_publish_still_holding_its_lock(env: SyncEnv) -> None:
     released = threading.Timer(1.0, holder.close)
     released.start()
     try:
-        assert env.publisher().recover(REPO)
+        assert env.publisher().transactions.recover(REPO)
     finally:
         released.cancel()
         holder.close()
@@ -199,7 +199,7 @@ def test_a_leaked_lease_is_reported_with_the_way_out(env: SyncEnv) -> None:
     with pytest.raises(PublishError) as exc:
         pub.publish(REPO)  # mkfs again, then 16 until the retries are spent
     assert exc.value.rc == 16 and "leases-by-path" not in exc.value.detail
-    pub.lease_held_after = 0.0  # as if the 16s had lasted longer than any publish
+    pub.transactions.lease_held_after = 0.0  # as if the 16s had lasted longer than any publish
     with pytest.raises(PublishError) as exc:
         pub.publish(REPO)
     detail = exc.value.detail
@@ -215,7 +215,7 @@ def test_a_leaked_lease_is_reported_with_the_way_out(env: SyncEnv) -> None:
 def test_abort_22_when_nothing_open_is_fine(env: SyncEnv) -> None:
     env.put("f", b"x")
     env.publisher().publish(REPO)
-    env.publisher().abort(REPO)  # nothing open: 22, no retry, no error
+    env.publisher().transactions.abort(REPO)  # nothing open: 22, no retry, no error
     assert rcs(env, "abort") == [22]
 
 

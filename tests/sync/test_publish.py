@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cvmfs_publisher.publishing.batch import Entry, Phase, Tree, plan
+from cvmfs_publisher.adapters.cvmfs import CvmfsServer
+from cvmfs_publisher.publishing.batch import BatchPublisher
+from cvmfs_publisher.publishing.cvmfs_backend import CvmfsBackend
+from cvmfs_publisher.publishing.plan import Phase, plan
+from cvmfs_publisher.publishing.tree import Tree
+from cvmfs_publisher.staging.area import Entry
 from tests.cvmfs_server_double import union_dir
 
 from .conftest import REPO, SyncEnv, files_of, tarball
@@ -265,3 +271,42 @@ def test_write_outside_a_transaction_is_refused(env: SyncEnv) -> None:
     with pytest.raises(OSError) as exc:
         (union_dir(env.root, REPO) / "g").write_text("x")
     assert exc.value.errno == 30  # EROFS
+
+
+class RecordingBackend:
+    """The cvmfs_server backend, with every protocol call the driver makes recorded.
+
+    Not a mock: every call goes to the real backend (the test double behind
+    it); the record shows that the driver uses the protocol only, recovers
+    once per batch and opens the published tree once per revision.
+    """
+
+    def __init__(self, inner: CvmfsBackend) -> None:
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return method(*args, **kwargs)
+        return call
+
+
+def test_the_driver_sees_only_the_publish_backend(env: SyncEnv) -> None:
+    cfg = env.config()
+    backend = RecordingBackend(CvmfsBackend(CvmfsServer(cfg.cvmfs)))
+    pub = BatchPublisher(cfg, backend=backend)
+    env.put("a", b"1")
+    env.ingest("pkg", tarball({"f": b"x"}))
+    env.put("b", b"2")
+
+    out = pub.publish(REPO)
+
+    assert out is not None and (out.written, out.ingested) == (2, 1)
+    assert env.published()["software/pkg/f"][2] == b"x"
+    assert backend.calls.count("in_transaction") == 1, backend.calls  # one recovery
+    # the published tree: once for the plan and the first phase, once after each revision
+    assert backend.calls.count("reader") == 2, backend.calls
+    assert [c for c in backend.calls if c in ("transaction", "publish", "ingest_tar")] == [
+        "transaction", "publish", "ingest_tar"]

@@ -112,9 +112,22 @@ def agent(zabbix_dir: Path, status_docs: dict[str, Any]) -> Iterator[zbx.Agent]:
 
 
 @pytest.fixture(scope="session")
-def frontend(zabbix_dir: Path) -> Iterator[zbx.Frontend]:
+def zabbix_db() -> Iterator[zbx.Database]:
+    """This session's own PostgreSQL role and database (random names), dropped at the end.
+
+    The machine's PostgreSQL is shared: nothing of ours stays in it, and
+    concurrent sessions never see each other's hosts or templates. Torn down
+    after the frontend and the server, which depend on it.
+    """
+    db = zbx.Database.private_one()
+    yield db
+    zbx.drop_database(db)
+
+
+@pytest.fixture(scope="session")
+def frontend(zabbix_dir: Path, zabbix_db: zbx.Database) -> Iterator[zbx.Frontend]:
     """The Zabbix 6.0 API: PostgreSQL schema, /etc/zabbix/zabbix.conf.php, php -S."""
-    started = needs_packages(lambda: zbx.start_api(zabbix_dir / "frontend"))
+    started = needs_packages(lambda: zbx.start_api(zabbix_dir / "frontend", zabbix_db))
     yield started
     started.stop()
 
@@ -130,9 +143,10 @@ def zapi(frontend: zbx.Frontend) -> Any:
 
 
 @pytest.fixture(scope="session")
-def zabbix_server(zabbix_dir: Path, frontend: zbx.Frontend) -> Iterator[zbx.Server]:
+def zabbix_server(zabbix_dir: Path, frontend: zbx.Frontend,
+                  zabbix_db: zbx.Database) -> Iterator[zbx.Server]:
     """zabbix_server on the same database (after the frontend set it up)."""
-    started = needs_packages(lambda: zbx.start_server(zabbix_dir / "server"))
+    started = needs_packages(lambda: zbx.start_server(zabbix_dir / "server", zabbix_db))
     yield started
     started.stop()
 

@@ -32,6 +32,19 @@ def run(status_dir: Path, *args: str) -> str:
     return za.run(["--status-dir", str(status_dir), *args], environ={})
 
 
+def test_broker_connected_is_unsupported_for_a_daemon_without_a_broker(tmp_path: Path) -> None:
+    StatusDocument(tmp_path / "cvmfs-repo-sync.json", "cvmfs-repo-sync",
+                   broker=False).flush(force=True)
+    with pytest.raises(za.CheckError, match="uses no broker"):
+        run(tmp_path, "broker_connected", "--", "cvmfs-repo-sync")
+    consumers = StatusDocument(tmp_path / "cvmfs-repo-consumers.json", "cvmfs-repo-consumers")
+    consumers.flush(force=True)
+    assert run(tmp_path, "broker_connected", "--", "cvmfs-repo-consumers") == "0"
+    consumers.set(broker_connected=True)
+    consumers.flush(force=True)
+    assert run(tmp_path, "broker_connected", "--", "cvmfs-repo-consumers") == "1"
+
+
 def test_status_dir_from_argument_env_and_default(status_dir: Path) -> None:
     args = ["repo", "pending", "--", "cvmfs-repo-sync", "a.infn.it"]
     assert za.run([f"--status-dir={status_dir}", *args], environ={}) == "5"

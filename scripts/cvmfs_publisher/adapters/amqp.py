@@ -34,14 +34,15 @@ from ..core.logs import redact
 
 log = logging.getLogger(__name__)
 
-#: Errors that mean "the connection or channel is gone": reconnect.
+#: Errors that mean "the connection or channel is gone": reconnect. pika wraps
+#: its socket errors (StreamLostError, AMQPConnectionError); a bare OSError is a
+#: local failure of the message in hand (disk full, permissions, a ``requests``
+#: exception), classified by :func:`errors.from_os_error`, not a lost broker.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.AMQPChannelError,
     pika.exceptions.StreamLostError,
     pika.exceptions.ConnectionClosedByBroker,
-    ConnectionError,
-    OSError,
 )
 
 ATTEMPTS_HEADER = "x-attempts"
@@ -109,19 +110,76 @@ def work_queue_arguments(cfg: AmqpConfig, queue: str, single_active: bool) -> di
     return args
 
 
-def queue_exists(conn: pika.BlockingConnection, queue: str) -> bool:
-    """Passive declare on a throw-away channel (a 404 closes the channel)."""
+class _ExpectedMiss(logging.Filter):
+    """Drops pika's warning for a 404 we asked for, and nothing else.
+
+    A passive declare of a queue that does not exist is answered with
+    ``Channel.Close (404)``, which pika logs as ``WARNING pika.channel:
+    Received remote Channel.Close (404) ...`` before our code sees the
+    exception. For :func:`passive_declare` that miss is the expected answer,
+    not an event for operators; any other channel close (another code, or a
+    channel we did not mark) still reaches the logs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("cvmfs_publisher.adapters.amqp.expected_miss")
+        self.channels: set[int] = set()  # id() of pika's channel objects awaiting a 404
+        self._lock = threading.Lock()
+
+    def expect(self, impl: object) -> None:
+        with self._lock:
+            self.channels.add(id(impl))
+
+    def done(self, impl: object) -> None:
+        with self._lock:
+            self.channels.discard(id(impl))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and len(args) == 3 and args[0] == 404
+                    and id(args[2]) in self.channels)
+
+
+_EXPECTED_MISS = _ExpectedMiss()
+logging.getLogger("pika.channel").addFilter(_EXPECTED_MISS)
+
+
+def passive_declare(conn: pika.BlockingConnection, queue: str) -> Any | None:
+    """``Queue.DeclareOk`` of an existing queue (message and consumer counts), or None.
+
+    On a throw-away channel, since a 404 closes the channel. The 404 of a
+    missing queue is an answer here, so pika's warning about it is dropped.
+    """
     ch = conn.channel()
+    impl = ch._impl  # the pika.channel.Channel that pika's warning names
+    _EXPECTED_MISS.expect(impl)
     try:
-        ch.queue_declare(queue, passive=True)
-        return True
+        return ch.queue_declare(queue, passive=True).method
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code == 404:
-            return False
+            return None
         raise
     finally:
+        _EXPECTED_MISS.done(impl)
         if ch.is_open:
             ch.close()
+
+
+def queue_exists(conn: pika.BlockingConnection, queue: str) -> bool:
+    """Whether ``queue`` exists (a passive declare; a miss is not logged)."""
+    return passive_declare(conn, queue) is not None
+
+
+def ready_count(conn: pika.BlockingConnection, queue: str) -> int | None:
+    """Messages ready in ``queue`` now, None if it does not exist.
+
+    Exact at the moment of the call, unlike the management API's figures,
+    which are samples refreshed every few seconds (for a quorum queue it can
+    show 0 for ~20 s after a message arrived). Unacknowledged messages, in a
+    consumer's hands, are not counted.
+    """
+    declared = passive_declare(conn, queue)
+    return None if declared is None else declared.message_count
 
 
 def retry_queue_name(queue: str, delay: int) -> str:
@@ -301,7 +359,7 @@ class ReconnectingConsumer:
                 while not self._stop.is_set():
                     self.connection.process_data_events(time_limit=self.tick_interval)
                     self.tick()
-            except CONNECTION_ERRORS as exc:
+            except (*CONNECTION_ERRORS, OSError) as exc:  # OSError: TLS files, DNS
                 self.on_state(False)
                 if self._stop.is_set():
                     break

@@ -103,6 +103,21 @@ class CommandTimeout(CvmfsError):
     """The command ran longer than ``cvmfs.command_timeout``."""
 
 
+def tool_message(exc: CvmfsError) -> str:
+    """The tool's own words, on one line (stderr first, else stdout).
+
+    The first line (usually the cause, e.g. the gateway's reply) and the last
+    ones (the verdict); the ``Executed Command:`` and ``Stacktrace:`` trailers
+    are only noise.
+    """
+    for text in (exc.stderr, exc.stdout):
+        lines = tool_lines(text)
+        if lines:
+            picked = list(dict.fromkeys([lines[0], *lines[-3:]]))
+            return " | ".join(picked)[:600]
+    return "no output"
+
+
 def _last_lines(text: str, n: int = 3) -> str:
     return " | ".join(tool_lines(text)[-n:])
 
@@ -266,6 +281,39 @@ class CvmfsServer:
         return cls(step, repo, res.rc, res.stdout, res.stderr)
 
     # -- commands ------------------------------------------------------------------------
+
+    def create_repository(self, repo: str, keys_dir: str) -> bool:
+        """mkfs (gateway mode) unless it exists; a failed mkfs' leftover is removed first.
+
+        The one mkfs path (provisioning and the sync daemon both use it); True
+        if the repository was created. Never ``rmfs`` a repository in a
+        transaction: rmfs drops the session token but not the gateway lease,
+        and the repository created again would get 16 (lease busy) from every
+        transaction for the lease's lifetime (cvmfs README §10). ``list`` calls
+        such a repository ``in transaction - unhealthy`` after a crash; it is
+        repaired by the sync daemon (abort -f, then the batch replayed), not
+        recreated. A failed mkfs is recognised by what it did not create
+        (server.conf, the spool, the keys), or, outside a transaction, by
+        ``unhealthy`` (DESIGN §2). Raises :class:`CvmfsError`.
+        """
+        if self.exists(repo):
+            if self.in_transaction(repo):
+                log.warning("repository=%s step=mkfs outcome=left-to-sync: in a transaction "
+                            "(a crash's leftover): not recreated (rmfs would leak its "
+                            "gateway lease); cvmfs-repo-sync repairs it with abort -f and "
+                            "replays its batch", repo)
+                return False
+            missing = self.installed(repo)
+            if not missing and self.healthy(repo):
+                return False
+            log.warning("repository=%s step=mkfs outcome=leftover: %s, removing it with "
+                        "rmfs -f and creating it again", repo,
+                        f"{', '.join(missing)} missing" if missing else
+                        "unhealthy outside a transaction")
+            self.rmfs(repo)
+        log.info("repository=%s step=mkfs outcome=creating: keys from %s", repo, keys_dir)
+        self.mkfs_gateway(repo, keys_dir)
+        return True
 
     def mkfs_gateway(self, repo: str, keydir: str) -> Result:
         """Create a gateway-mode publisher repository (DESIGN §2)."""

@@ -3,7 +3,9 @@
 RGW quirks respected here (measured, ``shared/ceph/README.md``):
 - botocore's new checksum defaults confuse older RGW: ``when_required``;
 - credentials in ``push-endpoint`` are refused over plain HTTP unless RGW
-  trusts ``X-Forwarded-Proto: https`` (``rgw.forwarded_https``);
+  trusts ``X-Forwarded-Proto: https`` (``rgw.forwarded_https``); RGW then
+  also refuses to *list or read* such topics without the header (HTTP 403),
+  so the header goes on every SNS call, not only on CreateTopic;
 - ``PutBucketNotificationConfiguration`` *merges* by Id, so we always use
   one fixed Id, and removal is RGW's own ``DELETE /<bucket>?notification=<id>``;
 - the topic ARN is taken from CreateTopic's answer, never built by hand;
@@ -99,7 +101,7 @@ class RGW:
         self.s3 = self._session.client("s3", **kw)
         self.sns = self._session.client("sns", **kw)
         if self.rgwcfg.forwarded_https:
-            self.sns.meta.events.register("before-sign.sns.CreateTopic", _forwarded_https)
+            self.sns.meta.events.register("before-sign.sns", _forwarded_https)
 
     # -- topics ------------------------------------------------------------------------
 
@@ -130,11 +132,31 @@ class RGW:
         try:
             resp = self.sns.create_topic(Name=name, Attributes=self.topic_attributes(exchange))
         except Exception as exc:
-            raise classify(exc, f"CreateTopic {name}", repository) from None
+            err = classify(exc, f"CreateTopic {name}", repository)
+            if isinstance(err, Permanent) and self._credentials_over_http():
+                raise Permanent(f"{err.args[0]}: {self._insecure_transport_hint()}",
+                                repository) from None
+            raise err from None
         arn = resp.get("TopicArn")
         if not arn:
             raise Transient(f"RGW CreateTopic {name} answered without a TopicArn", repository)
         return arn
+
+    def _credentials_over_http(self) -> bool:
+        """Push credentials sent to an RGW reached over plain HTTP (RGW refuses them)."""
+        return bool(self.rgwcfg.push_user) and \
+            urllib.parse.urlsplit(self.s3cfg.endpoint_url).scheme == "http"
+
+    def _insecure_transport_hint(self) -> str:
+        if self.rgwcfg.forwarded_https:
+            return ("RGW refuses credentials in push-endpoint over plain HTTP and does not "
+                    "trust X-Forwarded-Proto: set 'rgw trust forwarded https = true' in RGW's "
+                    "ceph.conf (only behind a TLS-terminating proxy), or use an https "
+                    "s3.endpoint_url")
+        return ("RGW refuses credentials in push-endpoint over plain HTTP: use an https "
+                "s3.endpoint_url, or, behind a TLS-terminating proxy, set "
+                "rgw.forwarded_https: true (with 'rgw trust forwarded https = true' on RGW), "
+                "or leave rgw.push_user empty")
 
     def find_topic(self, name: str) -> str | None:
         """ARN of the topic called ``name``, if any (paginated ListTopics)."""

@@ -457,6 +457,16 @@ def require(cfg: Config, daemon: str) -> None:
         if value is None or value == "" or (isinstance(value, Secret) and not value):
             hint = f" (set {key}_file or {env_name(key)})" if key in SECRETS else ""
             raise ConfigError(f"{key}: required by {daemon} but not set{hint}")
+    if "rgw.push_endpoint" in REQUIRED.get(daemon, ()) and cfg.rgw.push_user:
+        # the topics it creates carry push_user's password: an unreadable file would
+        # only show up as RGW failing to push, much later, with nothing in our logs
+        pw = cfg.rgw.push_password
+        if isinstance(pw, MissingSecret):
+            raise ConfigError(f"{pw.reason} (rgw.push_user is set; required by {daemon})")
+        if not pw:
+            raise ConfigError(f"rgw.push_password: required by {daemon} when rgw.push_user "
+                              f"is set (set rgw.push_password_file or "
+                              f"{env_name('rgw.push_password')})")
 
 
 def secret_values(cfg: Config) -> list[str]:

@@ -16,6 +16,10 @@ The policy (DESIGN §3):
   full): retry later, **forever** when the daemon says so (an outage must
   not turn accepted changes into dead letters), else until
   ``max_attempts``;
+- a local ``OSError`` (disk, permissions, an HTTP client's socket) is the
+  message's failure, classified by
+  :func:`~cvmfs_publisher.core.errors.from_os_error` (permissions or a
+  read-only path: permanent; disk full: transient);
 - anything else is a bug: retried like a transient error, but always
   bounded by ``max_attempts`` so a poison message cannot loop.
 """
@@ -26,7 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import Permanent, PublisherError
+from .errors import Permanent, PublisherError, from_os_error
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,8 @@ def verdict_for(exc: BaseException, attempts: int, max_attempts: int, *,
     traceback here, once.
     """
     repo = getattr(exc, "repository", "") or repository
+    if isinstance(exc, OSError):  # a local failure of this message, not of the broker
+        exc = from_os_error(exc, repo)
     if isinstance(exc, Permanent):
         return Verdict(DEAD, str(exc), repo, key)
     bug = not isinstance(exc, PublisherError)

@@ -69,7 +69,8 @@ def start(name: str, description: str, argv: Sequence[str] | None = None) -> Run
                      backups=cfg.log.backups, stdout=cfg.log.stdout,
                      secrets=config.secret_values(cfg))
     status = StatusDocument(Path(cfg.status.dir) / f"{name}.json", name,
-                            min_interval=cfg.status.interval)
+                            min_interval=cfg.status.interval,
+                            broker="amqp.password" in config.REQUIRED.get(name, ()))
     log.info("%s %s starting (config %s)", name, __version__,
              args.config or config.DEFAULT_CONFIG_PATH)
     return Runtime(name, cfg, log, status)

@@ -28,6 +28,10 @@ Layout (all times are Unix timestamps, float seconds)::
       }
     }
 
+``broker_connected`` is present only in the documents of daemons that talk to
+RabbitMQ (publisher-consumer, cvmfs-repo-consumers); cvmfs-repo-sync has no
+broker, so its document has no such field rather than a misleading ``false``.
+
 Never put a secret in here: values come from counters and our own messages,
 which the logging redaction rules also apply to.
 """
@@ -81,7 +85,8 @@ class StatusDocument:
     see at once, such as a failure).
     """
 
-    def __init__(self, path: Path, daemon: str, min_interval: float = 1.0) -> None:
+    def __init__(self, path: Path, daemon: str, min_interval: float = 1.0,
+                 broker: bool = True) -> None:
         self.path = Path(path)
         self.daemon = daemon
         self.min_interval = min_interval
@@ -95,10 +100,11 @@ class StatusDocument:
             "started": time.time(),
             "updated": 0.0,
             "healthy": True,
-            "broker_connected": False,
             "dead_lettered": 0,
             "repositories": {},
         }
+        if broker:  # False until the daemon's first connection
+            self._doc["broker_connected"] = False
 
     def set(self, **fields: Any) -> None:
         """Set daemon-level fields (``healthy``, ``broker_connected``, ...)."""

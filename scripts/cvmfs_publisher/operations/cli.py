@@ -1,4 +1,4 @@
-"""``cvmfs-publisher``: the operators' command line.
+"""cvmfs-publisher: the operators' command line.
 
     cvmfs-publisher status [--json]             is everything published?
     cvmfs-publisher status REPO [--key KEY]     a repository's receipt; where one key stands
@@ -11,16 +11,24 @@
     cvmfs-publisher migrate-config parameters.json  convert the seed's configuration
     cvmfs-publisher health --daemon D           container health check
 
-Exit codes: 0 success (for ``status``: everything published and every
+Exit codes: 0 success (for status: everything published and every
 daemon fresh), 1 something needs attention or failed, 2 usage error,
 78 configuration error.
+
+The configuration is the --config file, else $CVMFS_PUBLISHER_CONFIG, else
+/etc/cvmfs-publisher/publisher.yaml; on a machine without that file, the
+configuration of a local demo left running by "tools/demo.sh --keep" (the
+command says so on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +39,7 @@ from ..adapters import amqp
 from ..adapters.rabbitmq_api import ManagementAPI
 from ..adapters.rgw import RGW
 from ..core import config
-from ..core.errors import PublisherError
+from ..core.errors import PublisherError, Transient
 from ..core.names import InvalidName, validate_repository
 from ..provisioning.messages import BadMessage, parse_request
 from .health import main as health_main
@@ -42,12 +50,43 @@ from .reconcile import reconcile
 EX_CONFIG = 78
 DAEMONS = ("publisher-consumer", "cvmfs-repo-consumers", "cvmfs-repo-sync")
 
+#: Written by the local demo (``tools/demo.sh --keep``): the path of its configuration.
+#: Only consulted when nothing else names a configuration, so a real host's
+#: /etc/cvmfs-publisher/publisher.yaml always wins over a demo.
+DEMO_CONFIG_POINTER = Path(tempfile.gettempdir()) / "cvmfs-publisher-demo.config"
+
+
+def config_path(explicit: str | None, env: dict[str, str] | None = None) -> tuple[str, str]:
+    """The configuration file to read and why that one (for the message on stderr)."""
+    env = dict(os.environ if env is None else env)
+    if explicit:
+        return explicit, ""
+    if env.get(config.ENV_PREFIX + "CONFIG"):
+        return env[config.ENV_PREFIX + "CONFIG"], ""
+    if Path(config.DEFAULT_CONFIG_PATH).exists():
+        return config.DEFAULT_CONFIG_PATH, ""
+    try:
+        demo = DEMO_CONFIG_POINTER.read_text(encoding="utf-8").strip()
+    except OSError:
+        demo = ""
+    if demo and Path(demo).is_file():
+        return demo, (f"using the running demo's configuration {demo} (no --config, no "
+                      f"${config.ENV_PREFIX}CONFIG, no {config.DEFAULT_CONFIG_PATH})")
+    return config.DEFAULT_CONFIG_PATH, ""
+
 
 def _load(args: argparse.Namespace) -> config.Config:
+    path, why = config_path(args.config)
+    if why:
+        print(why, file=sys.stderr)
     try:
-        return config.load(args.config)
+        return config.load(path)
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        if not args.config:
+            print("name the configuration with --config FILE (or $CVMFS_PUBLISHER_CONFIG); "
+                  "tools/demo.sh --keep leaves a demo whose configuration is used by default",
+                  file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None
 
 
@@ -81,8 +120,9 @@ def collect_status(cfg: config.Config, with_queues: bool = True) -> dict[str, An
         fresh = age <= max(60.0, cfg.status.interval * 6)
         daemons[name] = {"state": "ok" if doc.get("healthy") and fresh else
                          ("stale" if not fresh else "unhealthy"),
-                         "age": round(age, 1), "dead_lettered": doc.get("dead_lettered", 0),
-                         "broker_connected": doc.get("broker_connected")}
+                         "age": round(age, 1), "dead_lettered": doc.get("dead_lettered", 0)}
+        if "broker_connected" in doc:  # cvmfs-repo-sync has no broker: no such field
+            daemons[name]["broker_connected"] = doc["broker_connected"]
         for repo, entry in (doc.get("repositories") or {}).items():
             r = repos.setdefault(repo, {"pending": 0, "queue_depth": None, "last_publish": 0.0,
                                         "last_result": "", "last_error": "",
@@ -96,23 +136,51 @@ def collect_status(cfg: config.Config, with_queues: bool = True) -> dict[str, An
                 r["staged"] = entry.get("pending", 0)
             if entry.get("last_error"):
                 r["last_error"] = f"{name}: {entry['last_error']}"
-    if with_queues and cfg.amqp.management_url:
+    dlq = None
+    if with_queues:
         try:
-            api = ManagementAPI(cfg.amqp)
-            for repo, r in repos.items():
-                r["queue_depth"] = api.queue_depth(repo.split(".", 1)[0])
-            dlq = api.queue_depth(cfg.amqp.dead_letter_queue)
+            depths = _queue_depths(cfg, [cfg.amqp.dead_letter_queue,
+                                         *(repo.split(".", 1)[0] for repo in repos)])
         except PublisherError as exc:
-            dlq = None
             daemons["rabbitmq"] = {"state": "unreachable", "detail": str(exc)}
-    else:
-        dlq = None
+        else:
+            dlq = depths.get(cfg.amqp.dead_letter_queue)
+            for repo, r in repos.items():
+                r["queue_depth"] = depths.get(repo.split(".", 1)[0])
     ok = all(d["state"] == "ok" for d in daemons.values()) and all(
         not r.get("pending") and not r.get("staged") and not r.get("queue_depth")
         and r.get("last_result") in ("ok", "") and not r.get("consecutive_failures")
         for r in repos.values()) and not dlq
     return {"time": now, "all_published": ok, "daemons": daemons, "dead_letter_queue": dlq,
             "repositories": repos}
+
+
+def _queue_depths(cfg: config.Config, queues: list[str]) -> dict[str, int]:
+    """Messages per queue: ready ones counted exactly now (AMQP passive declare),
+    the larger of that and the management API's sampled total (which also counts
+    messages in a consumer's hands, but lags by up to ~20 s)."""
+    depths: dict[str, int] = {}
+    try:
+        conn = amqp.connect(cfg.amqp, "cvmfs-publisher-status")
+    except (*amqp.CONNECTION_ERRORS, OSError) as exc:
+        raise Transient(f"RabbitMQ unreachable at {cfg.amqp.host}:{cfg.amqp.port}: "
+                        f"{type(exc).__name__}") from None
+    try:
+        for q in queues:
+            n = amqp.ready_count(conn, q)
+            if n is not None:
+                depths[q] = n
+    except amqp.CONNECTION_ERRORS as exc:
+        raise Transient(f"RabbitMQ connection lost while counting queues: "
+                        f"{type(exc).__name__}") from None
+    finally:
+        if conn.is_open:
+            conn.close()
+    if cfg.amqp.management_url:
+        api = ManagementAPI(cfg.amqp)
+        for q, ready in list(depths.items()):
+            depths[q] = max(ready, api.queue_depth(q))
+    return depths
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -134,14 +202,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"dead-letter queue: {st['dead_letter_queue']} message(s): "
               "see 'cvmfs-publisher dlq list'")
     print()
-    print(f"{'REPOSITORY':40} {'QUEUE':>5} {'PENDING':>7} {'LAST PUBLISH':>13} {'RESULT':7} "
-          "LAST ERROR")
+    print(f"{'REPOSITORY':40} {'QUEUE':>5} {'PENDING':>7} {'LAST PUBLISH':>13} RESULT")
     for repo in sorted(st["repositories"]):
         r = st["repositories"][repo]
         depth = "-" if r["queue_depth"] is None else str(r["queue_depth"])
         pending = int(r.get("pending") or 0) + int(r.get("staged") or 0)
         print(f"{repo:40} {depth:>5} {pending:>7} {_age(r['last_publish'], now):>13} "
-              f"{r['last_result'] or '-':7} {r['last_error'][:60]}")
+              f"{r['last_result'] or '-'}")
+        if r["last_error"]:  # whole, on its own indented lines: paths must not be cut
+            print(textwrap.indent(f"last error: {r['last_error']}", "    "))
     print()
     print("everything is published" if st["all_published"] else "NOT everything is published")
     return 0 if st["all_published"] else 1
@@ -324,10 +393,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cvmfs-publisher", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cvmfs-publisher", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--config", "-c", help="configuration file (default: $CVMFS_PUBLISHER_CONFIG "
-                   f"or {config.DEFAULT_CONFIG_PATH})")
+    p.add_argument("--config", "-c", help="configuration file (default: $CVMFS_PUBLISHER_CONFIG, "
+                   f"else {config.DEFAULT_CONFIG_PATH}, else a running demo's)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("status", help="state of every repository and daemon; with REPO, "
@@ -356,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dlq", help="dead-lettered messages")
     dsub = s.add_subparsers(dest="dlq_command", required=True)
     d = dsub.add_parser("list", help="list dead letters with their reason (nothing consumed)")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help="machine-readable output (one object "
+                   "per message: queue, repository, error, attempts, failed_at, daemon, body)")
     d = dsub.add_parser("replay", help="send dead letters back to their original queue")
     d.add_argument("--repo", help="only this repository (name or label)")
     s.set_defaults(func=cmd_dlq)
@@ -377,19 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. /run/secrets); default: the files' own paths")
     s.set_defaults(func=cmd_migrate)
 
-    s = sub.add_parser("health", help="container health check (exit 0 healthy, 1 not)",
-                       add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=lambda a: _health(a.rest))
+    # its options (--daemon, --max-age, --help...) belong to health.main: main() hands
+    # them over unparsed (argparse.REMAINDER does not take a leading option)
+    sub.add_parser("health", help="container health check (exit 0 healthy, 1 not)",
+                   add_help=False)
     return p
 
 
-def _health(rest: list[str]) -> int:
-    return health_main(rest)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "health":
+        return health_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args.func(args))
 
 

@@ -228,8 +228,15 @@ def check_dead_lettered(status_dir: Path, daemon: str) -> str:
 
 
 def check_broker_connected(status_dir: Path, daemon: str) -> str:
-    """``1`` while the daemon holds a RabbitMQ connection, else ``0``."""
-    return "1" if load_document(status_dir, daemon).get("broker_connected") is True else "0"
+    """``1`` while the daemon holds a RabbitMQ connection, else ``0``.
+
+    A daemon without a broker (cvmfs-repo-sync) has no such field: the item
+    is not supported there, rather than a ``0`` that reads as "disconnected".
+    """
+    doc = load_document(status_dir, daemon)
+    if "broker_connected" not in doc:
+        raise CheckError(f"{daemon} uses no broker (no broker_connected in its status document)")
+    return "1" if doc["broker_connected"] is True else "0"
 
 
 def check_discovery(status_dir: Path, daemon: str) -> str:

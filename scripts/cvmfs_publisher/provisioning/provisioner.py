@@ -22,10 +22,12 @@ from ..adapters.cvmfs import CvmfsError, CvmfsServer, NotInTransaction
 from ..adapters.rabbitmq_api import ManagementAPI
 from ..adapters.rgw import RGW
 from ..adapters.vault import RepositoryKeys, VaultClient
+from ..core import durable
 from ..core.announcements import announcement
 from ..core.config import Config
 from ..core.errors import Transient
 from ..core.names import label_of, vault_path
+from ..staging.area import Staging
 from .messages import ProvisionRequest
 
 log = logging.getLogger(__name__)
@@ -56,19 +58,11 @@ def write_keys(keys_dir: Path, repo: str, keys: RepositoryKeys) -> bool:
     try:
         for ext, content in wanted.items():
             p = tmp / f"{repo}.{ext}"
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(content)
-                fh.flush()
-                os.fsync(fh.fileno())
+            durable.write_new(p, content.encode("utf-8"), 0o600)
             os.chmod(p, KEY_MODES[ext])
         for ext in wanted:
             os.replace(tmp / f"{repo}.{ext}", keys_dir / f"{repo}.{ext}")
-        dfd = os.open(keys_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        durable.fsync_dir(keys_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True
@@ -118,37 +112,11 @@ class Provisioner:
         return changed
 
     def _ensure_repository(self, repo: str, keys_dir: Path) -> bool:
-        """mkfs unless it exists; a failed mkfs' leftover is removed first.
-
-        Never ``rmfs`` a repository in a transaction: rmfs drops the session
-        token but not the gateway lease, and the repository created again would
-        get 16 (lease busy) from every transaction for the lease's lifetime
-        (cvmfs README §10). ``list`` calls such a repository ``in transaction -
-        unhealthy`` after a crash; it is repaired by the sync daemon (abort -f,
-        then the batch replayed), not recreated. A failed mkfs is recognised by
-        what it did not create (server.conf, the spool, the keys), or, outside a
-        transaction, by ``unhealthy`` (DESIGN §2).
-        """
+        """mkfs unless it exists (:meth:`CvmfsServer.create_repository`); Transient on failure."""
         try:
-            if self.cvmfs.exists(repo):
-                if self.cvmfs.in_transaction(repo):
-                    log.warning("repository=%s step=mkfs outcome=left-to-sync: in a transaction "
-                                "(a crash's leftover): not recreated (rmfs would leak its "
-                                "gateway lease); cvmfs-repo-sync repairs it with abort -f and "
-                                "replays its batch", repo)
-                    return False
-                missing = self.cvmfs.installed(repo)
-                if not missing and self.cvmfs.healthy(repo):
-                    return False
-                log.warning("repository=%s step=mkfs outcome=leftover: %s, removing it with "
-                            "rmfs -f and creating it again", repo,
-                            f"{', '.join(missing)} missing" if missing else
-                            "unhealthy outside a transaction")
-                self.cvmfs.rmfs(repo)
-            self.cvmfs.mkfs_gateway(repo, str(keys_dir))
+            return self.cvmfs.create_repository(repo, str(keys_dir))
         except CvmfsError as exc:
             raise Transient(str(exc), repo) from None
-        return True
 
     def _remove_repository(self, repo: str) -> None:
         """``abort -f`` when in a transaction, then ``rmfs -f``; Transient (retried
@@ -240,9 +208,7 @@ class Provisioner:
             self._remove_repository(repo)
             changed.append("rmfs")
         remove_keys(Path(self.cfg.cvmfs.keys_dir), repo)
-        staging = Path(self.cfg.cvmfs.staging_dir) / repo
-        if staging.is_dir() and not staging.is_symlink():
-            shutil.rmtree(staging)
+        if Staging(self.cfg.cvmfs.staging_dir, repo).remove():
             changed.append("staging")
         amqp.publish_confirmed(ch, self.cfg.amqp.control_exchange, f"repository.deleted.{label}",
                                announcement("deleted", repo, label, label),

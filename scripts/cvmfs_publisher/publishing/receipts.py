@@ -1,9 +1,10 @@
 """The sync daemon's side of the receipt: what was published, refused, or failed.
 
 :class:`PublishRecorder` is the :class:`~cvmfs_publisher.publishing.batch.PublishObserver`
-of the batch publisher and is told by the daemon when a repository's
-publish fails or works again. It reads the published revision through the
-cvmfs adapter (:meth:`~cvmfs_publisher.adapters.cvmfs.CvmfsServer.revision`)
+of the batch publisher and is told by the scheduler
+(:mod:`cvmfs_publisher.publishing.scheduler`) when a repository's publish
+fails or works again. It reads the published revision through the publish
+backend (:meth:`~cvmfs_publisher.publishing.backend.PublishBackend.revision`)
 right after each publish, and writes the repository's
 :class:`~cvmfs_publisher.staging.receipts.SyncRecord` in staging, which
 cvmfs-repo-consumers turns into the bucket's receipt. This daemon itself
@@ -19,10 +20,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from ..adapters.cvmfs import CvmfsServer
 from ..core.config import Config
 from ..staging.area import Entry
 from ..staging.receipts import SyncRecord
+from .backend import PublishBackend
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,13 @@ log = logging.getLogger(__name__)
 class PublishRecorder:
     """Feeds the receipt state of every repository this daemon publishes."""
 
-    def __init__(self, cfg: Config, server: CvmfsServer) -> None:
-        self.server = server
+    def __init__(self, cfg: Config, backend: PublishBackend) -> None:
+        self.backend = backend
         self.record = SyncRecord(cfg.cvmfs.staging_dir, cfg.receipts)
         self._broken: set[str] = set()
 
     def published(self, repo: str, entries: list[Entry]) -> None:
-        revision = self.server.revision(repo)
+        revision = self.backend.revision(repo)
         self._safely(repo, lambda: self.record.published(repo, entries, revision))
 
     def skipped(self, repo: str, entry: Entry, why: str) -> None:

@@ -1,8 +1,8 @@
 """Staging: the pending changes of one repository, on the shared volume.
 
-Layout under ``<staging_dir>/<repo>/`` (``/data/cvmfs/<repo>``), meant to be
-private to this module: the consumers and reconciliation use the
-:class:`Staging` API, never these paths::
+Layout under ``<staging_dir>/<repo>/`` (``/data/cvmfs/<repo>``), private to
+this module: the consumers, the sync daemon, reconciliation and provisioning
+use the :class:`Staging` API, never these paths::
 
     .lock                 flock(2) file, held briefly: to rename an entry into pending/,
                           to take, finish or sweep a batch (never during a download
@@ -299,6 +299,13 @@ class Staging:
     def has_batch(self) -> bool:
         return self.batch_dir.is_dir()
 
+    def batch_count(self) -> int:
+        """Entries in the batch in progress (0 without one)."""
+        try:
+            return sum(1 for n in os.listdir(self.batch_dir) if n.endswith(".json"))
+        except FileNotFoundError:
+            return 0
+
     def take_batch(self) -> list[Entry]:
         """Move every pending entry into ``batch/`` in one rename; returns them.
 
@@ -347,12 +354,83 @@ class Staging:
                         removed += 1
         return removed
 
+    def exists(self) -> bool:
+        """Has this repository a staging area (anything ever staged)?"""
+        return self.root.is_dir()
+
+    def remove(self) -> bool:
+        """Delete the repository's whole staging area (deprovisioned); True if it was there.
+
+        A symlink in its place is left alone: it was never ours.
+        """
+        if self.root.is_dir() and not self.root.is_symlink():
+            shutil.rmtree(self.root)
+            return True
+        return False
+
     def timing(self) -> tuple[float, float] | None:
         """(oldest first_time, newest time) of pending entries, or None when empty."""
         entries = self.pending_entries()
         if not entries:
             return None
         return (min(e.first_time or e.time for e in entries), max(e.time for e in entries))
+
+
+class PendingTimes:
+    """(oldest first_time, newest time) of one repository's pending entries.
+
+    Why not :meth:`Staging.timing` on every poll: it parses every pending entry,
+    and after a reconcile there may be 100,000 of them, twice a second. Here
+    the directory is listed only when it changed (its inode or mtime), and an
+    entry file is parsed only when it is new (an entry is replaced by rename,
+    so a new version is a new inode).
+    """
+
+    def __init__(self, staging: Staging) -> None:
+        self.dir = staging.pending
+        self._key: tuple[int, int] | None = None
+        self._files: dict[str, tuple[int, float, float]] = {}
+        self._value: tuple[float, float] | None = None
+
+    def get(self) -> tuple[float, float] | None:
+        try:
+            st = os.stat(self.dir)
+        except FileNotFoundError:
+            self._key, self._files, self._value = None, {}, None
+            return None
+        key = (st.st_ino, st.st_mtime_ns)
+        if key == self._key:
+            return self._value
+        files: dict[str, tuple[int, float, float]] = {}
+        try:
+            with os.scandir(self.dir) as it:
+                for d in it:
+                    if not d.name.endswith(".json"):
+                        continue
+                    try:
+                        ino = d.inode()
+                        old = self._files.get(d.name)
+                        if old is not None and old[0] == ino:
+                            files[d.name] = old
+                            continue
+                        with open(d.path, "rb") as fh:
+                            e = Entry.from_dict(json.loads(fh.read()))
+                        files[d.name] = (ino, e.first_time or e.time, e.time)
+                    except (FileNotFoundError, ValueError):
+                        continue  # replaced or taken meanwhile, or not an entry
+        except FileNotFoundError:
+            files = {}
+        self._files = files
+        self._value = ((min(v[1] for v in files.values()), max(v[2] for v in files.values()))
+                       if files else None)
+        # A change within the file system's timestamp granularity after this
+        # listing would leave the mtime as it is: trust the key only once it is old.
+        self._key = key if time.time() - st.st_mtime > 0.1 else None
+        return self._value
+
+    @property
+    def count(self) -> int:
+        return len(self._files)
 
 
 def repositories(staging_dir: str | os.PathLike[str]) -> list[str]:
