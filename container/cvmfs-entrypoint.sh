@@ -67,6 +67,10 @@ check_cvmfs_host() {
 umask 022
 [ "$#" -gt 0 ] || set -- "$DAEMON" --config "$CONFIG"
 
+# The test variant of the image (CVMFS_SERVER=test-double, see install-cvmfs.sh).
+if [ -e /usr/share/cvmfs-publisher/cvmfs-server-is-a-test-double ]; then
+    log "WARNING: TEST IMAGE: cvmfs_server is the project's test double (tests/cvmfs_server_double.py), not CernVM-FS; it publishes nothing to a stratum 0: never run this image in production (rebuild with CVMFS_SERVER=cernvm-fs)"
+fi
 check_cvmfs_host
 mkdir -p /var/log/publisher /var/lib/cvmfs-publisher
 case $DAEMON in

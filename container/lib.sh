@@ -46,6 +46,14 @@ start_zabbix_agent() {
     if [ -n "${ZBX_SERVER_ACTIVE:-}" ]; then
         active=$(agent_value ZBX_SERVER_ACTIVE "$ZBX_SERVER_ACTIVE")
     fi
+    port=${ZBX_LISTEN_PORT:-10050}
+    case $port in
+        "" | *[!0-9]*) die "ZBX_LISTEN_PORT=$port: expected a TCP port number" ;;
+    esac
+    # zabbix_agentd's own limits; past them it exits at once with only a parse error.
+    if [ "$port" -lt 1024 ] || [ "$port" -gt 32767 ]; then
+        die "ZBX_LISTEN_PORT=$port: zabbix_agentd accepts 1024-32767 only"
+    fi
     host=""
     if [ -n "${ZBX_HOSTNAME:-}" ]; then
         host=$(agent_value ZBX_HOSTNAME "$ZBX_HOSTNAME")
@@ -53,6 +61,7 @@ start_zabbix_agent() {
     {
         printf '# Written by entrypoint.sh at container start from the ZBX_* environment.\n'
         printf 'Server=%s\n' "$server"
+        printf 'ListenPort=%s\n' "$port"
         [ -z "$active" ] || printf 'ServerActive=%s\n' "$active"
         [ -z "$host" ] || printf 'Hostname=%s\n' "$host"
     } >"$AGENT_RUNTIME_CONF.tmp"
@@ -62,7 +71,7 @@ start_zabbix_agent() {
         install -d -o zabbix -g zabbix -m 0755 "$AGENT_RUN_DIR"
     fi
     zabbix_agentd --foreground -c "$AGENT_CONF" &
-    log "Zabbix agent started (pid $!)"
+    log "Zabbix agent started (pid $!, port $port)"
 }
 
 # run_daemon COMMAND [ARG...]: the last step of every entrypoint. Starts the

@@ -2,7 +2,7 @@
 # Prepare a Debian 12 machine for the test suite and the local demo:
 # Debian packages, PostgreSQL, and a virtual environment .venv with the project and
 # its test extras. RabbitMQ is only installed: the suite, the demo and the benchmarks
-# start a node of their own (cvmfs_publisher/devstack/rabbitmq.py); a broker already
+# start a node of their own (devstack/rabbitmq.py); a broker already
 # running on this machine is left as it is (not started, stopped or given plugins).
 # Idempotent: installs only what is missing. Run as root (apt, services).
 set -euo pipefail

@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,10 +26,10 @@ from cvmfs_publisher.adapters.rgw import RGW
 from cvmfs_publisher.core.config import Config
 from cvmfs_publisher.core.status import StatusDocument
 from cvmfs_publisher.daemons.repo_sync import NAME as SYNC
-from cvmfs_publisher.daemons.repo_sync import RepoSync
 from cvmfs_publisher.operations import cli
 from cvmfs_publisher.pipeline.receipt_upload import DENIED_RETRY, ReceiptWriter
-from cvmfs_publisher.staging.area import Staging
+from cvmfs_publisher.publishing.scheduler import RepoSync
+from cvmfs_publisher.staging.area import Entry, Staging
 from tests.conftest import Stack
 from tests.consumers.support import Env, Repo, dead_letters, put_state, running, wait_until
 from tests.cvmfs_server_double import current_revision, inject_fault
@@ -257,3 +260,33 @@ def test_writes_are_coalesced_and_a_refusal_is_not_retried_in_a_loop(
     finally:
         with contextlib.suppress(Exception):
             env.s3.delete_bucket_policy(Bucket=r.label)
+
+
+def test_status_key_without_boto3_shows_the_state_and_says_why_s3_is_not_compared(
+        tmp_path: Path) -> None:
+    """The sync-publisher image has no boto3 (each image holds what its daemon imports):
+    ``status REPO --key`` still answers there from staging, and says why it compares
+    nothing with S3. boto3 is blocked in the child's import system to be that image."""
+    pw = tmp_path / "pw"
+    pw.write_text("x")
+    staging = tmp_path / "staging"
+    cfg = tmp_path / "publisher.yaml"
+    cfg.write_text(f"cvmfs:\n  staging_dir: {staging}\n"
+                   f"s3:\n  endpoint_url: http://127.0.0.1:2\n  access_key_file: {pw}\n"
+                   f"  secret_key_file: {pw}\n")
+    repo = "alice-personalrepo.infn.it"
+    st = Staging(str(staging), repo)
+    st.ensure()
+    st.stage(Entry("gone.txt", "delete", key="cvmfs/gone.txt"))
+    code = ("import sys; sys.modules['boto3'] = sys.modules['botocore'] = None; "
+            "from cvmfs_publisher.operations.cli import main; "
+            f"sys.exit(main(['--config', {str(cfg)!r}, 'status', {repo!r}, "
+            "'--key', 'cvmfs/gone.txt', '--json']))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "scripts")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=60, check=False, cwd="/")
+    assert res.returncode == 1, res.stdout + res.stderr  # not in sync: S3 not compared
+    view = json.loads(res.stdout)
+    assert view["state"] == "staged", view
+    assert "no S3 client in this image (boto3 is not installed)" in view["s3_error"]
+    assert "cvmfs-repo-consumers container" in view["s3_error"]

@@ -1,7 +1,7 @@
 """Small readers for the container files, shared by the tests in ``tests/ops``.
 
-There is no Docker engine where these tests run, so the images and the
-compose file are checked by reading them: a tolerant Dockerfile parser, the
+These tests check the images and the compose file by reading them (the
+container tests in ``tests/containers`` build and run them): a tolerant Dockerfile parser, the
 compose file with ``${VAR:-default}`` resolved to its defaults (what
 ``docker compose`` does with an empty environment), and the matching rules
 of ``.dockerignore``. Each is deliberately small: enough for the files of
@@ -133,12 +133,12 @@ class Stage:
         return found[-1] if found else None
 
 
-def parse_dockerfile(path: Path) -> list[Stage]:
-    """Stages of a Dockerfile (comments dropped, ``\\`` continuations joined).
+def _instructions(path: Path) -> list[Instruction]:
+    """Every instruction of a Dockerfile (comments dropped, ``\\`` continuations joined).
 
     As in Docker, a comment line inside a continued instruction is skipped.
     """
-    stages: list[Stage] = []
+    out: list[Instruction] = []
     pending: list[str] = []
     start = 0
     for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -156,16 +156,44 @@ def parse_dockerfile(path: Path) -> list[Stage]:
         text = " ".join(p for p in pending if p)
         pending = []
         keyword, _, args = text.partition(" ")
-        instruction = Instruction(keyword.upper(), args.strip(), start)
+        out.append(Instruction(keyword.upper(), args.strip(), start))
+    assert not pending, f"{path}: ends inside a continued line"
+    return out
+
+
+def parse_dockerfile(path: Path) -> list[Stage]:
+    """Stages of a Dockerfile; the ``ARG`` lines before the first ``FROM`` are
+    :func:`global_args`, the only instructions Docker allows there."""
+    stages: list[Stage] = []
+    for instruction in _instructions(path):
         if instruction.keyword == "FROM":
             words = [w for w in instruction.args.split() if not w.startswith("--")]
             name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(words[0], name, start))
+            stages.append(Stage(words[0], name, instruction.line))
+        elif not stages:
+            assert instruction.keyword == "ARG", (
+                f"{path}:{instruction.line}: {instruction.keyword} before FROM")
         else:
-            assert stages, f"{path}:{start}: instruction before FROM"
             stages[-1].instructions.append(instruction)
-    assert not pending, f"{path}: ends inside a continued line"
     return stages
+
+
+def global_args(path: Path) -> dict[str, str]:
+    """``ARG NAME=default`` before the first ``FROM`` (what ``FROM ${NAME}`` may use)."""
+    args: dict[str, str] = {}
+    for instruction in _instructions(path):
+        if instruction.keyword == "FROM":
+            break
+        name, _, default = instruction.args.partition("=")
+        args[name.strip()] = default.strip()
+    return args
+
+
+def resolve_base(stage: Stage, path: Path) -> str:
+    """The stage's base image with a global ``${ARG}`` replaced by its default."""
+    defaults = global_args(path)
+    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?",
+                  lambda m: defaults.get(m.group(1), m.group(0)), stage.base)
 
 
 def copy_parts(instruction: Instruction) -> tuple[dict[str, str], list[str], str]:
@@ -270,13 +298,23 @@ def apt_packages(stage: Stage) -> set[str]:
     """
     packages: set[str] = set()
     for text in run_texts(stage):
+        # A package list kept in a shell variable (name="a b c") counts where it is used.
+        lists = dict(re.findall(r'^([A-Za-z_][A-Za-z0-9_]*)="([^"$]*)"$', text,
+                                flags=re.MULTILINE))
         for chunk in re.split(r"&&|;|\|\||\n", text):
             if "apt-get install" not in chunk:
                 continue
             words = shlex.split(chunk)
             if words[:2] != ["apt-get", "install"]:
                 continue
+            expanded = []
             for word in words[2:]:
+                name = re.fullmatch(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", word)
+                if name and name.group(1) in lists:
+                    expanded += lists[name.group(1)].split()
+                else:
+                    expanded.append(word)
+            for word in expanded:
                 if word.startswith("-") or "/" in word:
                     continue
                 packages.add(word.split("=", 1)[0])

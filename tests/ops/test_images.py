@@ -38,10 +38,12 @@ from ._support import (
     apt_packages,
     copy_parts,
     env_of,
+    global_args,
     healthcheck_command,
     healthcheck_options,
     is_ignored,
     parse_dockerfile,
+    resolve_base,
     run_parts,
     run_scripts,
     run_texts,
@@ -71,6 +73,11 @@ def copies(stage: Stage) -> list[tuple[dict[str, str], list[str], str]]:
 def console_scripts() -> dict[str, str]:
     data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     return data["project"]["scripts"]
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    """Distribution names of PEP 508 requirement strings, lower case."""
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
 
 
 def sourced_files(script: str) -> list[str]:
@@ -106,17 +113,72 @@ def shell_files() -> list[Path]:
 
 @pytest.mark.parametrize("image", IMAGES, ids=IDS)
 def test_base_images_are_pinned(image: Image) -> None:
-    """An exact version tag (or a digest) on every FROM; never latest, never a variable."""
+    """Every FROM is the BASE_IMAGE build argument, whose default is an exact tag.
+
+    The argument lets a host without Docker Hub build from a local Debian 12
+    image (tests/containers does); the default is what production pulls:
+    never latest, always an exact version (or a digest).
+    """
+    defaults = global_args(image.dockerfile)
+    base = defaults.get("BASE_IMAGE", "")
+    assert base, f"{image.directory}: no ARG BASE_IMAGE=<pinned tag> before the first FROM"
     for stage in stages_of(image):
-        base = stage.base
-        assert "$" not in base, f"{image.directory}: FROM {base}: pin it literally"
-        name, _, digest = base.partition("@")
-        repository, _, tag = name.rpartition(":") if ":" in name else (name, "", "")
-        assert tag != "latest", base
-        assert digest.startswith("sha256:") or re.match(r"^\d+\.\d+", tag), (
-            f"{image.directory}: FROM {base}: use an exact version tag such as 12.15-slim"
-        )
-        assert repository
+        assert stage.base == "${BASE_IMAGE}", f"{image.directory}: FROM {stage.base}"
+        assert resolve_base(stage, image.dockerfile) == base
+    name, _, digest = base.partition("@")
+    repository, _, tag = name.rpartition(":") if ":" in name else (name, "", "")
+    assert repository == "debian", f"Debian's python3 in every image: FROM {base}"
+    assert tag != "latest", base
+    assert digest.startswith("sha256:") or re.match(r"^12\.\d+", tag), (
+        f"{image.directory}: ARG BASE_IMAGE={base}: use an exact Debian 12 tag such as 12.15-slim"
+    )
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_no_frontend_to_fetch(image: Image) -> None:
+    """No ``# syntax=`` line: BuildKit would fetch that frontend from Docker Hub.
+
+    Docker 20.10's built-in frontend has RUN --mount and COPY --chmod.
+    """
+    first = image.dockerfile.read_text(encoding="utf-8").splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first), first
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_daemon_dependency_set(image: Image) -> None:
+    """The builder installs the extra named after the daemon; pyproject defines it,
+    and the test extra pulls in every daemon's set (pip install -e '.[test]')."""
+    data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    extras = data["project"]["optional-dependencies"]
+    assert image.daemon in extras, f"pyproject.toml: no extra {image.daemon}"
+    assert '"${1}[${daemon}]"' in (REPO / SHARED_DIR / "build-venv.sh").read_text()
+    test_extra = " ".join(extras["test"])
+    assert image.daemon in test_extra
+    names = requirement_names(extras[image.daemon])
+    if image.daemon == "cvmfs-repo-consumers":
+        assert not names & {"hvac", "pyzabbix"}, names
+    if image.daemon == "cvmfs-repo-sync":
+        assert not names & {"hvac", "pyzabbix", "boto3"}, names
+    core = requirement_names(data["project"]["dependencies"])
+    assert not core & {"hvac", "pyzabbix", "boto3"}, core
+
+
+@pytest.mark.parametrize("image", CVMFS_IMAGES, ids=CVMFS_IDS)
+def test_test_double_only_by_build_argument(image: Image) -> None:
+    """CERN's packages by default; the double only with CVMFS_SERVER=test-double, labelled."""
+    last = final(image)
+    args = dict(a.args.partition("=")[::2] for a in last.all("ARG"))
+    assert args.get("CVMFS_SERVER") == "cernvm-fs"
+    labels = " ".join(label.args for label in last.all("LABEL"))
+    assert 'org.cvmfs-publisher.cvmfs-server="${CVMFS_SERVER}"' in labels
+    script = (REPO / SHARED_DIR / "install-cvmfs.sh").read_text(encoding="utf-8")
+    assert "    test-double)" in script and "    cernvm-fs)" in script
+    assert "cvmfs-server-is-a-test-double" in script
+    entrypoint = (REPO / image.entrypoint).read_text(encoding="utf-8")
+    assert "cvmfs-server-is-a-test-double" in entrypoint and "TEST IMAGE" in entrypoint
+    # Nothing else of the tests reaches the build context.
+    assert not is_ignored("tests/cvmfs_server_double.py")
+    assert is_ignored("tests/conftest.py") and is_ignored("tests/ops/test_images.py")
 
 
 @pytest.mark.parametrize("image", IMAGES, ids=IDS)
@@ -259,7 +321,8 @@ def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
         assert is_ignored(path), path
     for path in ("pyproject.toml", "README.md", "scripts/cvmfs_publisher/operations/health.py",
                  "sync-publisher/Dockerfile", "cvmfs-repo-consumers/entrypoint.sh",
-                 ENTRYPOINT_LIB, CVMFS_WRAPPER, "container/install-cvmfs.sh"):
+                 ENTRYPOINT_LIB, CVMFS_WRAPPER, "container/install-cvmfs.sh",
+                 "tests/cvmfs_server_double.py"):
         assert not is_ignored(path), path
 
 
@@ -435,7 +498,8 @@ def test_entrypoint_functions_start_the_agent_and_exec_the_daemon(tmp_path: Path
     assert res.stdout == "daemon ran: --config /x y.yaml\n"
     assert "test-daemon entrypoint: starting: test-daemon --config /x y.yaml" in res.stderr
     assert (tmp_path / "runtime.conf").read_text().splitlines()[1:] == [
-        "Server=zbx1.example,10.0.0.1", "ServerActive=zbx1.example:10051", "Hostname=host-1"]
+        "Server=zbx1.example,10.0.0.1", "ListenPort=10050", "ServerActive=zbx1.example:10051",
+        "Hostname=host-1"]
     for _ in range(100):  # the agent runs in the background
         if (tmp_path / "agent-args").exists():
             break
@@ -456,6 +520,8 @@ def test_entrypoint_functions_give_a_one_off_command_no_agent(tmp_path: Path) ->
     ("ZBX_SERVER", "zbx.example\nStartAgents=0", "ZBX_SERVER must be a single line"),
     ("ZBX_HOSTNAME", "host name", "expected host names or addresses"),
     ("ZBX_SERVER_ACTIVE", "zbx;reboot", "expected host names or addresses"),
+    ("ZBX_LISTEN_PORT", "10050\nStartAgents=0", "expected a TCP port number"),
+    ("ZBX_LISTEN_PORT", "40000", "zabbix_agentd accepts 1024-32767 only"),
 ])
 def test_entrypoint_functions_refuse_agent_values(
         tmp_path: Path, name: str, value: str, message: str) -> None:

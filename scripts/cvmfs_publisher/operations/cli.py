@@ -37,7 +37,6 @@ from typing import Any
 from .. import __version__
 from ..adapters import amqp
 from ..adapters.rabbitmq_api import ManagementAPI
-from ..adapters.rgw import RGW
 from ..core import config
 from ..core.errors import PublisherError, Transient
 from ..core.names import InvalidName, validate_repository
@@ -45,7 +44,6 @@ from ..provisioning.messages import BadMessage, parse_request
 from .health import main as health_main
 from .migrate import MigrationError, migrate
 from .receipt_view import format_key, format_repository, key_view, repository_view
-from .reconcile import reconcile
 
 EX_CONFIG = 78
 DAEMONS = ("publisher-consumer", "cvmfs-repo-consumers", "cvmfs-repo-sync")
@@ -225,11 +223,18 @@ def cmd_repository_status(args: argparse.Namespace) -> int:
         print(f"{args.repository}: {exc}", file=sys.stderr)
         return 2
     if args.key:
+        s3, why = None, ""  # without S3 the view says why and compares nothing
         try:
+            # Imported here: boto3 is not in the sync-publisher image (each image
+            # holds only what its daemon imports), where the receipt is still shown.
+            from ..adapters.rgw import RGW  # noqa: PLC0415 (see above)
             s3 = RGW(cfg.s3, cfg.rgw)
-        except PublisherError:
-            s3 = None  # this container has no S3 endpoint: the view says so
-        view = key_view(cfg, repo, args.key, s3)
+        except ImportError as exc:
+            why = (f"no S3 client in this image ({exc.name} is not installed): run the "
+                   "command in the cvmfs-repo-consumers container to compare with S3")
+        except PublisherError as exc:
+            why = str(exc)
+        view = key_view(cfg, repo, args.key, s3, why)
         print(json.dumps(view, indent=1, sort_keys=True) if args.json else format_key(view))
         return 0 if view["in_sync"] else 1
     rview = repository_view(cfg, repo)
@@ -242,6 +247,10 @@ def cmd_repository_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    # Imported here: reconcile reads S3 (boto3), which the sync-publisher image
+    # does not install (each image holds only what its daemon imports).
+    from .reconcile import reconcile  # noqa: PLC0415 (see above)
+
     cfg = _load(args)
     try:
         validate_repository(args.repository, cfg.cvmfs.domain)

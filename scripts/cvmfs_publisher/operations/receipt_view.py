@@ -44,8 +44,9 @@ def repository_view(cfg: Config, repo: str, now: float | None = None) -> dict[st
     return {**doc, "receipt": {"object": where, "state": state}}
 
 
-def key_view(cfg: Config, repo: str, key: str, s3: Any) -> dict[str, Any]:
-    """Where ``key`` stands, and what S3 holds under it now (``s3``: the S3 adapter)."""
+def key_view(cfg: Config, repo: str, key: str, s3: Any, no_s3: str = "") -> dict[str, Any]:
+    """Where ``key`` stands, and what S3 holds under it now (``s3``: the S3 adapter;
+    None where there is none, ``no_s3`` saying why)."""
     reason = ""
     try:
         target = object_keys.map_key(key, cfg.s3.prefix, cfg.cvmfs.tarball_dir,
@@ -65,7 +66,7 @@ def key_view(cfg: Config, repo: str, key: str, s3: Any) -> dict[str, Any]:
         out["last_error"] = sync["error"].get("message", "")
     try:
         if s3 is None:
-            raise PublisherError("s3.endpoint_url is not configured here", repo)
+            raise PublisherError(no_s3 or "no S3 client here", repo)
         out["s3"] = s3.head_object(label_of(repo), key, repo)
     except PublisherError as exc:
         out["s3_error"] = str(exc)
