@@ -282,11 +282,15 @@ class CvmfsServer:
 
     # -- commands ------------------------------------------------------------------------
 
-    def create_repository(self, repo: str, keys_dir: str) -> bool:
+    def create_repository(self, repo: str, keys_dir: str, leftovers: bool = True) -> bool:
         """mkfs (gateway mode) unless it exists; a failed mkfs' leftover is removed first.
 
         The one mkfs path (provisioning and the sync daemon both use it); True
-        if the repository was created. Never ``rmfs`` a repository in a
+        if the repository was created. ``leftovers=False`` (the sync daemon):
+        an existing repository is left as it is; only the provisioner, which
+        owns a repository's life cycle and sees its keys, judges a leftover
+        (in the sync container a sound repository may look unhealthy to
+        ``list``, and an rmfs there would destroy it). Never ``rmfs`` a repository in a
         transaction: rmfs drops the session token but not the gateway lease,
         and the repository created again would get 16 (lease busy) from every
         transaction for the lease's lifetime (cvmfs README §10). ``list`` calls
@@ -297,6 +301,8 @@ class CvmfsServer:
         ``unhealthy`` (DESIGN §2). Raises :class:`CvmfsError`.
         """
         if self.exists(repo):
+            if not leftovers:
+                return False
             if self.in_transaction(repo):
                 log.warning("repository=%s step=mkfs outcome=left-to-sync: in a transaction "
                             "(a crash's leftover): not recreated (rmfs would leak its "

@@ -181,7 +181,6 @@ class BatchPublisher:
         self.stop = stop or threading.Event()
         self.on_problem = on_problem or (lambda repo, text: None)
         self.transactions = Transactions(cfg, self.backend, self.stop, self._problem)
-        self._checked: set[str] = set()  # repositories create_repository has seen whole
 
     def _problem(self, repo: str, text: str) -> None:
         """Through self: a caller may set ``on_problem`` after construction."""
@@ -219,20 +218,18 @@ class BatchPublisher:
         return outcome
 
     def ensure_repository(self, repo: str) -> bool:
-        """Create the repository when absent, or a failed mkfs' leftover again.
+        """Create the repository when absent (True if it was created).
 
-        The full check (:meth:`CvmfsServer.create_repository`: files, ``list``)
-        runs once per repository and process; afterwards only its absence does.
-        True if it was created.
+        Through the one mkfs path, without its leftover check: judging and
+        removing a failed mkfs is the provisioner's business (see
+        :meth:`CvmfsServer.create_repository`).
         """
-        if repo in self._checked and self.backend.exists(repo):
+        if self.backend.exists(repo):
             return False
         try:
-            created = self.backend.create_repository(repo, self.cfg.cvmfs.keys_dir)
+            return self.backend.create_repository(repo, self.cfg.cvmfs.keys_dir)
         except CvmfsError as exc:
             raise PublishError.from_cvmfs(exc) from None
-        self._checked.add(repo)
-        return created
 
     # -- one batch -------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ class CvmfsBackend:
         return self.server.exists(repo)
 
     def create_repository(self, repo: str, keys_dir: str) -> bool:
-        return self.server.create_repository(repo, keys_dir)
+        """mkfs when absent; a leftover is the provisioner's to judge (see the adapter)."""
+        return self.server.create_repository(repo, keys_dir, leftovers=False)
 
     def in_transaction(self, repo: str) -> bool:
         return self.server.in_transaction(repo)
