@@ -49,7 +49,7 @@ from cvmfs_publisher.adapters.cvmfs import CvmfsServer, Result  # noqa: E402
 from cvmfs_publisher.core import config as config_mod  # noqa: E402
 from cvmfs_publisher.core.status import StatusDocument  # noqa: E402
 from cvmfs_publisher.daemons.repo_sync import NAME  # noqa: E402
-from cvmfs_publisher.operations.reconcile import reconcile  # noqa: E402
+from cvmfs_publisher.pipeline.reconcile import reconcile  # noqa: E402
 from cvmfs_publisher.publishing.batch import BatchPublisher  # noqa: E402
 from cvmfs_publisher.publishing.scheduler import RepoSync  # noqa: E402
 from cvmfs_publisher.staging.area import Entry, Staging  # noqa: E402

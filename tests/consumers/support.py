@@ -256,7 +256,8 @@ class Env:
         label = label or unique_label("rc-")
         repo = Repo(label, f"{label}.{DOMAIN}", "0f1e2d3c-" + unique_label("s"))
         self.openbao.put_keys(f"{repo.subject}/cvmfs_keys/{repo.repository}", KEYS)
-        self.rgw.s3.create_bucket(Bucket=label)
+        if not self.rgw.bucket_exists(label):  # it may hold data already (a migration)
+            self.rgw.s3.create_bucket(Bucket=label)
         self.repos.append(repo)
         conn = amqp_connection(self.cfg)
         try:
@@ -430,7 +431,9 @@ def running(cfg: Config, *queues: str, rgw: RGW | None = None) -> Iterator[RepoC
 class Process:
     """The daemon as a subprocess (for SIGKILL, SIGTERM and memory measurements)."""
 
-    def __init__(self, stack: Stack, name: str, overrides: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, stack: Stack, name: str, overrides: dict[str, dict[str, Any]],
+                 module: str = "cvmfs_publisher.daemons.repo_consumers") -> None:
+        self.module = module
         self.config = stack.write(f"{name}.yaml", **overrides)
         self.env = stack.subprocess_env()
         self.out = stack.workdir / f"{name}.out"
@@ -439,8 +442,7 @@ class Process:
     def start(self) -> Process:
         with open(self.out, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cvmfs_publisher.daemons.repo_consumers",
-                 "--config", str(self.config)],
+                [sys.executable, "-m", self.module, "--config", str(self.config)],
                 env=self.env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
         return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 
 from cvmfs_publisher.adapters.cvmfs import CvmfsServer
+from cvmfs_publisher.publishing.cvmfs_backend import CvmfsBackend
 from cvmfs_publisher.staging import receipts
 from tests.cvmfs_server_double import current_revision, inject_fault, spool_dir
 from tests.sync.conftest import REPO, SyncEnv, tarball
@@ -32,10 +33,10 @@ def test_published_key_carries_the_revision_the_tool_reports(env: SyncEnv) -> No
     env.delete("old.txt")
     _tick_published(env, daemon)
     rev = current_revision(env.root, REPO)
-    # The adapter reads what `attr -qg revision <spool>/rdonly` prints (cvmfs README §2).
+    # The backend reads what `attr -qg revision <spool>/rdonly` prints (cvmfs README §2).
     attr = subprocess.run(["attr", "-qg", "revision", str(spool_dir(env.root, REPO) / "rdonly")],
                           capture_output=True, text=True, check=True).stdout.strip()
-    assert CvmfsServer(env.cfg.cvmfs).revision(REPO) == rev == int(attr)
+    assert CvmfsBackend(CvmfsServer(env.cfg.cvmfs)).revision(REPO) == rev == int(attr)
     doc = receipts.build(env.cfg.cvmfs.staging_dir, REPO, env.cfg.receipts)
     assert doc["repository"] == REPO
     assert doc["published"]["revision"] == rev and doc["published"]["time"]

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from cvmfs_publisher.adapters.rgw import RGW
-from cvmfs_publisher.operations.reconcile import ReconcileError, content_matches, reconcile
+from cvmfs_publisher.pipeline.reconcile import ReconcileError, content_matches, reconcile
+from cvmfs_publisher.staging import manifest
 from tests.conftest import unique_label
 from tests.cvmfs_server_double import published_tree, union_dir
 
@@ -105,7 +106,9 @@ def test_bucket_with_existing_data(bucket_env: tuple[SyncEnv, str, Any]) -> None
     assert published(env, repo) == wanted
     again = reconcile(env.cfg, repo, dry_run=True)
     assert again.changes == [] and again.in_sync == 9, again.render()
-    assert again.hashed == 6  # same-size files only; symlinks by their target's MD5
+    # The first reconcile walked (no manifest) and rebuilt it; the publish folded the
+    # batch in: this one compares the listing with it and reads no file.
+    assert again.mode == "manifest" and again.hashed == 0
 
 
 def test_drift_both_ways(bucket_env: tuple[SyncEnv, str, Any]) -> None:
@@ -197,3 +200,43 @@ def test_cli_reconcile_dry_run_then_stage(bucket_env: tuple[SyncEnv, str, Any], 
     assert main(["--config", str(cfg_file), "reconcile", repo]) == 0
     assert env.staging(repo).pending_get("new.txt") is not None
     assert main(["--config", str(cfg_file), "reconcile", "Not_A_Repo"]) == 2
+
+
+def test_manifest_reconcile_reads_no_file(bucket_env: tuple[SyncEnv, str, Any]) -> None:
+    """With a manifest of the published revision: the listing alone decides."""
+    env, repo, s3 = bucket_env
+    bucket = repo.split(".")[0]
+    wanted = fill(s3, bucket)
+    sync(env, repo)
+    assert published(env, repo) == wanted
+    st = env.staging(repo)
+    revision = manifest.published_revision(env.cfg.cvmfs.spool_dir, repo)
+    assert manifest.ensure(st, published_tree(env.root, repo), revision) == "trusted"
+    # What the sync daemon does when it has no manifest of this revision (lost, or a
+    # deployment from before manifests): walk and hash the published tree once.
+    manifest.discard(st.root, repo, "the test removes it")
+    assert manifest.ensure(st, published_tree(env.root, repo), revision) == "rebuilt"
+    again = reconcile(env.cfg, repo, dry_run=True)
+    assert again.mode == "manifest" and again.hashed == 0, again.render()
+    assert again.changes == [] and again.in_sync == 9, again.render()
+    # Drift: found from the listing alone (a changed ETag, a new key, a deleted key).
+    put(s3, bucket, "cvmfs/README", b"READ ME\n")
+    put(s3, bucket, "cvmfs/new/file", b"new")
+    s3.delete_object(Bucket=bucket, Key="cvmfs/a/b/c/nested.txt")
+    drift = reconcile(env.cfg, repo)
+    assert drift.mode == "manifest" and drift.hashed == 0
+    assert sorted((c.op, c.path) for c in drift.changes) == [
+        ("delete", "a/b/c/nested.txt"), ("put", "README"), ("put", "new/file")]
+    assert drift.staged == 3
+    # The publish folds the batch into the manifest (revision chained): still no file read.
+    env.publisher().publish(repo)
+    later = reconcile(env.cfg, repo, dry_run=True)
+    assert later.mode == "manifest" and later.hashed == 0, later.render()
+    assert later.changes == [], later.render()
+    # Someone else published (another host, by hand): not trusted, walked, rebuilt.
+    cmd = str(env.double.command)
+    subprocess.run([cmd, "transaction", repo], check=True, capture_output=True)
+    subprocess.run([cmd, "publish", repo], check=True, capture_output=True)
+    walked = reconcile(env.cfg, repo)
+    assert walked.mode == "walk" and walked.rebuilt and walked.changes == []
+    assert reconcile(env.cfg, repo, dry_run=True).mode == "manifest"

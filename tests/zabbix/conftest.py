@@ -78,6 +78,8 @@ def write_status_documents(status_dir: Path) -> dict[str, Any]:
               last_result="ok", consecutive_failures=0, errors=1,
               last_error="rsync failed: disk full\nTraceback (most recent call last): ...")
     sync.incr("alice-personalrepo.infn.it", "dead_lettered", 2)
+    sync.repo("alice-personalrepo.infn.it", last_reconcile=now - 60, reconcile_healed=2)
+    sync.incr("alice-personalrepo.infn.it", "healed_total", 5)
     sync.repo("atlas-group.infn.it", pending=0, queue_depth=0, last_result="failed",
               consecutive_failures=4, errors=9)
     sync.repo("cms.infn.it")  # nothing happened yet: REPO_DEFAULTS

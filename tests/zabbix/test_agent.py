@@ -34,7 +34,7 @@ def test_every_userparameter_is_a_fixed_command_with_quoted_arguments() -> None:
     text = USERPARAMETERS.read_text()
     assert not re.search(r"^\s*UnsafeUserParameters", text, re.M)
     lines = [line for line in text.splitlines() if line.startswith("UserParameter=")]
-    assert len(lines) == 13
+    assert len(lines) == 16
     pattern = re.compile(
         r'^UserParameter=cvmfs\.publisher\.[a-z_.]+\[\*\],'
         r'python3 -P -m cvmfs_publisher\.operations\.zabbix_agent '
@@ -56,6 +56,9 @@ def test_every_userparameter_is_a_fixed_command_with_quoted_arguments() -> None:
     (repo_key("errors", ALICE), "1"),
     (repo_key("dead_lettered", ALICE), "2"),
     (repo_key("last_error", ALICE), "rsync failed: disk full"),
+    (repo_key("healed_total", ALICE), "5"),
+    (repo_key("reconcile_healed", ALICE), "2"),
+    (repo_key("healed_total", ATLAS), "0"),
     (repo_key("pending", ATLAS), "0"),
     (repo_key("last_result", ATLAS), "0"),
     (repo_key("consecutive_failures", ATLAS), "4"),

@@ -92,11 +92,13 @@ def test_api_lists_discovery_rule_and_prototypes(zapi: Any, template_id: str,
     wanted = {p["key"] for p in expected["discovery_rules"][0]["item_prototypes"]}
     assert {p["key_"] for p in prototypes} == wanted
     for field in ("pending", "last_publish_age", "last_result", "consecutive_failures",
-                  "queue_depth"):
+                  "queue_depth", "healed_total", "reconcile_healed", "last_reconcile_age"):
         assert f"cvmfs.publisher.repo.{field}[{{$CVMFS.DAEMON}},{{#REPO}}]" in wanted
     triggers = zapi.triggerprototype.get(discoveryids=rules[0]["itemid"],
                                          output=["description", "expression"])
-    assert len(triggers) == 2
+    assert len(triggers) == 3
+    healed = [t for t in triggers if "events were lost" in t["description"]]
+    assert len(healed) == 1 and healed[0]["expression"].endswith(">0")
     unpublished = [t for t in triggers if "not published" in t["description"]]
     assert len(unpublished) == 1
     assert "{$CVMFS.PUBLISH.MAX_AGE}" in unpublished[0]["expression"]

@@ -106,7 +106,7 @@ def test_server_polls_discovers_and_alerts(
         got = {**items_of(zapi, sync), **items_of(zapi, missing)}
         passive = [i for i in got.values() if i["type"] == "0"]
         discovered = [k for k in got if k.startswith("cvmfs.publisher.repo.")]
-        return len(discovered) == 3 * 8 and all(
+        return len(discovered) == 3 * 11 and all(
             i["lastclock"] != "0" or i["state"] == "1" for i in passive)
 
     wait("discovery and the first values", all_polled,
@@ -127,6 +127,9 @@ def test_server_polls_discovers_and_alerts(
     assert values[f"cvmfs.publisher.repo.consecutive_failures[{daemon},atlas-group.infn.it]"] \
         == "4"
     assert values[f"cvmfs.publisher.repo.last_result[{daemon},cms.infn.it]"] == "2"
+    assert values[f"cvmfs.publisher.repo.healed_total[{daemon},{ALICE}]"] == "5"
+    assert values[f"cvmfs.publisher.repo.reconcile_healed[{daemon},{ALICE}]"] == "2"
+    assert 60 <= float(values[f"cvmfs.publisher.repo.last_reconcile_age[{daemon},{ALICE}]"])
 
     gone = items_of(zapi, missing)
     assert gone[f"cvmfs.publisher.health[{daemon},{{$CVMFS.STATUS.MAX_AGE}}]"]["lastvalue"] \
@@ -164,5 +167,10 @@ def test_server_polls_discovers_and_alerts(
 
     assert wait("the expected problems", lambda: problems(sync) >= {
         f"{SYNC}: messages dead-lettered", f"{SYNC}: errors in the log"} or None)
+    # healed_total is a counter: the trigger fires on its change, once values differ
+    healed = [t for t in zapi.triggerprototype.get(
+        hostids=sync, output=["expression", "description"], expandExpression=True)
+        if "healed_total[" in t["expression"]]
+    assert healed and "change(" in healed[0]["expression"]
     assert f"{SYNC}: daemon down or unhealthy" not in problems(sync)
     assert f"{MISSING}: daemon down or unhealthy" in problems(missing)

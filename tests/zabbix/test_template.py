@@ -85,5 +85,10 @@ def test_triggers_use_the_configurable_macros(export: dict[str, Any]) -> None:
     assert any("health[" in e and "nodata(" in e for e in expressions)
     assert any("status.age[" in e and "{$CVMFS.STATUS.MAX_AGE}" in e for e in expressions)
     assert any("dead_lettered[" in e and ">0" in e for e in expressions)
+    item_prototypes = template["discovery_rules"][0]["item_prototypes"]
+    nested = [t["expression"] for item in item_prototypes
+              for t in item.get("trigger_prototypes", [])]
+    assert any("repo.healed_total[" in e and e.startswith("change(") and e.endswith(">0")
+               for e in nested), "events lost (healed by reconcile) must raise a problem"
     assert any("repo.pending[" in e and "{$CVMFS.PUBLISH.MAX_AGE}" in e
                and "last_publish_age[" in e for e in prototypes)

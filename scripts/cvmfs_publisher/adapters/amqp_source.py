@@ -24,6 +24,19 @@ verdict over with ``add_callback_threadsafe``). A *discovery thread* lists
 queues and reads their depths through the management API, so a slow HTTP
 call never delays an ack.
 
+**Which queues are ours.** Repository queues have a single active consumer
+(several publisher hosts may subscribe; the broker delivers to one). The
+broker does not tell an AMQP 0-9-1 consumer that it became the active one,
+so the source learns it two ways, whichever comes first: the first delivery
+on a subscription (only the active consumer gets any), and the management
+API's consumer list (``single_active``), read every
+:data:`ACTIVITY_POLL` seconds while some subscription waits. It then calls
+``Consumer.active(repository, True, reason)``; when the subscription ends
+(its channel or the connection is gone, the queue is dropped) it calls
+``Consumer.active(repository, False, reason)``. A subscription, once
+active, stays active until it ends (RabbitMQ 3.10 never moves the role
+while the active consumer is alive).
+
 One channel per repository queue, each with prefetch ``prefetch`` (quorum
 queues have no channel-wide prefetch): a channel error on one repository
 (its queue deleted) never touches the others.
@@ -69,6 +82,9 @@ log = logging.getLogger(__name__)
 
 #: Re-subscription backoff for a queue whose consume failed (e.g. 404), capped.
 RESUBSCRIBE_MAX = 30.0
+#: How often the management API is asked which waiting subscriptions became active
+#: (its consumer statistics are refreshed about every 5 s).
+ACTIVITY_POLL = 5.0
 
 
 @dataclass(eq=False)
@@ -82,6 +98,7 @@ class RepoQueue:
     tag: str = ""
     failures: int = 0
     retry_at: float = 0.0
+    active: bool = False
 
 
 @dataclass(eq=False)
@@ -209,6 +226,9 @@ class RepositoryQueues:
 
     def _on_state(self, up: bool) -> None:
         self.status.set(broker_connected=up)
+        if not up:
+            for rq in self._queues.values():
+                self._deactivate(rq, "broker connection lost")
         if not up and self._drain.is_set():
             self.consumer.stop()  # draining and the broker is gone: nothing left to ack
 
@@ -219,6 +239,7 @@ class RepositoryQueues:
         gen = self._generation
         self._conn = conn
         for rq in self._queues.values():
+            self._deactivate(rq, "broker connection replaced")
             rq.channel, rq.tag, rq.failures, rq.retry_at = None, "", 0, 0.0
         # Deliveries of the old connection that did not start: the broker delivers them again.
         self._target.withdraw(lambda d: getattr(d, "generation", gen) != gen)
@@ -287,6 +308,7 @@ class RepositoryQueues:
         rq = self._queues.pop(queue, None)
         if rq is None:
             return
+        self._deactivate(rq, why)
         ch, rq.channel = rq.channel, None
         if ch is not None and ch.is_open:
             try:
@@ -340,10 +362,13 @@ class RepositoryQueues:
         rq.channel, rq.failures = ch, 0
         log.info("repository=%s queue=%s outcome=consuming prefetch=%d", rq.repository,
                  rq.queue, self.prefetch)
+        with self._lock:
+            self.discovery.waiting = self._waiting()
 
     def _on_cancelled(self, rq: RepoQueue, frame: Any) -> None:
         """The broker cancelled our consumer (queue deleted): re-check soon."""
         log.warning("repository=%s queue=%s outcome=cancelled-by-broker", rq.repository, rq.queue)
+        self._deactivate(rq, "cancelled by the broker")
         ch, rq.channel = rq.channel, None
         rq.failures += 1
         rq.retry_at = time.monotonic() + min(RESUBSCRIBE_MAX, 2.0 ** rq.failures)
@@ -367,6 +392,7 @@ class RepositoryQueues:
             log.info("repository=%s queue=%s outcome=announced-created", repo, queue)
             self._want(queue, repo)
             self._sync_consumers()
+            self._target.created(repo)
         else:
             self._unwant(queue, "announced deleted")
 
@@ -374,9 +400,40 @@ class RepositoryQueues:
                     method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
         if self._drain.is_set():
             return  # left unacked: back to the queue when the connection closes
+        if not rq.active and rq.channel is ch:
+            self._activate(rq, "first delivery")
         d = QueueDelivery(rq.queue, method, props, body, ch, self._publisher, self.cfg.amqp,
                           self.name, dict(props.headers or {}), gen, rq)
         self._target.deliver(rq.repository, d)
+
+    # ------------------------------------------------------------------ active consumer
+
+    def _activate(self, rq: RepoQueue, how: str) -> None:
+        """Connection thread: this subscription is the queue's active consumer."""
+        rq.active = True
+        reason = "active consumer" if self._generation == 1 else \
+            "active consumer again after a broker reconnection"
+        log.info("repository=%s queue=%s outcome=active-consumer detected_by=%s", rq.repository,
+                 rq.queue, how)
+        self.status.repo(rq.repository, active_consumer=True)
+        with self._lock:
+            self.discovery.waiting = self._waiting()
+        self._target.active(rq.repository, True, reason)
+
+    def _deactivate(self, rq: RepoQueue, why: str) -> None:
+        """Connection thread: the subscription ended; another host may be active now."""
+        if not rq.active:
+            return
+        rq.active = False
+        log.info("repository=%s queue=%s outcome=not-active-consumer reason=%s", rq.repository,
+                 rq.queue, why)
+        self.status.repo(rq.repository, active_consumer=False)
+        self._target.active(rq.repository, False, why)
+
+    def _waiting(self) -> tuple[tuple[RepoQueue, str], ...]:
+        """Subscriptions that are not (known to be) active: (queue, consumer tag)."""
+        return tuple((rq, rq.tag) for rq in self._queues.values()
+                     if rq.tag and not rq.active and rq.channel is not None)
 
     # ------------------------------------------------------------------ timers
 
@@ -385,6 +442,12 @@ class RepositoryQueues:
         listing = self.discovery.take()
         if listing is not None and not self._drain.is_set():
             self._apply_listing(*listing)
+        for rq, tag in self.discovery.take_activated():
+            if (not rq.active and rq.tag == tag and rq.channel is not None
+                    and rq.channel.is_open and self._queues.get(rq.queue) is rq):
+                self._activate(rq, "management API")
+        with self._lock:
+            self.discovery.waiting = self._waiting()
         if self._drain.is_set():
             self._drain_step()
             return
@@ -435,6 +498,10 @@ class Discovery:
         self.mgmt = mgmt
         self.lock = lock
         self.served: tuple[RepoQueue, ...] = ()
+        #: subscriptions not yet known to be active (set by the connection thread)
+        self.waiting: tuple[tuple[RepoQueue, str], ...] = ()
+        self._activated: list[tuple[RepoQueue, str]] = []
+        self._next_activity = 0.0
         self._listing: tuple[float, dict[str, str]] | None = None
         self._refresh_now = threading.Event()
         self._stop = threading.Event()
@@ -463,6 +530,28 @@ class Discovery:
             listing, self._listing = self._listing, None
         return listing
 
+    def take_activated(self) -> list[tuple[RepoQueue, str]]:
+        """Waiting subscriptions the management API reported active, once."""
+        with self.lock:
+            out, self._activated = self._activated, []
+        return out
+
+    def _activity(self) -> None:
+        """Which waiting subscriptions the broker made active (one API call)."""
+        with self.lock:
+            waiting = self.waiting
+        if not waiting:
+            return
+        try:
+            active = self.mgmt.active_consumers()
+        except Exception as exc:
+            log.debug("reading the active consumers failed: %s", exc)
+            return
+        found = [(rq, tag) for rq, tag in waiting if tag in active]
+        if found:
+            with self.lock:
+                self._activated.extend(found)
+
     def _run(self) -> None:
         """Listing every refresh_interval (or on demand) and queue depths.
 
@@ -480,6 +569,9 @@ class Discovery:
         """One round of :meth:`_run`; returns when the next listing is due."""
         a, c = self.cfg.amqp, self.cfg.consumers
         now = time.monotonic()
+        if now >= self._next_activity:
+            self._next_activity = now + ACTIVITY_POLL
+            self._activity()
         if self._refresh_now.is_set() or now >= next_listing:
             self._refresh_now.clear()
             started = time.time()

@@ -204,19 +204,6 @@ class CvmfsServer:
         """``<spool>/<repo>/rdonly``: the read-only layer, the published revision."""
         return self.spool(repo) / "rdonly"
 
-    def revision(self, repo: str) -> int | None:
-        """The published revision, or None when it cannot be read.
-
-        What ``attr -qg revision <spool>/<repo>/rdonly`` prints (cvmfs README
-        §2): the ``user.revision`` attribute the read-only client serves on its
-        mount point, read here with one ``getxattr`` instead of a process.
-        """
-        try:
-            raw = os.getxattr(self.published(repo), "user.revision")
-            return int(raw.decode("ascii").strip())
-        except (OSError, ValueError, UnicodeDecodeError):
-            return None
-
     def installed_keys(self, repo: str) -> bool:
         """Are the publisher's keys in ``/etc/cvmfs/keys`` (next to repositories.d)?"""
         keys = Path(self.cfg.repositories_dir).parent / "keys"

@@ -23,10 +23,19 @@ Layout (all times are Unix timestamps, float seconds)::
           "last_event": 1764130040.0,
           "last_publish": 1764130041.0, "last_publish_duration": 0.6,
           "last_result": "ok", "consecutive_failures": 0, "backoff": 0.0,
-          "errors": 0, "last_error": "", "dead_lettered": 0
+          "errors": 0, "last_error": "", "dead_lettered": 0,
+          "active_consumer": true, "last_reconcile": 1764130030.0,
+          "reconcile_seconds": 0.4, "reconcile_healed": 0, "healed_total": 0,
+          "reconcile_mode": "manifest", "reconcile_reason": "periodic",
+          "reconcile_error": ""
         }
       }
     }
+
+The reconcile fields are the consumers' (anti-entropy, on the host that is
+the active consumer): ``reconcile_healed`` is how many differences the last
+reconcile staged, ``healed_total`` their sum since start: each one is an
+event RGW did not deliver.
 
 ``broker_connected`` is present only in the documents of daemons that talk to
 RabbitMQ (publisher-consumer, cvmfs-repo-consumers); cvmfs-repo-sync has no
@@ -62,6 +71,11 @@ REPO_DEFAULTS: dict[str, Any] = {
     "errors": 0,
     "last_error": "",
     "dead_lettered": 0,
+    "last_reconcile": 0.0,
+    "reconcile_seconds": 0.0,
+    "reconcile_healed": 0,
+    "healed_total": 0,
+    "reconcile_error": "",
 }
 
 

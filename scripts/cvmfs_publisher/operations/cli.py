@@ -132,6 +132,10 @@ def collect_status(cfg: config.Config, with_queues: bool = True) -> dict[str, An
                         r[k] = entry[k]
             elif name == "cvmfs-repo-consumers":
                 r["staged"] = entry.get("pending", 0)
+                for k in ("last_reconcile", "reconcile_seconds", "reconcile_healed",
+                          "healed_total"):
+                    if k in entry:
+                        r[k] = entry[k]
             if entry.get("last_error"):
                 r["last_error"] = f"{name}: {entry['last_error']}"
     dlq = None
@@ -200,13 +204,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"dead-letter queue: {st['dead_letter_queue']} message(s): "
               "see 'cvmfs-publisher dlq list'")
     print()
-    print(f"{'REPOSITORY':40} {'QUEUE':>5} {'PENDING':>7} {'LAST PUBLISH':>13} RESULT")
+    print(f"{'REPOSITORY':40} {'QUEUE':>5} {'PENDING':>7} {'LAST PUBLISH':>13} {'RESULT':7} "
+          f"{'LAST RECONCILE':>14} HEALED")
     for repo in sorted(st["repositories"]):
         r = st["repositories"][repo]
         depth = "-" if r["queue_depth"] is None else str(r["queue_depth"])
         pending = int(r.get("pending") or 0) + int(r.get("staged") or 0)
+        healed = "-" if "healed_total" not in r else str(r["healed_total"])
         print(f"{repo:40} {depth:>5} {pending:>7} {_age(r['last_publish'], now):>13} "
-              f"{r['last_result'] or '-'}")
+              f"{r['last_result'] or '-':7} {_age(r.get('last_reconcile', 0.0), now):>14} "
+              f"{healed}")
         if r["last_error"]:  # whole, on its own indented lines: paths must not be cut
             print(textwrap.indent(f"last error: {r['last_error']}", "    "))
     print()
@@ -249,7 +256,7 @@ def cmd_repository_status(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     # Imported here: reconcile reads S3 (boto3), which the sync-publisher image
     # does not install (each image holds only what its daemon imports).
-    from .reconcile import reconcile  # noqa: PLC0415 (see above)
+    from ..pipeline.reconcile import reconcile  # noqa: PLC0415 (see above)
 
     cfg = _load(args)
     try:

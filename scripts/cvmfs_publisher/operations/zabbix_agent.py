@@ -266,6 +266,14 @@ def _repo_last_publish_age(doc: dict[str, Any], entry: dict[str, Any], where: st
     return _seconds(time.time() - anchor)
 
 
+def _repo_last_reconcile_age(doc: dict[str, Any], entry: dict[str, Any], where: str) -> str:
+    """Seconds since the last reconcile (anti-entropy), or since start if none yet
+    (a host that is not the repository's active consumer never reconciles it)."""
+    last = _number(entry, "last_reconcile", where)
+    anchor = last if last > 0 else _number(doc, "started", "status document")
+    return _seconds(time.time() - anchor)
+
+
 def _repo_last_result(entry: dict[str, Any], where: str) -> str:
     """``1`` ok, ``0`` failed, ``2`` nothing published yet (template value map).
 
@@ -302,6 +310,9 @@ REPO_FIELDS: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str]] = {
     "consecutive_failures": _int_field("consecutive_failures"),
     "errors": _int_field("errors"),
     "dead_lettered": _int_field("dead_lettered"),
+    "reconcile_healed": _int_field("reconcile_healed"),
+    "healed_total": _int_field("healed_total"),
+    "last_reconcile_age": _repo_last_reconcile_age,
     "last_publish_age": _repo_last_publish_age,
     "last_result": lambda _doc, entry, where: _repo_last_result(entry, where),
     "last_error": lambda _doc, entry, where: _repo_last_error(entry, where),

@@ -136,6 +136,15 @@ def check_ancestors(s3: Any, staging: Staging, bucket: str, path: str,
                            f"(object {key!r})", repository)
 
 
+def _last_modified(resp: dict[str, Any]) -> float:
+    """The GET's Last-Modified as epoch seconds (0.0 when S3 did not say)."""
+    value = resp.get("LastModified")
+    try:
+        return float(value.timestamp()) if value is not None else 0.0
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return 0.0
+
+
 def _stream(body: Any, first: bytes, staging: Staging) -> tuple[str, int]:
     """Write ``first`` then the rest of ``body`` to a new staged object; (id, size)."""
     tmp, fh = staging.new_download()
@@ -197,6 +206,7 @@ def _fetch(client: Any, staging: Staging, bucket: str, target: object_keys.Targe
     body = resp["Body"]
     try:
         etag = str(resp.get("ETag", "")).strip('"')
+        modified = _last_modified(resp)
         length = int(resp.get("ContentLength", 0) or 0)
         head = _read_head(body, HEAD_BYTES)
         decision = modes.decide(resp.get("Metadata") or {}, head, target.key)
@@ -208,7 +218,8 @@ def _fetch(client: Any, staging: Staging, bucket: str, target: object_keys.Targe
             oid, size = _stream(body, head, staging)
             compression = tarballs.compression_of(head)
             entry = Entry(target.path, "ingest", object=oid, compression=compression,
-                          key=target.key, size=size, etag=etag, time=started)
+                          key=target.key, size=size, etag=etag,
+                          modified=modified, time=started)
             return Fetched(_stage_object(staging, entry), "content")
         if decision.kind == modes.SYMLINK:
             if length > modes.MAX_TARGET_BYTES or len(head) > modes.MAX_TARGET_BYTES:
@@ -218,12 +229,14 @@ def _fetch(client: Any, staging: Staging, bucket: str, target: object_keys.Targe
             link = modes.valid_symlink_target(head)
             check_ancestors(client, staging, bucket, target.path, repository)
             entry = Entry(target.path, "symlink", mode=decision.mode, target=link,
-                          key=target.key, size=len(head), etag=etag, time=started)
+                          key=target.key, size=len(head), etag=etag,
+                          modified=modified, time=started)
             return Fetched(staging.stage(entry), decision.source, decision.note)
         check_ancestors(client, staging, bucket, target.path, repository)
         oid, size = _stream(body, head, staging)
         entry = Entry(target.path, "put", mode=decision.mode, object=oid, key=target.key,
-                      size=size, etag=etag, time=started)
+                      size=size, etag=etag,
+                          modified=modified, time=started)
         return Fetched(_stage_object(staging, entry), decision.source, decision.note)
     finally:
         with contextlib.suppress(Exception):

@@ -22,6 +22,10 @@ The contract:
   :func:`cvmfs_publisher.core.delivery.verdict_for` (the one policy); the
   source applies it where it can (:func:`cvmfs_publisher.core.delivery.apply`)
   and reports it with :meth:`Consumer.settled`;
+- it tells the consumer when this process becomes, and stops being, the
+  one that receives a repository's messages (:meth:`Consumer.active`: the
+  active consumer of a single-active-consumer queue, the owner of a
+  partition); only the active one reconciles and publishes;
 - deliveries the consumer holds but has not started may become void (a
   lost connection: the source delivers them again):
   :meth:`Consumer.withdraw` drops them;
@@ -46,6 +50,14 @@ class Consumer(Protocol):
 
     def deliver(self, repository: str, delivery: Delivery) -> None:
         """Take one message of ``repository`` (source's thread; must not block)."""
+
+    def active(self, repository: str, active: bool, reason: str) -> None:
+        """This process became (or stopped being) the one served ``repository``'s
+        messages (source's thread; must not block)."""
+
+    def created(self, repository: str) -> None:
+        """``repository`` was just provisioned (announced): its first events may come
+        late (a new RGW topic), and objects uploaded before it raised none."""
 
     def withdraw(self, which: Callable[[Delivery], bool]) -> int:
         """Drop the deliveries not started for which ``which`` is true; how many."""

@@ -10,6 +10,14 @@ delivery back to the source with its verdict, decided by the one policy of
 is durable in staging. Transient failures are retried **forever** (an
 outage must not turn accepted changes into dead letters, DESIGN §3); a bug
 at most ``consumers.max_attempts`` times.
+
+It also keeps, per repository, this host's term as the active consumer
+(:class:`cvmfs_publisher.staging.fencing.Term`: stamped on every staged
+entry, so that the sync daemon publishes nothing staged by a host that lost
+the role) and drives the anti-entropy
+(:class:`cvmfs_publisher.pipeline.anti_entropy.AntiEntropy`): a repository
+is reconciled only by its active consumer, first re-checking against S3
+whatever an earlier term left unpublished.
 """
 
 from __future__ import annotations
@@ -24,9 +32,13 @@ from typing import Any
 from ..core import delivery
 from ..core.config import Config
 from ..core.delivery import Delivery, Verdict
+from ..core.errors import Transient
+from ..core.names import label_of
 from ..core.status import StatusDocument
+from ..staging import fencing
 from ..staging.area import Staging
-from . import intake
+from . import fetch, intake, object_keys, reconcile
+from .anti_entropy import AntiEntropy
 from .dispatch import Dispatcher, Job
 from .object_keys import Target
 from .source import EventSource
@@ -41,6 +53,11 @@ class Work:
     repository: str
     delivery: Delivery
     targets: list[Target]
+
+
+def repository_bucket(repository: str) -> str:
+    """The bucket of a repository (its label)."""
+    return label_of(repository)
 
 
 class Stager:
@@ -59,15 +76,23 @@ class Stager:
         self.source: EventSource | None = None
         self._lock = threading.Lock()
         self._stagings: dict[str, Staging] = {}
+        self._terms: dict[str, fencing.Term] = {}
+        self.anti_entropy = AntiEntropy(cfg.consumers, status, self.reconcile)
 
     def serve(self, source: EventSource) -> None:
-        """Run the download pool and ``source`` until the source stops."""
+        """Run the download pool, the anti-entropy and ``source`` until the source stops."""
         self.source = source
         self.dispatcher.start()
+        self.anti_entropy.start()
         try:
             source.run(self)
         finally:
+            self.anti_entropy.stop()
             self.dispatcher.close(timeout=0)
+            with self._lock:
+                terms = list(self._terms.values())
+            for term in terms:
+                term.end()
 
     def open(self, repository: str) -> None:
         """The repository's staging, created and swept of an earlier crash's leftovers."""
@@ -78,11 +103,72 @@ class Stager:
                      repository, removed)
         with self._lock:
             self._stagings[repository] = st
+            if repository not in self._terms:
+                self._terms[repository] = fencing.Term(st)
 
     def close(self, repository: str) -> None:
+        self.anti_entropy.deactivated(repository)
         with self._lock:  # with the pending counts, so report() cannot add it back
             self._stagings.pop(repository, None)
+            term = self._terms.pop(repository, None)
             self.status.drop_repo(repository)
+        if term is not None:
+            term.end()
+
+    def active(self, repository: str, active: bool, reason: str) -> None:
+        """Source's thread: begin or end this host's term; reconcile when it begins."""
+        with self._lock:
+            term = self._terms.get(repository)
+        if term is None:
+            return
+        if not active:
+            term.end()
+            self.anti_entropy.deactivated(repository)
+            return
+        try:
+            term.begin()
+        except (fencing.FencingError, OSError) as exc:
+            log.error("repository=%s step=fence outcome=cannot-take-term reason=%s; nothing "
+                      "staged here is published until it is fixed", repository, exc)
+            self.status.repo(repository, last_error=str(exc)[:300])
+            return
+        self.anti_entropy.activated(repository, reason)
+
+    def created(self, repository: str) -> None:
+        self.anti_entropy.created(repository)
+
+    def reconcile(self, repository: str, reason: str) -> reconcile.Plan:
+        """Anti-entropy worker: re-check an earlier term's leftovers, then reconcile."""
+        with self._lock:
+            staging = self._stagings.get(repository)
+            term = self._terms.get(repository)
+        if staging is None or term is None or not term.active:
+            raise LookupError(f"{repository}: this host is not its active consumer any more")
+        self._recheck(repository, staging)
+        c = self.cfg.consumers
+        return reconcile.reconcile(self.cfg, repository, s3=self.s3, staging=staging,
+                                   grace=c.reconcile_grace, workers=max(1, c.downloads),
+                                   cancel=self.anti_entropy.cancel)
+
+    def _recheck(self, repository: str, staging: Staging) -> None:
+        """Stage again, from what S3 holds now, every entry an ended term left unpublished."""
+        leftovers = fencing.to_check(staging)
+        for entry in leftovers:
+            if self.anti_entropy.cancel.is_set():
+                return  # stopping: the next term checks the rest
+            target = None
+            if entry.key:
+                try:
+                    target = object_keys.map_key(entry.key, self.cfg.s3.prefix,
+                                                 self.cfg.cvmfs.tarball_dir)
+                except object_keys.UnsafeKey:
+                    target = None
+            if target is not None and target.path == entry.path:
+                got = fetch.fetch_key(self.s3, staging, repository_bucket(repository),
+                                      target, repository)
+                log.info("repository=%s key=%s step=fence outcome=rechecked op=%s "
+                         "was=%s", repository, intake.shown(entry.key), got.entry.op, entry.op)
+            fencing.checked(staging, entry)
 
     def deliver(self, repository: str, d: Delivery) -> None:
         """Source's thread: validate (cheap), then queue the downloads."""
@@ -128,8 +214,11 @@ class Stager:
         try:
             intake.stage(self.s3, staging, w.delivery.source, w.targets, w.repository)
         except intake.StageFailed as failed:
+            if isinstance(failed.error, Transient):
+                self.anti_entropy.s3_failed()
             self._settle(w.delivery, failed.error, w.repository, failed.key)
             return
+        self.anti_entropy.s3_ok()
         self._source().settle(w.delivery, delivery.ok(w.repository, intake.describe(w.targets)))
 
     def _settle(self, d: Delivery, exc: BaseException, repository: str, key: str) -> None:

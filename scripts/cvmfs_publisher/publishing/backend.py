@@ -89,11 +89,14 @@ class PublishBackend(Protocol):
         ...
 
     def where(self, repo: str) -> Path:
-        """Where :meth:`reader` reads, for error messages."""
+        """Where :meth:`reader` reads: for error messages, and the tree the manifest
+        is rebuilt from (:func:`cvmfs_publisher.staging.manifest.ensure`)."""
         ...
 
     def revision(self, repo: str) -> int | None:
-        """The published revision (what the receipt reports), None when unreadable."""
+        """The published revision number (None when it cannot be read): the
+        manifest of what this host published is trusted only for it, and the
+        uploader's receipt reports it."""
         ...
 
     def publish_lock(self, repo: str) -> Path: ...

@@ -33,7 +33,15 @@ How a batch is applied
    failure after ``transaction`` ends in ``abort -f``; when ``abort`` answers
    5 the repository is still in its transaction, so the abort is retried
    (with backoff) before anything else happens to the repository.
-6. Only when every phase is published does the caller drop the batch from
+6. Around it, the two guarantees of DESIGN §3's self-healing and scale-out
+   (:mod:`cvmfs_publisher.staging.fencing`, :mod:`cvmfs_publisher.staging.manifest`):
+   before a batch is taken, entries staged in a consumer term that is not
+   live are set aside (a host that lost the active-consumer role never
+   publishes what it staged unchecked); and the manifest of what this host
+   published is kept true: checked against the published revision before
+   the batch (rebuilt by walking the published tree when it is not of it,
+   while this host is active), and the batch folded into it afterwards.
+7. Only when every phase is published does the caller drop the batch from
    staging (:meth:`BatchPublisher.publish`): the batch survives every crash
    and failure before that point and is applied again, which is harmless
    because every phase is idempotent.
@@ -74,6 +82,7 @@ from ..adapters.cvmfs import (
 from ..core import tarballs
 from ..core.config import Config
 from ..pipeline.object_keys import UnsafeKey, validate_path
+from ..staging import fencing, manifest
 from ..staging.area import Entry, Staging
 from .backend import PublishBackend, TreeReader, TreeWriter
 from .cvmfs_backend import CvmfsBackend
@@ -85,6 +94,8 @@ from .tree import READ_FLAGS, file_mode
 log = logging.getLogger(__name__)
 
 TXN_OPS = ("put", "symlink", "delete")
+#: Seconds before a manifest rebuild that failed (published tree unreadable) is tried again.
+MANIFEST_RETRY = 60.0
 
 
 class _Skip(Exception):
@@ -103,6 +114,7 @@ class Outcome:
     ingested: int = 0
     ingest_deleted: int = 0
     skipped: int = 0
+    skipped_paths: list[str] = field(default_factory=list)
     unchanged: int = 0
     publishes: int = 0
     transactions: int = 0
@@ -181,6 +193,7 @@ class BatchPublisher:
         self.stop = stop or threading.Event()
         self.on_problem = on_problem or (lambda repo, text: None)
         self.transactions = Transactions(cfg, self.backend, self.stop, self._problem)
+        self._manifest_retry_at: dict[str, float] = {}  # after a failed rebuild
 
     def _problem(self, repo: str, text: str) -> None:
         """Through self: a caller may set ``on_problem`` after construction."""
@@ -203,6 +216,9 @@ class BatchPublisher:
         # Once per batch, before anything else: a transaction a crash left open.
         checked = self.backend.exists(repo)
         stale = checked and self.transactions.recover(repo)
+        # Fencing: what a consumer staged in a term that is not live (this host lost
+        # the active-consumer role, or died) may be stale: set aside, never published.
+        fencing.fence(st)
         replay = st.has_batch()
         entries = st.take_batch() if (take_pending or replay) else []
         if replay and not entries:
@@ -210,12 +226,50 @@ class BatchPublisher:
             entries = st.take_batch() if take_pending else []
             replay = False
         if not entries:
+            self.keep_manifest(repo, st)
             return None
+        before = self.backend.revision(repo) if checked else None
+        if checked:
+            self.keep_manifest(repo, st, before)
         outcome = self.apply(repo, st, entries, recovered=checked)
         outcome.replay = replay
         outcome.aborted_stale += int(stale)
+        skipped = set(outcome.skipped_paths)
+        manifest.record_publish(st, [e for e in entries if e.path not in skipped], before,
+                                self.backend.revision(repo))
         st.finish_batch()
         return outcome
+
+    def keep_manifest(self, repo: str, st: Staging, revision: int | None = None) -> str:
+        """Make the manifest describe the published revision while this host is the
+        repository's active consumer (walk and hash the published tree once when it
+        does not: missing, or another host published since); see
+        :func:`cvmfs_publisher.staging.manifest.ensure`. A host that is not active
+        leaves it alone (it would rebuild after each of the other host's publishes).
+        """
+        if fencing.live_term(st) is None or not self.backend.exists(repo):
+            return "not active"
+        if revision is None:
+            revision = self.backend.revision(repo)
+        try:
+            return manifest.ensure(st, self.backend.where(repo), revision)
+        except OSError as exc:
+            self._manifest_retry_at[repo] = time.monotonic() + MANIFEST_RETRY
+            log.warning("repository=%s step=manifest outcome=not-rebuilt reason=%s; the "
+                        "consumers' reconcile waits for it; retry in %.0fs", repo, exc,
+                        MANIFEST_RETRY)
+            return "failed"
+
+    def manifest_stale(self, repo: str) -> bool:
+        """Cheap (every poll): is this host active with no manifest of the published
+        revision? (The scheduler then runs :meth:`keep_manifest`.)"""
+        if time.monotonic() < self._manifest_retry_at.get(repo, 0.0):
+            return False
+        st = self.staging(repo)
+        if fencing.live_term(st) is None:
+            return False
+        revision = self.backend.revision(repo)
+        return revision is not None and manifest.peek_revision(st.root) != revision
 
     def ensure_repository(self, repo: str) -> bool:
         """Create the repository when absent (True if it was created).
@@ -281,6 +335,7 @@ class BatchPublisher:
 
     def _skipped(self, repo: str, e: Entry, why: str, out: Outcome) -> None:
         out.skipped += 1
+        out.skipped_paths.append(e.path)
         out.errors.append(f"{e.path}: {why}")
         if self.observer is not None:
             self.observer.skipped(repo, e, why)

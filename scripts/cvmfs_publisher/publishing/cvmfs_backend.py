@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from ..adapters.cvmfs import CvmfsServer, Result
+from ..staging import manifest
 from .tree import Tree
 
 
@@ -60,7 +61,8 @@ class CvmfsBackend:
         return self.server.published(repo)
 
     def revision(self, repo: str) -> int | None:
-        return self.server.revision(repo)
+        """``attr -qg revision <spool>/<repo>/rdonly`` (cvmfs README), without a process."""
+        return manifest.revision_of(self.server.published(repo))
 
     def publish_lock(self, repo: str) -> Path:
         return self.server.publish_lock(repo)

@@ -202,6 +202,10 @@ class RepoSync:
                 continue
             due, take, why = self.due(state, now)
             self.status.repo(repo, pending=self.pending(state))
+            if not due and now >= state.next_attempt and self.publisher.manifest_stale(repo):
+                # This host is active and its manifest is not of the published revision:
+                # rebuild it now, so the consumers' reconcile can compare a listing with it.
+                due, take, why = True, False, "manifest of another revision"
             if not due or now < state.next_attempt:
                 continue
             started.append(repo)

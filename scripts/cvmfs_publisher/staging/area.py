@@ -12,6 +12,10 @@ use the :class:`Staging` API, never these paths::
     objects/<id>          content of staged files and tarballs (referenced by entries)
     tmp/                  downloads in progress (never referenced; swept at start-up)
     batch/                the batch the sync daemon is publishing (at most one)
+    stale/<h>.json        entries of an ended consumer term, set aside unpublished until
+                          the next active consumer checks them against S3 (fencing.py)
+    .active               flock(2) file held by the active consumer; holds its term id
+    manifest.json         what the sync daemon published (manifest.py)
     receipt-sync.json     the receipt's state, one file per writing daemon: they belong
     receipt-rejected.json to :mod:`cvmfs_publisher.staging.receipts` (never swept)
 
@@ -32,7 +36,16 @@ Entry (JSON)::
     {"path": "tools/bin/run.sh", "op": "put"|"symlink"|"delete"|"ingest"|"ingest-delete",
      "mode": 493, "object": "<id>", "target": "<symlink target>",
      "compression": "none"|"gzip"|"bzip2"|"xz", "key": "cvmfs/tools/bin/run.sh", "size": 12,
-     "etag": "...", "seq": 17, "time": 1764130000.0, "first_time": 1764129990.0}
+     "etag": "...", "modified": 1764129980.0, "activation": "<id>", "seq": 17,
+     "time": 1764130000.0, "first_time": 1764129990.0}
+
+``etag`` and ``modified`` (Last-Modified, epoch seconds) are the source
+object's, from the GET that staged it: the sync daemon records them in the
+manifest (:mod:`cvmfs_publisher.staging.manifest`) so that a reconcile can
+compare a bucket listing with what was published without reading a file.
+``activation`` names the consumer's term as the repository queue's active
+consumer when it staged the entry (:mod:`cvmfs_publisher.staging.fencing`):
+an entry of an ended term may be stale and is never published unchecked.
 
 ``ingest`` / ``ingest-delete`` entries are keyed by their ingest directory
 (``software/<tarball path without extension>``).
@@ -78,6 +91,8 @@ class Entry:
     key: str = ""
     size: int = 0
     etag: str = ""
+    modified: float = 0.0
+    activation: str = ""
     seq: int = 0
     time: float = field(default_factory=time.time)
     first_time: float = 0.0
@@ -107,6 +122,10 @@ class Staging:
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
         self.batch_dir = self.root / "batch"
+        self.stale_dir = self.root / "stale"
+        #: The consumer term stamped on every staged entry (fencing.Term sets it);
+        #: empty for an operator's reconcile, whose entries are never fenced.
+        self.term = ""
         self._lock_path = self.root / ".lock"
 
     # -- set-up and locking ------------------------------------------------------------
@@ -185,19 +204,32 @@ class Staging:
         so downloads of several paths commit in parallel. ``seq`` is a
         nanosecond timestamp: it orders entries and stays monotonic across a
         crash without a counter file to fsync. Per-path order is the
-        caller's (the consumers serialise changes of one key).
+        caller's (the consumers serialise changes of one key); when two
+        fetches of one path still race (an event's and a reconcile's), the
+        entry whose fetch *started* later (``time``) is kept, since it asked
+        S3 later. Returns the entry that is pending afterwards.
         """
         if entry.op not in OPS:
             raise ValueError(f"unknown op {entry.op!r}")
         name = entry_name(entry.path)
         previous = self._read(self.pending / name)
+        if not entry.activation:
+            entry.activation = self.term
         entry.seq = time.time_ns()
         entry.first_time = previous.first_time if previous else entry.time
         tmp = self.tmp / f"entry-{uuid.uuid4().hex}"
         durable.write_new(tmp, json.dumps(asdict(entry), sort_keys=True).encode())
         with self.locked():
             old = self._read(self.pending / name)
-            os.replace(tmp, self.pending / name)
+            if old is not None and old.time > entry.time:
+                # S3 was asked later for the pending one: it is the fresher view (two
+                # fetches of one path raced: an event's and a reconcile's).
+                os.unlink(tmp)
+                stale_object = entry.object if entry.object != old.object else ""
+                old, entry = None, old
+            else:
+                stale_object = ""
+                os.replace(tmp, self.pending / name)
             # fd on the directory inode: still the right one if the sync daemon
             # renames pending/ to batch/ right after we release the lock
             dfd = os.open(self.pending, os.O_RDONLY | os.O_DIRECTORY)
@@ -208,6 +240,8 @@ class Staging:
         if old and old.object and old.object != entry.object:
             with contextlib.suppress(FileNotFoundError):
                 (self.objects / old.object).unlink()
+        if stale_object:
+            self.discard_object(stale_object)
         return entry
 
     def discard_download(self, tmp_path: Path) -> None:
@@ -296,6 +330,10 @@ class Staging:
         """The batch in progress (after a crash: the one to replay)."""
         return self._entries(self.batch_dir)
 
+    def stale_entries(self) -> list[Entry]:
+        """Entries set aside by fencing (see :mod:`cvmfs_publisher.staging.fencing`)."""
+        return self._entries(self.stale_dir)
+
     def has_batch(self) -> bool:
         return self.batch_dir.is_dir()
 
@@ -325,7 +363,8 @@ class Staging:
     def finish_batch(self) -> None:
         """The batch is published: drop its entries and their objects."""
         with self.locked():
-            live = {e.object for e in self.pending_entries() if e.object}
+            live = {e.object for e in self.pending_entries() + self.stale_entries()
+                    if e.object}
             for e in self.batch_entries():
                 if e.object and e.object not in live:
                     with contextlib.suppress(FileNotFoundError):
@@ -346,7 +385,9 @@ class Staging:
                     removed += 1
             for leftover in self.root.glob(".done-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
-            live = {e.object for e in self.pending_entries() + self.batch_entries() if e.object}
+            live = {e.object for e in
+                    self.pending_entries() + self.batch_entries() + self.stale_entries()
+                    if e.object}
             for name in os.listdir(self.objects):
                 if name not in live:
                     with contextlib.suppress(FileNotFoundError):

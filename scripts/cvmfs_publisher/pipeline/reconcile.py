@@ -1,27 +1,42 @@
-"""Reconcile: bring a repository back in line with its bucket (operator command).
+"""Reconcile: bring a repository back in line with its bucket (DESIGN §3, Self-healing).
 
-For a new repository whose bucket already holds data, after events were
-lost, or after an outage. It replaces the old "wipe and re-download" script:
-only the differences are downloaded and staged, and the sync daemon
-publishes them like any other change (so its locking, coalescing and crash
-safety apply, and an unchanged file staged "just in case" costs a download
-but no revision: the publisher skips changes already in place).
+Run by the consumers by themselves (:mod:`cvmfs_publisher.pipeline.anti_entropy`:
+after provisioning, after an outage, after a failover, periodically) and by
+an operator (``cvmfs-publisher reconcile``). Only the differences are
+downloaded and staged, and the sync daemon publishes them like any other
+change (its locking, coalescing and crash safety apply).
 
-How (streaming, so 100,000 files take minutes, not hours):
-1. list the bucket's ``cvmfs/`` prefix page by page (ListObjectsV2: key,
-   size, ETag; no per-object HEAD) and map each key to its repository path
-   with :func:`cvmfs_publisher.pipeline.object_keys.map_key` (the consumers' rule);
-2. walk the published tree ``<mount_dir>/<repo>`` with ``os.scandir``,
-   never following a symlink, descending only into directories the bucket
-   needs (an extra directory is one deletion, not one per file);
-3. compare: type, then size, then, only for same-size files, the content
-   hash (the ETag is the MD5 of a single-part upload; multipart ETags are
-   checked for the usual part sizes; when it cannot be decided the object is
-   staged, which is safe);
-4. stage every difference with :class:`cvmfs_publisher.staging.area.Staging`:
-   deletions directly, other changes exactly as the consumers stage an
-   event (:func:`cvmfs_publisher.pipeline.fetch.stage_key`: a GET streamed to disk,
-   whose metadata and first bytes decide file mode or symlink).
+Two ways to know what is published, cheapest first:
+
+1. **The manifest** (:mod:`cvmfs_publisher.staging.manifest`): what this
+   host's sync daemon published, with the ETag and Last-Modified of each
+   path's source object. When it describes the published revision, the
+   bucket listing is compared with it and nothing is read from the
+   repository: the cost of an in-sync repository is one listing.
+2. **Walk and hash** (when there is no trustworthy manifest: missing,
+   unreadable, or of another revision): walk the published tree
+   ``<mount_dir>/<repo>`` with ``os.scandir``, never following a symlink,
+   descending only into directories the bucket needs; compare type, then
+   size, then, only for same-size files, the content hash (the ETag is the
+   MD5 of a single-part upload; multipart ETags are checked for the usual
+   part sizes; when it cannot be decided the object is staged, which is
+   safe). The paths found in sync rebuild the manifest (for the revision
+   walked, and only if no publish happened meanwhile), so this happens once.
+
+Either way the bucket's ``cvmfs/`` prefix is listed page by page
+(ListObjectsV2: key, size, ETag, Last-Modified; no per-object HEAD) and each
+key mapped to its repository path with
+:func:`cvmfs_publisher.pipeline.object_keys.map_key` (the consumers' rule),
+and every difference is staged with :class:`cvmfs_publisher.staging.area.Staging`:
+deletions directly, other changes exactly as the consumers stage an event
+(:func:`cvmfs_publisher.pipeline.fetch.stage_key`: a GET streamed to disk,
+whose metadata and first bytes decide file mode or symlink).
+
+Not counted as differences: a path whose change is already staged (its
+event arrived and waits to be published), and, with ``grace``, an object
+modified in the last ``grace`` seconds (its event is probably on its way;
+the next reconcile sees it). So :attr:`Plan.staged` counts the events that
+were lost.
 
 Kept although absent from the bucket: the directories that tarball
 ingestion owns (``<tarball_dir>/<tarball path>`` of every tarball in the
@@ -31,10 +46,10 @@ bucket; their content comes from the tarball, not from keys), any
 repository (it is CernVM-FS's, not the user's; nothing is gained by
 publishing its removal).
 
-Not compared without ``check_modes``: the mode of same-content files (it is
-in object metadata, which a listing does not return; checking it costs one
-HEAD per file). Files whose mode is neither 0644 nor 0755 are always
-restaged. Tarball content is not compared (that means reading every
+Not compared by the walk without ``check_modes``: the mode of same-content
+files (it is in object metadata, which a listing does not return; checking
+it costs one HEAD per file). Files whose mode is neither 0644 nor 0755 are
+always restaged. Tarball content is not compared (that means reading every
 tarball): a tarball whose directory exists is taken as ingested unless
 ``reingest`` is set.
 """
@@ -44,7 +59,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,16 +71,18 @@ from typing import Any
 
 from ..adapters.rgw import RGW, classify
 from ..core.config import Config
-from ..core.errors import Permanent, PublisherError
+from ..core.errors import Permanent, PublisherError, Transient
 from ..core.names import label_of, validate_repository
 from ..pipeline import object_keys
 from ..pipeline.fetch import stage_key
+from ..staging import manifest as manifests
 from ..staging.area import Entry, Staging
+from ..staging.manifest import Manifest, Record
 
 log = logging.getLogger(__name__)
 
 #: Root entries that mkfs creates and the bucket never holds.
-KEEP_AT_ROOT = frozenset({"new_repository"})
+KEEP_AT_ROOT = frozenset({manifests.MKFS_PLACEHOLDER})
 _MIB = 1 << 20
 _COMMON_PART_SIZES = (5, 8, 10, 15, 16, 25, 32, 50, 64, 100, 128, 256, 512)
 _CHUNK = 1 << 20
@@ -94,6 +113,7 @@ class Change:
     key: str = ""
     size: int = 0
     kind: str = object_keys.FILE  # map_key: file, rclone symlink, tarball
+    etag: str = ""
 
     def line(self) -> str:
         mark = {"put": "+" if self.reason == "missing" else "~", "delete": "-",
@@ -121,6 +141,10 @@ class Plan:
     staged: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    mode: str = "walk"  # "manifest": compared with the manifest; "walk": tree walked
+    in_flight: int = 0  # differences already staged (their events arrived)
+    recent: int = 0  # objects younger than the grace period (left to their events)
+    rebuilt: bool = False  # the walk rebuilt the manifest
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -139,13 +163,18 @@ class Plan:
         head = [
             f"reconcile {self.repository} with s3://{self.bucket}/{self.prefix}"
             f"{' (dry run: nothing staged)' if self.dry_run else ''}",
-            f"  listed {self.objects} objects ({self.ignored} not published), walked "
-            f"{self.tree_entries} repository entries, hashed {self.hashed} files, "
-            f"in {self.seconds:.1f}s",
+            f"  listed {self.objects} objects ({self.ignored} not published), "
+            + ("compared with the manifest, " if self.mode == "manifest" else
+               f"walked {self.tree_entries} repository entries, ")
+            + f"hashed {self.hashed} files, in {self.seconds:.1f}s"
+            + ("; manifest rebuilt" if self.rebuilt else ""),
             f"  in sync: {self.in_sync}; to add: {c.get('add', 0)}, to update: "
             f"{c.get('update', 0)}, to delete: {c.get('delete', 0)}; kept (CVMFS's own, "
             f"tarball directories): {self.kept}; keys refused: {len(self.skipped)}",
         ]
+        if self.in_flight or self.recent:
+            head.append(f"  already staged: {self.in_flight}; too recent to tell (left to "
+                        f"their events): {self.recent}")
         if not self.dry_run:
             head.append(f"  staged: {self.staged}, failed: {len(self.failed)}"
                         + ("; the sync daemon publishes them" if self.staged else ""))
@@ -163,13 +192,54 @@ class Plan:
 # --------------------------------------------------------------------------- listing
 
 
+_DONE = object()
+
+
+def _pages(s3: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    """ListObjectsV2 pages, the next one requested while this one is processed.
+
+    Each page costs a round trip to RGW and some CPU here to map its keys;
+    overlapping them keeps a reconcile close to the cost of the bare listing.
+    """
+    pages: queue.Queue[Any] = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            paginator = s3.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix,
+                                           PaginationConfig={"PageSize": 1000}):
+                while not stop.is_set():
+                    try:
+                        pages.put(page, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            pages.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            pages.put(exc)
+
+    thread = threading.Thread(target=produce, name="listing", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = pages.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def list_bucket(s3: Any, bucket: str, prefix: str, tarball_dir: str,
                 plan: Plan) -> dict[str, Wanted]:
     """Stream the bucket listing into ``{repository path: Wanted}``."""
     wanted: dict[str, Wanted] = {}
-    paginator = s3.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix,
-                                   PaginationConfig={"PageSize": 1000}):
+    for page in _pages(s3, bucket, prefix):
         for obj in page.get("Contents", []) or []:
             plan.objects += 1
             key = obj["Key"]
@@ -204,20 +274,6 @@ def _ancestors(path: str) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- hashing
-
-
-def _md5_file(path: str) -> str | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    h = hashlib.md5(usedforsecurity=False)
-    try:
-        while chunk := os.read(fd, _CHUNK):
-            h.update(chunk)
-    finally:
-        os.close(fd)
-    return h.hexdigest()
 
 
 def _multipart_etag(path: str, part_size: int) -> str | None:
@@ -256,7 +312,7 @@ def content_matches(path: str, size: int, etag: str) -> bool:
     """
     etag = etag.lower()
     if len(etag) == 32 and "-" not in etag:
-        return _md5_file(path) == etag
+        return manifests.md5_file(path) == etag
     digest, sep, count = etag.partition("-")
     if not sep or not count.isdigit() or len(digest) != 32:
         return False
@@ -292,7 +348,8 @@ class _Walk:
     plan: Plan
     quick: bool
     reingest: bool
-    to_hash: list[tuple[str, Wanted]] = field(default_factory=list)
+    to_hash: list[tuple[str, Wanted, os.stat_result]] = field(default_factory=list)
+    synced: dict[str, Record] = field(default_factory=dict)
 
 
 def _walk(w: _Walk) -> None:
@@ -337,6 +394,8 @@ def _walk_dir(w: _Walk, rel_dir: str, stack: list[str]) -> None:
                 else:
                     w.plan.in_sync += 1
                     w.plan.kept += 1
+                    w.synced[rel] = Record(manifests.TARBALL, want.size, 0o755, "",
+                                           want.etag, want.modified, want.key)
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if want is not None:
@@ -365,6 +424,9 @@ def _compare(w: _Walk, rel: str, full: str, st: os.stat_result, want: Wanted) ->
             target, usedforsecurity=False).hexdigest() == want.etag.lower()
         if same:
             w.plan.in_sync += 1
+            w.synced[rel] = Record(manifests.SYMLINK, want.size, 0o777,
+                                   target.decode("utf-8", "surrogateescape"), want.etag,
+                                   want.modified, want.key)
         else:
             w.plan.changes.append(Change("put", rel, "symlink differs", want.key, want.size,
                                          want.kind))
@@ -387,15 +449,20 @@ def _compare(w: _Walk, rel: str, full: str, st: os.stat_result, want: Wanted) ->
         return
     if w.quick and want.modified and want.modified < st.st_mtime - 2:
         w.plan.in_sync += 1  # published after the object's last change
+        w.synced[rel] = _file_record(st, want)
         return
-    w.to_hash.append((rel, want))
+    w.to_hash.append((rel, want, st))
 
 
-def diff(root: Path, wanted: dict[str, Wanted], plan: Plan, *, quick: bool = False,
-         reingest: bool = False, workers: int = 4) -> None:
-    """Fill ``plan.changes`` with what differs between ``root`` and ``wanted``.
+def _file_record(st: os.stat_result, want: Wanted) -> Record:
+    return Record(manifests.FILE, st.st_size, stat.S_IMODE(st.st_mode), "", want.etag,
+                  want.modified, want.key)
 
-    ``wanted`` is consumed (what is left over is missing from the tree).
+
+def _directories(wanted: dict[str, Wanted], plan: Plan) -> set[str]:
+    """The directories the wanted paths need; a key used as a directory is dropped.
+
+    S3 allows keys "a" and "a/b"; a file system does not: the directory wins.
     """
     wanted_dirs: set[str] = set()
     for path in wanted:
@@ -403,25 +470,119 @@ def diff(root: Path, wanted: dict[str, Wanted], plan: Plan, *, quick: bool = Fal
             wanted_dirs.add(a)
     for path in list(wanted):
         if path in wanted_dirs and wanted[path].kind != object_keys.TARBALL:
-            # S3 allows keys "a" and "a/b"; a file system does not: the directory wins.
             w = wanted.pop(path)
             plan.skipped.append((w.key, "other objects use this path as a directory"))
+    return wanted_dirs
+
+
+def diff(root: Path, wanted: dict[str, Wanted], plan: Plan, *, quick: bool = False,
+         reingest: bool = False, workers: int = 4) -> dict[str, Record]:
+    """Fill ``plan.changes`` with what differs between ``root`` and ``wanted``.
+
+    ``wanted`` is consumed (what is left over is missing from the tree).
+    Returns the manifest records of the paths found in sync.
+    """
+    wanted_dirs = _directories(wanted, plan)
     walk = _Walk(root, wanted, wanted_dirs, plan, quick, reingest)
     _walk(walk)
     # Content hashes, in parallel (I/O bound; hashlib releases the GIL).
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda item: content_matches(str(root / item[0]), item[1].size,
                                                         item[1].etag), walk.to_hash)
-        for (rel, want), same in zip(walk.to_hash, results, strict=True):
+        for (rel, want, st), same in zip(walk.to_hash, results, strict=True):
             plan.hashed += 1
             if same:
                 plan.in_sync += 1
+                walk.synced[rel] = _file_record(st, want)
             else:
                 plan.changes.append(Change("put", rel, "content differs", want.key, want.size,
                                            want.kind))
     for path, want in wanted.items():
         op = "ingest" if want.kind == object_keys.TARBALL else "put"
         plan.changes.append(Change(op, path, "missing", want.key, want.size, want.kind))
+    return walk.synced
+
+
+def _same_source(rec: Record, want: Wanted) -> str:
+    """Why ``rec`` (published) is not ``want`` (the bucket now); "" when it is."""
+    if want.kind == object_keys.TARBALL:
+        if rec.type != manifests.TARBALL:
+            return f"a {rec.type} where the bucket has a tarball"
+    elif rec.type == manifests.TARBALL:
+        return "a tarball directory where the bucket has an object"
+    elif want.kind == object_keys.SYMLINK_RCLONE and rec.type != manifests.SYMLINK:
+        return "a file where the bucket has a symlink"
+    if rec.etag.lower() != want.etag.lower():
+        return f"ETag {rec.etag or '-'} != {want.etag}"
+    if rec.size != want.size:
+        return f"size {rec.size} != {want.size}"
+    if rec.type == manifests.FILE and rec.mode not in (0o644, 0o755):
+        return f"mode {rec.mode:o}"
+    return ""
+
+
+def diff_manifest(m: Manifest, wanted: dict[str, Wanted], plan: Plan, *,
+                  reingest: bool = False) -> None:
+    """Fill ``plan.changes`` from the manifest and the listing alone (reads no file)."""
+    _directories(wanted, plan)
+    plan.tree_entries = len(m.entries)
+    ingested = {p + "/" for p, w in wanted.items() if w.kind == object_keys.TARBALL}
+
+    def under_tarball(path: str) -> bool:
+        return bool(ingested) and any(a + "/" in ingested for a in _ancestors(path))
+
+    for path, want in wanted.items():
+        rec = m.entries.get(path)
+        op = "ingest" if want.kind == object_keys.TARBALL else "put"
+        if rec is None and want.kind == object_keys.TARBALL and not reingest and any(
+                p.startswith(path + "/") for p in m.entries):
+            # Rebuilt from the tree: its directory exists, taken as ingested (as the walk).
+            plan.in_sync += 1
+            plan.kept += 1
+            continue
+        if rec is None:
+            plan.changes.append(Change(op, path, "missing", want.key, want.size, want.kind))
+            continue
+        why = _same_source(rec, want)
+        if not why and reingest and want.kind == object_keys.TARBALL:
+            why = "reingest requested"
+        if why:
+            plan.changes.append(Change(op, path, why, want.key, want.size, want.kind))
+        else:
+            plan.in_sync += 1
+    for path, rec in m.entries.items():
+        if path not in wanted and not under_tarball(path):
+            kind = object_keys.TARBALL if rec.type == manifests.TARBALL else object_keys.FILE
+            plan.changes.append(Change("delete", path, "not in the bucket", rec.key, 0, kind))
+
+
+def _already_staged(st: Staging, ch: Change) -> bool:
+    """Is ``ch`` already pending or being published (its event arrived)?"""
+    try:
+        entry = st.staged_get(ch.path)
+    except OSError:
+        return False
+    if entry is None:
+        return False
+    if ch.op == "delete":
+        return entry.op in ("delete", "ingest-delete")
+    return entry.op not in ("delete", "ingest-delete") and bool(entry.etag) and bool(
+        ch.etag) and entry.etag.lower() == ch.etag.lower()
+
+
+def _settle_in_flight(st: Staging, plan: Plan, wanted_etags: dict[str, str],
+                      recent: set[str]) -> None:
+    """Drop the differences that are not lost events (see the module docstring)."""
+    kept = []
+    for ch in plan.changes:
+        ch.etag = wanted_etags.get(ch.path, "")
+        if ch.path in recent:
+            plan.recent += 1
+        elif _already_staged(st, ch):
+            plan.in_flight += 1
+        else:
+            kept.append(ch)
+    plan.changes = kept
 
 
 # --------------------------------------------------------------------------- staging
@@ -432,16 +593,23 @@ def _stage_one(s3: Any, bucket: str, st: Staging, ch: Change, repo: str) -> None
     (:func:`cvmfs_publisher.pipeline.fetch.stage_key`: GET streamed to disk, mode or symlink
     from metadata and first bytes, a 404 staged as a deletion)."""
     if ch.op == "delete":
-        st.stage(Entry(ch.path, "delete", time=time.time()))
+        op = "ingest-delete" if ch.kind == object_keys.TARBALL else "delete"
+        st.stage(Entry(ch.path, op, key=ch.key, time=time.time()))
         return
     stage_key(s3, st, bucket, object_keys.Target(ch.kind, ch.path, ch.key), repo)
 
 
-def stage_changes(s3: Any, bucket: str, st: Staging, plan: Plan, workers: int) -> None:
-    """Stage every change of ``plan`` (downloads in parallel); failures are listed."""
+def stage_changes(s3: Any, bucket: str, st: Staging, plan: Plan, workers: int,
+                  cancel: threading.Event | None = None) -> None:
+    """Stage every change of ``plan`` (downloads in parallel); failures are listed.
+
+    ``cancel`` set: the changes not started are left for the next reconcile.
+    """
     st.ensure()
 
     def one(ch: Change) -> tuple[Change, str]:
+        if cancel is not None and cancel.is_set():
+            return ch, "cancelled: the daemon is stopping"
         try:
             _stage_one(s3, bucket, st, ch, plan.repository)
             return ch, ""
@@ -464,33 +632,89 @@ def stage_changes(s3: Any, bucket: str, st: Staging, plan: Plan, workers: int) -
 
 
 def reconcile(cfg: Config, repo: str, dry_run: bool = False, *, s3: Any = None,
-              quick: bool = False, reingest: bool = False, workers: int | None = None) -> Plan:
-    """Diff ``repo``'s published tree with its bucket and stage the differences.
+              staging: Staging | None = None, quick: bool = False, reingest: bool = False,
+              workers: int | None = None, grace: float = 0.0,
+              cancel: threading.Event | None = None) -> Plan:
+    """Diff ``repo``'s published state with its bucket and stage the differences.
 
     ``dry_run``: compute and return the plan only (print it with ``str()``).
     ``quick``: trust a file published after its object's last modification
     when the sizes agree (no content hash). ``reingest``: stage every tarball
-    again. ``s3``: a boto3 S3 client (default: from ``cfg.s3``).
+    again. ``s3``: an :class:`~cvmfs_publisher.adapters.rgw.RGW` or a boto3 S3
+    client (default: from ``cfg.s3``). ``staging``: the repository's staging
+    (the consumers pass theirs, which stamps their term on entries).
+    ``grace``: leave objects modified in the last ``grace`` seconds to their
+    events. ``cancel``: set by a stopping daemon; what is not staged yet is
+    left (and listed as failed).
     """
     t0 = time.monotonic()
     validate_repository(repo, cfg.cvmfs.domain)
     bucket = label_of(repo)
     plan = Plan(repo, bucket, cfg.s3.prefix, dry_run)
+    st = staging or Staging(cfg.cvmfs.staging_dir, repo)
+    revision = manifests.published_revision(cfg.cvmfs.spool_dir, repo)
+    known = manifests.load(st.root, repo)
     root = Path(cfg.cvmfs.mount_dir) / repo
-    if not root.is_dir() or root.is_symlink():
-        raise ReconcileError(f"{root} is not a mounted repository: provision it first", repo)
-    if s3 is None:
-        s3 = RGW(cfg.s3, max_pool_connections=max(10, (workers or 0) * 2)).s3
+    mounted = root.is_dir() and not root.is_symlink()
+    # Where the published layer is visible (the sync container, tests) the manifest
+    # must be of its revision; where it is not (the consumers' container) the sync
+    # daemon keeps it true: it checks it before every publish and rebuilds it.
+    trusted = known is not None and (known.trusted(revision) or (
+        revision is None and not mounted))
+    if not trusted and not mounted:
+        if known is None and revision is None and st.root.is_dir():
+            raise Transient("no manifest yet and the published tree is not visible here: "
+                            "the sync daemon rebuilds it before its next publish", repo)
+        why = ("no manifest" if known is None else
+               f"the manifest is of revision {known.revision}, the published one is "
+               f"{revision if revision is not None else 'unreadable'}")
+        raise ReconcileError(f"{root} is not a mounted repository and {why}: provision it "
+                             "first (or mount the published tree here)", repo)
+    client = getattr(s3, "s3", s3)
+    if client is None:
+        client = RGW(cfg.s3, max_pool_connections=max(10, (workers or 0) * 2)).s3
     n = workers or max(4, cfg.consumers.downloads)
+    listed_at = time.time()
     try:
-        wanted = list_bucket(s3, bucket, cfg.s3.prefix, cfg.cvmfs.tarball_dir, plan)
+        wanted = list_bucket(client, bucket, cfg.s3.prefix, cfg.cvmfs.tarball_dir, plan)
     except Exception as exc:
         raise classify(exc, f"ListObjectsV2 {bucket}", repo) from None
-    diff(root, wanted, plan, quick=quick, reingest=reingest, workers=n)
+    etags = {p: w.etag for p, w in wanted.items()}
+    recent = {p for p, w in wanted.items() if grace > 0 and w.modified > listed_at - grace}
+    if trusted:
+        assert known is not None
+        plan.mode = "manifest"
+        diff_manifest(known, wanted, plan, reingest=reingest)
+    else:
+        synced = diff(root, wanted, plan, quick=quick, reingest=reingest, workers=n)
+        if not dry_run and revision is not None:
+            plan.rebuilt = _rebuild(cfg, st, repo, revision, synced)
+    _settle_in_flight(st, plan, etags, recent)
     if not dry_run and plan.changes:
-        stage_changes(s3, bucket, Staging(cfg.cvmfs.staging_dir, repo), plan, n)
+        stage_changes(client, bucket, st, plan, n, cancel)
     plan.seconds = time.monotonic() - t0
-    log.info("repository=%s step=reconcile outcome=%s objects=%d changes=%d staged=%d "
-             "failed=%d took=%.1fs", repo, "planned" if dry_run else "staged", plan.objects,
-             len(plan.changes), plan.staged, len(plan.failed), plan.seconds)
+    log.info("repository=%s step=reconcile outcome=%s mode=%s objects=%d changes=%d staged=%d "
+             "failed=%d in_flight=%d recent=%d hashed=%d took=%.1fs", repo,
+             "planned" if dry_run else "staged", plan.mode, plan.objects, len(plan.changes),
+             plan.staged, len(plan.failed), plan.in_flight, plan.recent, plan.hashed,
+             plan.seconds)
     return plan
+
+
+def _rebuild(cfg: Config, st: Staging, repo: str, revision: int,
+             synced: dict[str, Record]) -> bool:
+    """Write the manifest the walk found (paths in sync at ``revision``), unless a
+    publish happened meanwhile (then the next reconcile walks again)."""
+    st.ensure()
+    with st.locked():
+        if manifests.published_revision(cfg.cvmfs.spool_dir, repo) != revision:
+            log.info("repository=%s step=manifest outcome=not-rebuilt reason=published "
+                     "during the walk", repo)
+            return False
+        current = manifests.load(st.root, repo)
+        if current is not None and current.trusted(revision):
+            return False  # the sync daemon wrote one meanwhile: it is newer than the walk
+        manifests.save(st.root, Manifest(repo, revision, synced))
+    log.info("repository=%s step=manifest outcome=rebuilt revision=%d paths=%d", repo,
+             revision, len(synced))
+    return True
