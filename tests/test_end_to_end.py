@@ -47,6 +47,14 @@ def daemons(stack: Stack) -> Iterator[dict[str, subprocess.Popen]]:
             p.wait()
 
 
+def _receipt(rgw: RGW, bucket: str) -> dict | None:
+    try:
+        return json.loads(rgw.s3.get_object(Bucket=bucket, Key="cvmfs-publisher/status.json")[
+            "Body"].read())
+    except rgw.s3.exceptions.NoSuchKey:
+        return None
+
+
 def _tarball(compress: Callable[[bytes], bytes] = gzip.compress) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -95,6 +103,15 @@ def test_upload_to_published_revision(stack: Stack, broker, openbao, daemons) ->
         # publish makes the tree visible, then removes its lock (as the real tool does):
         # the deletion can be seen an instant before the transaction is closed
         wait_until("transaction closed", lambda: not in_transaction(root, repo), 30)
+        # The uploader's receipt: written by the consumers from what the sync daemon
+        # recorded once its publish had returned (so no transaction is open any more).
+        doc = wait_until("the receipt lists the deletion", lambda: (d := _receipt(rgw, label))
+                         and any(x["key"] == "cvmfs/old.txt" and x["change"] == "deleted"
+                                 for x in d["recent"]) and d, 30)
+        hello = next(x for x in doc["recent"] if x["key"] == "cvmfs/bin/hello.sh")
+        assert hello["revision"] in {r["revision"] for r in revs
+                                     if "bin/hello.sh" in r.get("added", [])}
+        assert doc["published"]["revision"] == revs[-1]["revision"]
         staging = Path(cfg.cvmfs.staging_dir) / repo
         wait_until("staging drained", lambda: not any((staging / "pending").iterdir()), 30)
         status = json.loads((Path(cfg.status.dir) / "cvmfs-repo-sync.json").read_text())
@@ -109,6 +126,10 @@ def test_upload_to_published_revision(stack: Stack, broker, openbao, daemons) ->
         for secret in stack.secrets():
             assert secret not in logs
     finally:
+        for p in daemons.values():  # nothing may write to the bucket while it is emptied
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         amqp.close()
         for obj in rgw.s3.list_objects_v2(Bucket=label).get("Contents", []):
             rgw.s3.delete_object(Bucket=label, Key=obj["Key"])

@@ -52,6 +52,12 @@ def test_example_config_is_valid_and_complete(tmp_path: Path) -> None:
     ({"s3": {"secret_key": "inline"}}, "s3.secret_key: secrets are not accepted inline"),
     ({"sync": {"quiet_seconds": 10, "max_delay_seconds": 5}}, "sync.max_delay_seconds"),
     ({"log": {"level": "LOUD"}}, "log.level"),
+    ({"receipts": {"key": "cvmfs/status.json"}}, "receipts.key: 'cvmfs/status.json' is inside"),
+    ({"receipts": {"key": "cvmfs-publisher/../cvmfs/x"}}, "receipts.key"),
+    ({"receipts": {"key": ""}}, "receipts.key"),
+    ({"receipts": {"interval": 0}}, "receipts.interval"),
+    ({"receipts": {"rejected": 0}}, "receipts.rejected"),
+    ({"receipts": {"enabled": "maybe"}}, "receipts.enabled: expected true or false"),
     ([1, 2], "top level"),
 ])
 def test_config_errors_name_the_key(raw: object, message: str) -> None:

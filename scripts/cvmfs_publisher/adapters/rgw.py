@@ -191,6 +191,29 @@ class RGW:
             raise classify(exc, f"DeleteTopic {name}", repository) from None
         return True
 
+    # -- objects --------------------------------------------------------------------------
+
+    def put_object(self, bucket: str, key: str, body: bytes, content_type: str,
+                   repository: str = "") -> None:
+        """PUT one small object (the receipt); Transient / Permanent on failure."""
+        try:
+            self.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type,
+                               CacheControl="no-cache")
+        except Exception as exc:
+            raise classify(exc, f"PutObject {bucket}/{key}", repository) from None
+
+    def head_object(self, bucket: str, key: str, repository: str = "") -> dict[str, Any] | None:
+        """``{"etag", "size", "modified"}`` of an object, None when it does not exist."""
+        try:
+            resp = self.s3.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if object_missing(exc):
+                return None
+            raise classify(exc, f"HeadObject {bucket}/{key}", repository) from None
+        return {"etag": str(resp.get("ETag", "")).strip('"'),
+                "size": int(resp.get("ContentLength", 0)),
+                "modified": resp["LastModified"].timestamp() if resp.get("LastModified") else 0.0}
+
     # -- buckets and notifications ----------------------------------------------------------
 
     def bucket_exists(self, bucket: str, repository: str = "") -> bool:

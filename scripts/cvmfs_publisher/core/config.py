@@ -230,6 +230,26 @@ class SyncConfig:
 
 
 @dataclass
+class ReceiptsConfig:
+    """The receipt each repository's bucket holds for its uploader (DESIGN §3).
+
+    ``key`` must lie outside ``s3.prefix``: writing it then raises no bucket
+    event and it is never published. ``interval``: at most one write per
+    repository per interval (changes in between are coalesced into the next).
+    ``recent`` / ``rejected``: how many published changes and rejected keys
+    the receipt lists; ``known_keys``: how many published keys the sync
+    daemon remembers (with their ETag) for ``cvmfs-publisher status --key``.
+    """
+
+    enabled: bool = True
+    key: str = "cvmfs-publisher/status.json"
+    interval: float = 5.0
+    recent: int = 50
+    rejected: int = 100
+    known_keys: int = 10000
+
+
+@dataclass
 class Config:
     """The whole configuration."""
 
@@ -243,6 +263,7 @@ class Config:
     publisher: PublisherConfig = field(default_factory=PublisherConfig)
     consumers: ConsumersConfig = field(default_factory=ConsumersConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
 
 
 #: Keys that hold secrets: ``section.key``.
@@ -414,9 +435,26 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("sync.scan_interval: must be >= sync.poll_interval > 0")
     if not cfg.s3.prefix.endswith("/"):
         raise ConfigError("s3.prefix: must end with '/'")
+    _check_receipts(cfg.receipts, cfg.s3.prefix)
     domain = cfg.cvmfs.domain
     if not domain or domain.startswith(".") or domain.endswith("."):
         raise ConfigError("cvmfs.domain: expected a DNS domain such as infn.it")
+
+
+def _check_receipts(rc: ReceiptsConfig, prefix: str) -> None:
+    """The receipt key is a plain relative key outside the notified prefix."""
+    parts = rc.key.split("/")
+    if not rc.key or rc.key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(f"receipts.key: {rc.key!r} is not a plain relative object key")
+    if rc.key.startswith(prefix):
+        raise ConfigError(f"receipts.key: {rc.key!r} is inside s3.prefix {prefix!r}: writing "
+                          "it would raise a bucket event and publish it; choose a key "
+                          "outside that prefix")
+    if rc.interval <= 0:
+        raise ConfigError("receipts.interval: expected a positive number of seconds")
+    for name in ("recent", "rejected", "known_keys"):
+        if getattr(rc, name) < 1:
+            raise ConfigError(f"receipts.{name}: expected a positive integer")
 
 
 def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:

@@ -16,7 +16,10 @@ One process serves every repository (DESIGN §1, §3), composed of:
   ``consumers.downloads`` workers plus one for repositories with nothing
   running, fair across repositories and in arrival order per path;
 - a housekeeping thread for the status document (a stale one is how the
-  container health check sees a stuck daemon).
+  container health check sees a stuck daemon);
+- the receipt writer (:class:`cvmfs_publisher.pipeline.receipt_upload.ReceiptWriter`,
+  unless ``receipts.enabled`` is false), on its own thread: each served
+  repository's bucket gets its receipt (docs/ARCHITECTURE.md, "The receipt").
 
 SIGTERM/SIGINT: the source stops taking messages and waits for running
 downloads to settle (at most :data:`DRAIN_SECONDS`); exit 0.
@@ -34,6 +37,7 @@ from ..adapters.rgw import RGW
 from ..core import runtime
 from ..core.config import Config
 from ..core.status import StatusDocument
+from ..pipeline.receipt_upload import ReceiptWriter
 from ..pipeline.source import EventSource
 from ..pipeline.stager import Stager
 
@@ -52,8 +56,12 @@ class RepoConsumers:
         self.cfg = cfg
         self.status = status
         downloads = max(1, cfg.consumers.downloads)
-        self.stager = Stager(cfg, status, rgw or RGW(
-            cfg.s3, cfg.rgw, max_pool_connections=max(10, downloads * 2)))
+        s3 = rgw or RGW(cfg.s3, cfg.rgw, max_pool_connections=max(10, downloads * 2))
+        self.stager = Stager(cfg, status, s3)
+        self.receipts = ReceiptWriter(cfg, status, s3, self.stager.served) \
+            if cfg.receipts.enabled else None
+        if self.receipts is not None:
+            self.stager.on_rejected = self.receipts.rejected
         # prefetch: one job running and one ready per worker, so the pool never
         # waits on the ack round trip.
         self.source = source or RepositoryQueues(cfg, status, NAME, prefetch=2 * downloads,
@@ -71,13 +79,18 @@ class RepoConsumers:
         """Serve until :meth:`request_stop`; returns after a clean shutdown."""
         self.status.set(healthy=True)
         self.status.flush(force=True)
-        hk = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
-        hk.start()
+        threads = [threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)]
+        if self.receipts is not None:
+            threads.append(threading.Thread(target=self.receipts.run, args=(self._hk_stop,),
+                                            name="receipts", daemon=True))
+        for t in threads:
+            t.start()
         try:
             self.stager.serve(self.source)
         finally:
             self._hk_stop.set()
-            hk.join(timeout=15)
+            for t in threads:
+                t.join(timeout=15)
             self.status.set(healthy=False, broker_connected=False)
             self.status.flush(force=True)
             log.info("%s stopped", NAME)

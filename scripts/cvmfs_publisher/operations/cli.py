@@ -1,6 +1,7 @@
 """cvmfs-publisher: the operators' command line.
 
     cvmfs-publisher status [--json]             is everything published?
+    cvmfs-publisher status REPO [--key KEY]     a repository's receipt; where one key stands
     cvmfs-publisher reconcile REPO [--dry-run]  bring a repository in line with its bucket
     cvmfs-publisher provision REPO --user U --subject S [--group]
     cvmfs-publisher deprovision REPO [--user U --subject S] [--group]
@@ -42,6 +43,7 @@ from ..core.names import InvalidName, validate_repository
 from ..provisioning.messages import BadMessage, parse_request
 from .health import main as health_main
 from .migrate import MigrationError, migrate
+from .receipt_view import format_key, format_repository, key_view, repository_view
 
 EX_CONFIG = 78
 DAEMONS = ("publisher-consumer", "cvmfs-repo-consumers", "cvmfs-repo-sync")
@@ -184,6 +186,11 @@ def _queue_depths(cfg: config.Config, queues: list[str]) -> dict[str, int]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.repository:
+        return cmd_repository_status(args)
+    if args.key:
+        print("--key needs a repository: cvmfs-publisher status REPO --key KEY", file=sys.stderr)
+        return 2
     cfg = _load(args)
     st = collect_status(cfg, with_queues=not args.no_queues)
     if args.json:
@@ -212,6 +219,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     print()
     print("everything is published" if st["all_published"] else "NOT everything is published")
     return 0 if st["all_published"] else 1
+
+
+def cmd_repository_status(args: argparse.Namespace) -> int:
+    """One repository's receipt, or one key's state; exit 0 when it is all published."""
+    cfg = _load(args)
+    try:
+        repo = validate_repository(args.repository, cfg.cvmfs.domain)
+    except InvalidName as exc:
+        print(f"{args.repository}: {exc}", file=sys.stderr)
+        return 2
+    if args.key:
+        s3, why = None, ""  # without S3 the view says why and compares nothing
+        try:
+            # Imported here: boto3 is not in the sync-publisher image (each image
+            # holds only what its daemon imports), where the receipt is still shown.
+            from ..adapters.rgw import RGW  # noqa: PLC0415 (see above)
+            s3 = RGW(cfg.s3, cfg.rgw)
+        except ImportError as exc:
+            why = (f"no S3 client in this image ({exc.name} is not installed): run the "
+                   "command in the cvmfs-repo-consumers container to compare with S3")
+        except PublisherError as exc:
+            why = str(exc)
+        view = key_view(cfg, repo, args.key, s3, why)
+        print(json.dumps(view, indent=1, sort_keys=True) if args.json else format_key(view))
+        return 0 if view["in_sync"] else 1
+    rview = repository_view(cfg, repo)
+    print(json.dumps(rview, indent=1, sort_keys=True) if args.json else format_repository(rview))
+    done = not rview["pending"]["count"] and not (rview["last_error"] or {}).get("failing")
+    return 0 if done else 1
 
 
 # ------------------------------------------------------------------------- reconcile
@@ -380,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"else {config.DEFAULT_CONFIG_PATH}, else a running demo's)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("status", help="state of every repository and daemon")
+    s = sub.add_parser("status", help="state of every repository and daemon; with REPO, "
+                       "its receipt; with --key, where one key stands")
+    s.add_argument("repository", nargs="?", help="one repository: its receipt")
+    s.add_argument("--key", help="an S3 object key of the repository's bucket (cvmfs/...)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--no-queues", action="store_true", help="skip the RabbitMQ queue depths")
     s.set_defaults(func=cmd_status)

@@ -63,8 +63,12 @@ def repository_bucket(repository: str) -> str:
 class Stager:
     """Stages the events an :class:`EventSource` delivers (see the module docstring)."""
 
-    def __init__(self, cfg: Config, status: StatusDocument, s3: Any) -> None:
+    def __init__(self, cfg: Config, status: StatusDocument, s3: Any,
+                 on_rejected: Callable[[str, str, str], None] | None = None) -> None:
+        """``on_rejected(repository, key, reason)``: told of every dead-lettered delivery
+        (the receipt lists them); called on the source's thread, must not block."""
         self.cfg = cfg
+        self.on_rejected = on_rejected
         self.status = status
         self.s3 = s3
         self.dispatcher = Dispatcher(max(1, cfg.consumers.downloads), self._work,
@@ -179,6 +183,11 @@ class Stager:
             return
         self.dispatcher.submit(repository, [t.path for t in found], Work(repository, d, found))
 
+    def served(self) -> list[str]:
+        """The repositories opened and not closed (any thread)."""
+        with self._lock:
+            return list(self._stagings)
+
     def withdraw(self, which: Callable[[Delivery], bool]) -> int:
         return len(self.dispatcher.drop(lambda w: which(w.delivery)))
 
@@ -192,6 +201,8 @@ class Stager:
         self.status.repo(verdict.repository, last_error=verdict.reason[:300])
         if verdict.action == delivery.DEAD:
             self.status.incr(verdict.repository, "dead_lettered")
+            if self.on_rejected is not None and verdict.repository:
+                self.on_rejected(verdict.repository, verdict.key, verdict.reason)
 
     def _work(self, job: Job) -> None:
         """Download worker: stage every target, then hand the verdict to the source."""

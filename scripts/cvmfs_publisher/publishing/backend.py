@@ -4,8 +4,8 @@
 repository only through :class:`PublishBackend`: create the repository, open
 a transaction, write and remove paths in it (:meth:`PublishBackend.writer`),
 publish or abort it, ingest a tar stream, read the published tree
-(:meth:`PublishBackend.reader`), and the state recovery needs (is it in a
-transaction, is a publish still running). Today's one implementation is
+(:meth:`PublishBackend.reader`) and its revision, and the state recovery
+needs (is it in a transaction, is a publish still running). Today's one implementation is
 :class:`cvmfs_publisher.publishing.cvmfs_backend.CvmfsBackend`
 (``cvmfs_server`` on a gateway-mode publisher). Publishing through the
 gateway's HTTP API (the mountless publisher of CernVM-FS 2.14) would be one
@@ -95,7 +95,8 @@ class PublishBackend(Protocol):
 
     def revision(self, repo: str) -> int | None:
         """The published revision number (None when it cannot be read): the
-        manifest of what this host published is trusted only for it."""
+        manifest of what this host published is trusted only for it, and the
+        uploader's receipt reports it."""
         ...
 
     def publish_lock(self, repo: str) -> Path: ...

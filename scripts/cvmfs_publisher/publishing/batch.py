@@ -73,7 +73,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from ..adapters.cvmfs import (
     CvmfsError,
@@ -159,20 +159,36 @@ def check_tarball(path: Path) -> str:
         return str(exc)
 
 
+class PublishObserver(Protocol):
+    """Told what reached the published tree and what was dropped (the receipt's source).
+
+    Called on the publishing thread, right after the fact; must not raise.
+    """
+
+    def published(self, repo: str, entries: list[Entry]) -> None:
+        """``entries`` are in the published tree now (one publish, or found already there)."""
+
+    def skipped(self, repo: str, entry: Entry, why: str) -> None:
+        """``entry`` can never be applied as staged and was dropped from its batch."""
+
+
 class BatchPublisher:
     """Applies staged batches through the publish backend (one repository per call, thread-safe).
 
     ``stop``: set on SIGTERM; waits (retries) give up early, but a phase in
     hand is finished (published or aborted). ``on_problem(repo, text)`` is
     told about a repository stuck in a failing abort, so the status document
-    can show it while the retries go on.
+    can show it while the retries go on. ``observer`` is told what each
+    phase published and what was skipped (the receipt, :mod:`.receipts`).
     """
 
     def __init__(self, cfg: Config, server: CvmfsServer | None = None,
                  stop: threading.Event | None = None,
                  on_problem: Callable[[str, str], None] | None = None,
-                 backend: PublishBackend | None = None) -> None:
+                 backend: PublishBackend | None = None,
+                 observer: PublishObserver | None = None) -> None:
         self.cfg = cfg
+        self.observer = observer
         self.backend = backend or CvmfsBackend(server or CvmfsServer(cfg.cvmfs))
         self.stop = stop or threading.Event()
         self.on_problem = on_problem or (lambda repo, text: None)
@@ -321,6 +337,8 @@ class BatchPublisher:
         out.skipped += 1
         out.skipped_paths.append(e.path)
         out.errors.append(f"{e.path}: {why}")
+        if self.observer is not None:
+            self.observer.skipped(repo, e, why)
         log.error("repository=%s step=apply path=%r op=%s key=%r rc=- error=%s "
                   "outcome=skipped (the next change of this key, or a reconcile, "
                   "brings it)", repo, e.path[:300], e.op, e.key[:300], why)
@@ -376,15 +394,18 @@ class BatchPublisher:
             out.unchanged += len(phase.entries)
             log.info("repository=%s step=apply outcome=already-published entries=%d "
                      "(nothing to publish)", repo, len(phase.entries))
+            self._observe(repo, phase.entries)
             return
         published.changed()  # a new revision (or an abort) follows: read it afresh
         self.transactions.open(repo)
         out.transactions += 1
         step = "apply"
+        applied = []
         try:
             with self.backend.writer(repo) as tree:
                 for e in phase.entries:
-                    self._apply_entry(repo, tree, st, e, out)
+                    if self._apply_entry(repo, tree, st, e, out):
+                        applied.append(e)
                 for p in phase.parents:
                     tree.makedirs(p)
             step = "publish"
@@ -402,9 +423,15 @@ class BatchPublisher:
                                    f"{f' ({where})' if where else ''}") from None
             raise
         out.publishes += 1
+        self._observe(repo, applied)
+
+    def _observe(self, repo: str, entries: list[Entry]) -> None:
+        if self.observer is not None and entries:
+            self.observer.published(repo, entries)
 
     def _apply_entry(self, repo: str, tree: TreeWriter, st: Staging, e: Entry,
-                     out: Outcome) -> None:
+                     out: Outcome) -> bool:
+        """Apply one entry in the open transaction; False when it was skipped."""
         try:
             if e.op == "delete":
                 if tree.delete(e.path):
@@ -425,6 +452,8 @@ class BatchPublisher:
                 out.written += 1
         except _Skip as exc:
             self._skipped(repo, e, str(exc), out)
+            return False
+        return True
 
     # -- ingest phases ---------------------------------------------------------------
 
@@ -453,6 +482,7 @@ class BatchPublisher:
             self._ingest_call(repo, ingest)
             out.publishes += 1
             out.ingested += 1
+        self._observe(repo, [e])
 
     def _ingest_call(self, repo: str, call: Callable[[], Any]) -> None:
         try:

@@ -6,7 +6,9 @@ edge: a single upload to a quiet repository is published at once), or
 nothing was staged for ``sync.quiet_seconds`` (a burst is over: one more
 publish for the rest of the burst), or the oldest pending change has waited
 ``sync.max_delay_seconds`` (a never-ending trickle still gets published).
-The work itself is :class:`cvmfs_publisher.publishing.batch.BatchPublisher`.
+The work itself is :class:`cvmfs_publisher.publishing.batch.BatchPublisher`;
+what it publishes, refuses or fails at goes into the uploader's receipt
+through :class:`cvmfs_publisher.publishing.receipts.PublishRecorder`.
 
 When it looks: the kernel says which staging directories changed
 (:class:`cvmfs_publisher.staging.watch.PendingWatch`, inotify); a repository
@@ -44,7 +46,9 @@ from ..core.status import StatusDocument
 from ..staging.area import PendingTimes, Staging, repositories
 from ..staging.watch import PendingWatch, Wakeups
 from .batch import BatchPublisher, Outcome
+from .cvmfs_backend import CvmfsBackend
 from .errors import PublishError
+from .receipts import PublishRecorder
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +90,10 @@ class RepoSync:
         self.status = status
         self.clock = clock
         self._stop = threading.Event()
-        self.publisher = BatchPublisher(cfg, server, stop=self._stop,
-                                        on_problem=self._problem)
+        backend = CvmfsBackend(server or CvmfsServer(cfg.cvmfs))
+        self.receipts = PublishRecorder(cfg, backend)  # the uploader's receipt, fed here
+        self.publisher = BatchPublisher(cfg, stop=self._stop, on_problem=self._problem,
+                                        backend=backend, observer=self.receipts)
         self.executor = None if inline else ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="publish")
         self.repos: dict[str, RepoState] = {}
@@ -268,6 +274,7 @@ class RepoSync:
 
     def _succeeded(self, state: RepoState, outcome: Outcome | None, took: float) -> None:
         repo = state.name
+        self.receipts.succeeded(repo)
         with state.lock:
             state.failures = 0
             state.backoff.reset()
@@ -312,6 +319,7 @@ class RepoSync:
                          last_error=f"step={step} rc={rc} {detail}"[:300])
         self.status.incr(repo, "errors")
         self.status.flush(force=True)
+        self.receipts.failed(repo, f"step={step} rc={rc} {detail}")
 
     def active(self, now: float) -> set[str]:
         """Repositories to look at every poll: something pending, in flight or backing off."""

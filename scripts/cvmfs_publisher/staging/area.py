@@ -16,6 +16,8 @@ use the :class:`Staging` API, never these paths::
                           the next active consumer checks them against S3 (fencing.py)
     .active               flock(2) file held by the active consumer; holds its term id
     manifest.json         what the sync daemon published (manifest.py)
+    receipt-sync.json     the receipt's state, one file per writing daemon: they belong
+    receipt-rejected.json to :mod:`cvmfs_publisher.staging.receipts` (never swept)
 
 Why this shape:
 - Staging holds pending changes only, never a copy of the repository: a
