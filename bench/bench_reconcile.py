@@ -22,12 +22,11 @@ And, with ``--warmup``, the delay of a new RGW topic's first event (Ceph
 README item 12): a topic and notification are created (persistent and
 not; on a push endpoint RGW has not used yet, then a second topic on the
 same one), one object is PUT every 0.5 s, and the first event's arrival is
-timed from the topic's creation. This needs RabbitMQ (the machine's, in
-private virtual hosts).
+timed from the topic's creation, on a RabbitMQ node of the benchmark's own.
 
 Figures only, no assertions.
 
-    python3 bench/bench_reconcile.py [--objects 100000] [--threads 64] [--warmup]
+    .venv/bin/python bench/bench_reconcile.py [--objects 100000] [--threads 64] [--warmup]
 """
 
 from __future__ import annotations
