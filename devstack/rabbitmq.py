@@ -46,12 +46,6 @@ management.tcp.ip = 127.0.0.1
 management.tcp.port = {management_port}
 log.console = false
 log.file.level = info
-default_user = {user}
-default_pass = {password}
-default_user_tags.administrator = true
-default_permissions.configure = .*
-default_permissions.read = .*
-default_permissions.write = .*
 """
 
 
@@ -120,10 +114,6 @@ class RabbitNode:
     dist_port: int = 0
     epmd_port: int = 0
     cookie: str = field(default_factory=lambda: secrets.token_hex(16))
-    # not guest/guest: credentials as production has them (random, so a log
-    # scan for the password finds only a leak, never a common word)
-    user: str = field(default_factory=lambda: f"publisher{secrets.token_hex(3)}")
-    password: str = field(default_factory=lambda: secrets.token_hex(16))
     extra_conf: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     epmd: subprocess.Popen | None = None
@@ -134,7 +124,7 @@ class RabbitNode:
         return self.workdir / "log" / "server.out"
 
     def broker(self) -> Broker:
-        return Broker(port=self.amqp_port, user=self.user, password=self.password,
+        return Broker(port=self.amqp_port,
                       management_url=f"http://127.0.0.1:{self.management_port}", node=self)
 
     def env(self) -> dict[str, str]:
@@ -185,8 +175,7 @@ class RabbitNode:
         etc = self.workdir / "etc"
         (etc / "rabbitmq-env.conf").write_text("")
         (etc / "rabbitmq.conf").write_text(
-            CONF.format(amqp_port=self.amqp_port, management_port=self.management_port,
-                        user=self.user, password=self.password)
+            CONF.format(amqp_port=self.amqp_port, management_port=self.management_port)
             + "".join(line + "\n" for line in self.extra_conf))
         (etc / "advanced.config").write_text("[].\n")
         (etc / "enabled_plugins").write_text("[rabbitmq_management].\n")

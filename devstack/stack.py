@@ -129,11 +129,7 @@ def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDo
         "s3": {"endpoint_url": ceph.endpoint, "access_key_file": str(secrets / "s3_access"),
                "secret_key_file": str(secrets / "s3_secret"), "max_attempts": 1,
                "connect_timeout": 2.0, "read_timeout": 10.0},
-        # as production: credentials in the push endpoint (RGW accepts them over
-        # this plain-HTTP RGW only with X-Forwarded-Proto, shared/ceph item 1)
         "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}",
-                "push_user": broker.user, "push_password_file": str(secrets / "amqp_password"),
-                "forwarded_https": True,
                 "amqp_ack_level": "broker", "persistent": True, "verify_ssl": False},
         "cvmfs": {**double.paths(), "domain": DOMAIN,
                   "stratum0_url": "http://stratum0.test/cvmfs",
