@@ -32,7 +32,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,29 +41,13 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
 from cvmfs_publisher.adapters import amqp  # noqa: E402
 from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
-from devstack.ceph import Ceph  # noqa: E402
-from devstack.common import sigterm_as_interrupt  # noqa: E402
-from devstack.openbao import OpenBao  # noqa: E402
-from devstack.rabbitmq import RabbitNode  # noqa: E402
-from devstack.stack import (  # noqa: E402
-    DOMAIN,
-    build_stack,
-    make_double,
-    tear_down,
-    unique_label,
-)
+from devstack.common import p95, sigterm_as_interrupt, wait_for  # noqa: E402
+from devstack.stack import DOMAIN, LocalServices, local_services, unique_label  # noqa: E402
 from tests.cvmfs_server_double import calls, published_tree  # noqa: E402
 
 DAEMONS = ("publisher_consumer", "repo_consumers", "repo_sync")
 
 
-def wait(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def watch_events(cfg, label: str, events: dict[str, float], stop: threading.Event) -> None:
@@ -95,98 +78,99 @@ def main() -> None:
 
 
 def run(uploads: int, fast_double: bool) -> None:
-    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    double = make_double(work / "cvmfs-root")
-    node = bao = ceph = None
     procs: list[subprocess.Popen] = []
     events: dict[str, float] = {}
     stop_events = threading.Event()
-    try:
-        node = RabbitNode(work / "rabbitmq").start()
-        broker = node.broker()
-        bao = OpenBao(work / "openbao").start()
-        ceph = Ceph(work / "ceph").start()
-        stack = build_stack(work, broker, bao, ceph, double)
-        stack.raw["log"]["level"] = "INFO"
-        # the default windows, as users get them
-        stack.raw["sync"] = {"quiet_seconds": 2.0, "max_delay_seconds": 30.0}
-        cfg_file = stack.write()
-        cfg = stack.config()
-        env = stack.subprocess_env()
-        if not fast_double:
-            env["CVMFS_DOUBLE_REAL_TIMING"] = "1"
-        for d in DAEMONS:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", f"cvmfs_publisher.daemons.{d}", "--config", str(cfg_file)],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        label = unique_label("bench-")
-        repo = f"{label}.{DOMAIN}"
-        bao.put_keys(f"subj/cvmfs_keys/{repo}", {"publicKey": "p", "certificateKey": "c",
-                                                 "gatewayKey": "g"})
-        rgw = RGW(cfg.s3, cfg.rgw)
-        rgw.s3.create_bucket(Bucket=label)
-        time.sleep(2)
-        conn = amqp.connect(cfg.amqp, "bench")
-        ch = conn.channel()
-        ch.confirm_delivery()
-        amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue, f"a,subj,{repo},P".encode())
-        wait((Path(cfg.cvmfs.repositories_dir) / repo).is_dir, 60, "provisioning")
-        def consumed() -> bool:
-            declared = amqp.passive_declare(conn, label)  # None until provisioning declared it
-            return declared is not None and declared.consumer_count > 0
-        wait(consumed, 30, "consumers")
-        conn.close()
-        watcher = threading.Thread(target=watch_events, args=(cfg, label, events, stop_events),
-                                   daemon=True)
-        watcher.start()
-        wait(lambda: "ready" in events, 30, "the event watcher")
-        tree = Path(published_tree(double.root, repo))
-        t0 = time.monotonic()
-        rgw.s3.put_object(Bucket=label, Key="cvmfs/bench/first.txt", Body=b"first")
-        wait((tree / "bench" / "first.txt").exists, 180, "the first upload")
-        print(f"first upload of the new repository published after "
-              f"{time.monotonic() - t0:.1f} s (the new topic's warm-up; not in the figures)")
-        time.sleep(2.5)  # quiet again before the first measured upload
-        since = time.time()  # the double's calls from here on are the measured uploads'
-        latencies, event_delays = [], []
-        for i in range(uploads):
-            name = f"file-{i:04d}.txt"
-            t0 = time.time()
-            rgw.s3.put_object(Bucket=label, Key=f"cvmfs/bench/{name}", Body=b"x" * 1024)
-            wait(lambda n=name: (tree / "bench" / n).exists(), 120, name)
-            latencies.append(time.time() - t0)
-            wait(lambda n=name: f"cvmfs/bench/{n}" in events, 30, f"the event of {name}")
-            event_delays.append(events[f"cvmfs/bench/{name}"] - t0)
-            time.sleep(2.5)  # quiet again (longer than the quiet window): a user's next upload
-        latencies.sort()
-        p95 = latencies[min(len(latencies) - 1, round(0.95 * len(latencies)) - 1)]
-        timing = "fast double" if fast_double else "double with the real tool's timings"
-        print(f"{len(latencies)} uploads, each to a quiet repository, PUT -> published "
-              f"revision (default windows: quiet 2 s, max delay 30 s; {timing}):")
-        print(f"  p50 {statistics.median(latencies):.2f} s (target <= 1.5 s), p95 {p95:.2f} s "
-              f"(target <= 2.5 s), min {latencies[0]:.2f} s, max {latencies[-1]:.2f} s")
-        measured = [x for x in calls(double.root) if x["start"] >= since and x.get("end")]
-        took = {c: [x["end"] - x["start"] for x in measured if x["command"] == c]
-                for c in ("transaction", "publish")}
-        floor = (statistics.median(event_delays) + statistics.median(took["transaction"])
-                 + statistics.median(took["publish"]))
-        print(f"  floor, same run: RGW event {statistics.median(event_delays):.2f} s + "
-              f"transaction {statistics.median(took['transaction']):.2f} s + publish "
-              f"{statistics.median(took['publish']):.2f} s = {floor:.2f} s (medians); p50 is "
-              f"{statistics.median(latencies) / floor:.2f} x the floor; "
-              f"{len(took['publish'])} publishes for {len(latencies)} uploads")
-        print("  reference, the seed's daemons on a real CernVM-FS 2.12 gateway: p50 3.24 s, "
-              "max 3.74 s (10 uploads)")
-    finally:
-        stop_events.set()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        tear_down(work, double.root, [ceph, bao, node])
+    with local_services("bench-e2e-") as services:
+        try:
+            measure(services, uploads, fast_double, procs, events, stop_events)
+        finally:
+            stop_events.set()
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def measure(services: LocalServices, uploads: int, fast_double: bool,
+            procs: list[subprocess.Popen], events: dict[str, float],
+            stop_events: threading.Event) -> None:
+    """Start the three daemons, provision one repository, time its uploads."""
+    bao, double, stack = services.bao, services.double, services.stack
+    stack.raw["log"]["level"] = "INFO"
+    # the default windows, as users get them
+    stack.raw["sync"] = {"quiet_seconds": 2.0, "max_delay_seconds": 30.0}
+    cfg_file = stack.write()
+    cfg = stack.config()
+    env = stack.subprocess_env()
+    if not fast_double:
+        env["CVMFS_DOUBLE_REAL_TIMING"] = "1"
+    for d in DAEMONS:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", f"cvmfs_publisher.daemons.{d}", "--config", str(cfg_file)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    label = unique_label("bench-")
+    repo = f"{label}.{DOMAIN}"
+    bao.put_keys(f"subj/cvmfs_keys/{repo}", {"publicKey": "p", "certificateKey": "c",
+                                             "gatewayKey": "g"})
+    rgw = RGW(cfg.s3, cfg.rgw)
+    rgw.s3.create_bucket(Bucket=label)
+    time.sleep(2)
+    conn = amqp.connect(cfg.amqp, "bench")
+    ch = conn.channel()
+    ch.confirm_delivery()
+    amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue, f"a,subj,{repo},P".encode())
+    wait_for("provisioning", (Path(cfg.cvmfs.repositories_dir) / repo).is_dir, 60, interval=0.02)
+    def consumed() -> bool:
+        declared = amqp.passive_declare(conn, label)  # None until provisioning declared it
+        return declared is not None and declared.consumer_count > 0
+    wait_for("consumers", consumed, 30, interval=0.02)
+    conn.close()
+    watcher = threading.Thread(target=watch_events, args=(cfg, label, events, stop_events),
+                               daemon=True)
+    watcher.start()
+    wait_for("the event watcher", lambda: "ready" in events, 30, interval=0.02)
+    tree = Path(published_tree(double.root, repo))
+    t0 = time.monotonic()
+    rgw.s3.put_object(Bucket=label, Key="cvmfs/bench/first.txt", Body=b"first")
+    wait_for("the first upload", (tree / "bench" / "first.txt").exists, 180, interval=0.02)
+    print(f"first upload of the new repository published after "
+          f"{time.monotonic() - t0:.1f} s (the new topic's warm-up; not in the figures)")
+    time.sleep(2.5)  # quiet again before the first measured upload
+    since = time.time()  # the double's calls from here on are the measured uploads'
+    latencies, event_delays = [], []
+    for i in range(uploads):
+        name = f"file-{i:04d}.txt"
+        t0 = time.time()
+        rgw.s3.put_object(Bucket=label, Key=f"cvmfs/bench/{name}", Body=b"x" * 1024)
+        wait_for(name, lambda n=name: (tree / "bench" / n).exists(), 120, interval=0.02)
+        latencies.append(time.time() - t0)
+        wait_for(f"the event of {name}", lambda n=name: f"cvmfs/bench/{n}" in events, 30,
+                 interval=0.02)
+        event_delays.append(events[f"cvmfs/bench/{name}"] - t0)
+        time.sleep(2.5)  # quiet again (longer than the quiet window): a user's next upload
+    latencies.sort()
+    timing = "fast double" if fast_double else "double with the real tool's timings"
+    print(f"{len(latencies)} uploads, each to a quiet repository, PUT -> published "
+          f"revision (default windows: quiet 2 s, max delay 30 s; {timing}):")
+    print(f"  p50 {statistics.median(latencies):.2f} s (target <= 1.5 s), "
+          f"p95 {p95(latencies):.2f} s (target <= 2.5 s), min {latencies[0]:.2f} s, "
+          f"max {latencies[-1]:.2f} s")
+    measured = [x for x in calls(double.root) if x["start"] >= since and x.get("end")]
+    took = {c: [x["end"] - x["start"] for x in measured if x["command"] == c]
+            for c in ("transaction", "publish")}
+    floor = (statistics.median(event_delays) + statistics.median(took["transaction"])
+             + statistics.median(took["publish"]))
+    print(f"  floor, same run: RGW event {statistics.median(event_delays):.2f} s + "
+          f"transaction {statistics.median(took['transaction']):.2f} s + publish "
+          f"{statistics.median(took['publish']):.2f} s = {floor:.2f} s (medians); p50 is "
+          f"{statistics.median(latencies) / floor:.2f} x the floor; "
+          f"{len(took['publish'])} publishes for {len(latencies)} uploads")
+    print("  reference, the seed's daemons on a real CernVM-FS 2.12 gateway: p50 3.24 s, "
+          "max 3.74 s (10 uploads)")
 
 
 if __name__ == "__main__":

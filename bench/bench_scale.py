@@ -51,33 +51,18 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 from cvmfs_publisher.adapters import amqp  # noqa: E402
 from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
 from devstack.ceph import Ceph  # noqa: E402
-from devstack.common import sigterm_as_interrupt  # noqa: E402
-from devstack.openbao import OpenBao  # noqa: E402
-from devstack.rabbitmq import Broker, RabbitNode  # noqa: E402
-from devstack.stack import (  # noqa: E402
-    DOMAIN,
-    build_stack,
-    make_double,
-    tear_down,
-    unique_label,
-)
+from devstack.common import p95, sigterm_as_interrupt, wait_for  # noqa: E402
+from devstack.rabbitmq import Broker  # noqa: E402
+from devstack.stack import DOMAIN, LocalServices, local_services, unique_label  # noqa: E402
 from tests.cvmfs_server_double import published_tree  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
 def wait(check: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+    wait_for(what, lambda: bool(check()), timeout, interval=interval)
 
 
-def p95(values: list[float]) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(0.95 * len(s)) - 1)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -182,116 +167,116 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    double = make_double(work / "cvmfs-root")
-    node = bao = ceph = None
-    procs: dict[str, subprocess.Popen] = {}
-    ann = None
-    ok = False
-    try:
-        node = RabbitNode(work / "rabbitmq").start()
-        broker = node.broker()
-        bao = OpenBao(work / "openbao").start()
-        ceph = Ceph(work / "ceph").start()
-        stack = build_stack(work, broker, bao, ceph, double)
-        stack.raw["log"]["level"] = "INFO"
-        del stack.raw["amqp"]["retry_delays"]  # production defaults from here on
-        stack.raw["sync"] = {}
-        stack.raw["status"]["interval"] = 5.0
-        cfg_file = stack.write()
-        cfg = stack.config()
-        env = stack.subprocess_env()
-        rgw = RGW(cfg.s3, cfg.rgw)
-        print(f"RabbitMQ {node.name}: before: {broker_state(broker)}", flush=True)
+    with local_services("bench-scale-") as services:
+        procs: dict[str, subprocess.Popen] = {}
+        announcements: list[Announcements] = []
+        try:
+            measure(services, args, procs, announcements)
+        except BaseException:
+            print(f"failed: logs kept in {keep_logs(services.workdir)}", file=sys.stderr)
+            raise
+        finally:
+            for ann in announcements:
+                ann.close()
+            for p in procs.values():
+                p.terminate()
+            for p in procs.values():
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
-        labels = [unique_label("s") for _ in range(args.count + 1)]
-        labels, newcomer = labels[:-1], labels[-1]
 
-        def prepare(label: str) -> None:
-            bao.put_keys(f"subj/cvmfs_keys/{label}.{DOMAIN}", {
-                "publicKey": "p", "certificateKey": "c", "gatewayKey": "g"})
-            rgw.s3.create_bucket(Bucket=label)
-        t0 = time.monotonic()
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(prepare, [*labels, newcomer]))
-        print(f"keys and buckets for {args.count + 1} repositories: "
-              f"{time.monotonic() - t0:.1f} s (outside the daemons)", flush=True)
+def measure(services: LocalServices, args: argparse.Namespace,
+            procs: dict[str, subprocess.Popen], announcements: list[Announcements]) -> None:
+    """Provision ``args.count`` repositories, start the daemons, take the figures."""
+    work, double, node, bao, ceph = (services.workdir, services.double, services.node,
+                                     services.bao, services.ceph)
+    broker, stack = services.broker, services.stack
+    stack.raw["log"]["level"] = "INFO"
+    del stack.raw["amqp"]["retry_delays"]  # production defaults from here on
+    stack.raw["sync"] = {}
+    stack.raw["status"]["interval"] = 5.0
+    cfg_file = stack.write()
+    cfg = stack.config()
+    env = stack.subprocess_env()
+    rgw = RGW(cfg.s3, cfg.rgw)
+    print(f"RabbitMQ {node.name}: before: {broker_state(broker)}", flush=True)
 
-        ann = Announcements(cfg)
-        for i in range(args.provisioners):
-            procs[f"publisher_consumer-{i}"] = start("publisher_consumer", cfg_file, env,
-                                                     work / f"publisher-{i}.out")
-        conn = amqp.connect(cfg.amqp, "bench")
-        ch = conn.channel()
-        ch.confirm_delivery()
-        wait(lambda: consumed_queues(broker).get(cfg.amqp.publisher_queue, 0)
-             >= args.provisioners, 60, "publisher-consumer", 0.2)
-        t0 = time.monotonic()
-        for label in labels:
-            amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue,
-                                   f"a,subj,{label}.{DOMAIN},P".encode())
-        conn.close()  # a blocking connection left idle would miss its heartbeats
-        wait(lambda: all(label in ann.created for label in labels), 7200,
-             "every repository provisioned", 0.5)
-        took = max(ann.created.values()) - t0
-        print(f"provisioned {args.count} repositories with {args.provisioners} "
-              f"publisher-consumer(s): {took:.1f} s, {took / args.count * 1000:.0f} ms each "
-              f"(the double's mkfs included)", flush=True)
-        print(f"RabbitMQ after provisioning: {broker_state(broker)}", flush=True)
+    labels = [unique_label("s") for _ in range(args.count + 1)]
+    labels, newcomer = labels[:-1], labels[-1]
 
-        t0 = time.monotonic()
-        procs["repo_consumers"] = start("repo_consumers", cfg_file, env, work / "consumers.out")
-        procs["repo_sync"] = start("repo_sync", cfg_file, env, work / "sync.out")
-        def all_consumed() -> bool:  # one listing per look: 1,000 queues take a while
-            consumers = consumed_queues(broker)
-            return all(consumers.get(label, 0) > 0 for label in labels)
-        wait(all_consumed, 900, "a consumer on every repository queue", 1.0)
-        print(f"consumers subscribed to {args.count} queues in {time.monotonic() - t0:.1f} s",
-              flush=True)
-        time.sleep(10)  # start-up work (recovery scan, first listing) is over
-        print(f"RabbitMQ with the consumers running: {broker_state(broker)}", flush=True)
-        cpu = idle_cpu({"repo_consumers": procs["repo_consumers"].pid,
-                        "repo_sync": procs["repo_sync"].pid}, args.idle_seconds)
-        print(f"idle over {args.idle_seconds:.0f} s: consumers {cpu['repo_consumers'] * 100:.2f} % "
-              f"of a core (target < 2 %), RSS {rss_mib(procs['repo_consumers'].pid):.0f} MiB "
-              f"(target < 300 MiB); sync {cpu['repo_sync'] * 100:.2f} % of a core "
-              f"(target < 2 %), RSS {rss_mib(procs['repo_sync'].pid):.0f} MiB", flush=True)
+    def prepare(label: str) -> None:
+        bao.put_keys(f"subj/cvmfs_keys/{label}.{DOMAIN}", {
+            "publicKey": "p", "certificateKey": "c", "gatewayKey": "g"})
+        rgw.s3.create_bucket(Bucket=label)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(prepare, [*labels, newcomer]))
+    print(f"keys and buckets for {args.count + 1} repositories: "
+          f"{time.monotonic() - t0:.1f} s (outside the daemons)", flush=True)
 
-        conn = amqp.connect(cfg.amqp, "bench")
-        ch = conn.channel()
-        ch.confirm_delivery()
-        t0 = time.monotonic()
+    ann = Announcements(cfg)
+    announcements.append(ann)
+    for i in range(args.provisioners):
+        procs[f"publisher_consumer-{i}"] = start("publisher_consumer", cfg_file, env,
+                                                 work / f"publisher-{i}.out")
+    conn = amqp.connect(cfg.amqp, "bench")
+    ch = conn.channel()
+    ch.confirm_delivery()
+    wait(lambda: consumed_queues(broker).get(cfg.amqp.publisher_queue, 0)
+         >= args.provisioners, 60, "publisher-consumer", 0.2)
+    t0 = time.monotonic()
+    for label in labels:
         amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue,
-                               f"a,subj,{newcomer}.{DOMAIN},P".encode())
-        wait(lambda: newcomer in ann.created, 120, "the new repository provisioned")
-        created = ann.created[newcomer]
+                               f"a,subj,{label}.{DOMAIN},P".encode())
+    conn.close()  # a blocking connection left idle would miss its heartbeats
+    wait(lambda: all(label in ann.created for label in labels), 7200,
+         "every repository provisioned", 0.5)
+    took = max(ann.created.values()) - t0
+    print(f"provisioned {args.count} repositories with {args.provisioners} "
+          f"publisher-consumer(s): {took:.1f} s, {took / args.count * 1000:.0f} ms each "
+          f"(the double's mkfs included)", flush=True)
+    print(f"RabbitMQ after provisioning: {broker_state(broker)}", flush=True)
 
-        def newcomer_consumed() -> bool:
-            declared = amqp.passive_declare(conn, newcomer)  # None until it is declared
-            return declared is not None and declared.consumer_count > 0
-        wait(newcomer_consumed, 120, "a consumer on the new repository's queue")
-        print(f"new repository: consumed {time.monotonic() - created:.2f} s after its "
-              f"'created' announcement (target < 5 s; {created - t0:.2f} s to provision it)",
-              flush=True)
-        conn.close()
+    t0 = time.monotonic()
+    procs["repo_consumers"] = start("repo_consumers", cfg_file, env, work / "consumers.out")
+    procs["repo_sync"] = start("repo_sync", cfg_file, env, work / "sync.out")
+    def all_consumed() -> bool:  # one listing per look: 1,000 queues take a while
+        consumers = consumed_queues(broker)
+        return all(consumers.get(label, 0) > 0 for label in labels)
+    wait(all_consumed, 900, "a consumer on every repository queue", 1.0)
+    print(f"consumers subscribed to {args.count} queues in {time.monotonic() - t0:.1f} s",
+          flush=True)
+    time.sleep(10)  # start-up work (recovery scan, first listing) is over
+    print(f"RabbitMQ with the consumers running: {broker_state(broker)}", flush=True)
+    cpu = idle_cpu({"repo_consumers": procs["repo_consumers"].pid,
+                    "repo_sync": procs["repo_sync"].pid}, args.idle_seconds)
+    print(f"idle over {args.idle_seconds:.0f} s: consumers {cpu['repo_consumers'] * 100:.2f} % "
+          f"of a core (target < 2 %), RSS {rss_mib(procs['repo_consumers'].pid):.0f} MiB "
+          f"(target < 300 MiB); sync {cpu['repo_sync'] * 100:.2f} % of a core "
+          f"(target < 2 %), RSS {rss_mib(procs['repo_sync'].pid):.0f} MiB", flush=True)
 
-        hot_vs_quiet(rgw, ceph, double.root, labels[0], labels[1:1 + args.trials], args.hot)
-        ok = True
-    finally:
-        if ann is not None:
-            ann.close()
-        for p in procs.values():
-            p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        if not ok:
-            print(f"failed: logs kept in {keep_logs(work)}", file=sys.stderr)
-        # topics, buckets and queues go with the services' directories
-        tear_down(work, double.root, [ceph, bao, node])
+    conn = amqp.connect(cfg.amqp, "bench")
+    ch = conn.channel()
+    ch.confirm_delivery()
+    t0 = time.monotonic()
+    amqp.publish_confirmed(ch, "", cfg.amqp.publisher_queue,
+                           f"a,subj,{newcomer}.{DOMAIN},P".encode())
+    wait(lambda: newcomer in ann.created, 120, "the new repository provisioned")
+    created = ann.created[newcomer]
+
+    def newcomer_consumed() -> bool:
+        declared = amqp.passive_declare(conn, newcomer)  # None until it is declared
+        return declared is not None and declared.consumer_count > 0
+    wait(newcomer_consumed, 120, "a consumer on the new repository's queue")
+    print(f"new repository: consumed {time.monotonic() - created:.2f} s after its "
+          f"'created' announcement (target < 5 s; {created - t0:.2f} s to provision it)",
+          flush=True)
+    conn.close()
+
+    hot_vs_quiet(rgw, ceph, double.root, labels[0], labels[1:1 + args.trials], args.hot)
 
 
 def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],

@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -36,6 +36,12 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, log_file: Pat
             raise RuntimeError(f"{what} died during start-up{_tail(log_file)}")
         time.sleep(interval)
     raise RuntimeError(f"{what} not ready after {timeout:.0f}s{_tail(log_file)}")
+
+
+def p95(values: Sequence[float]) -> float:
+    """The 95th percentile by the nearest-rank method (the benchmarks' figure)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
 
 
 def _tail(log_file: Path | None, lines: int = 15) -> str:

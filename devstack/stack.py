@@ -12,8 +12,9 @@ import os
 import shutil
 import stat
 import sys
+import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,48 @@ def tear_down(workdir: Path, double_root: Path, services: Sequence[Any] = (),
         if service is not None:
             service.stop()
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
+class LocalServices:
+    """A benchmark's own services, all under ``workdir``, and the stack wired to them."""
+
+    workdir: Path
+    double: CvmfsDouble
+    node: Any  # devstack.rabbitmq.RabbitNode
+    bao: Any  # devstack.openbao.OpenBao
+    ceph: Any  # devstack.ceph.Ceph
+    stack: Stack
+
+    @property
+    def broker(self) -> Any:
+        return self.node.broker()
+
+
+@contextlib.contextmanager
+def local_services(prefix: str) -> Iterator[LocalServices]:
+    """Start a RabbitMQ node, OpenBao and Ceph of our own; remove everything on exit.
+
+    The benchmarks' one start-up: the clean-up runs on an error, on Ctrl-C
+    and (under :func:`devstack.common.sigterm_as_interrupt`) on SIGTERM too,
+    stopping whatever had started, so a failed start leaves nothing behind.
+    The daemons a benchmark started must be stopped before the block ends.
+    """
+    from .ceph import Ceph  # noqa: PLC0415 - the services only for the callers that run them
+    from .openbao import OpenBao  # noqa: PLC0415
+    from .rabbitmq import RabbitNode  # noqa: PLC0415
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    double = make_double(workdir / "cvmfs-root")
+    started: list[Any] = []
+    try:
+        node = RabbitNode(workdir / "rabbitmq").start()
+        started.append(node)
+        bao = OpenBao(workdir / "openbao").start()
+        started.append(bao)
+        ceph = Ceph(workdir / "ceph").start()
+        started.append(ceph)
+        yield LocalServices(workdir, double, node, bao, ceph,
+                            build_stack(workdir, node.broker(), bao, ceph, double))
+    finally:  # topics, buckets and queues go with the services' directories
+        tear_down(workdir, double.root, started[::-1])
