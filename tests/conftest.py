@@ -8,12 +8,15 @@ never touched), an OpenBao dev server, a one-node Ceph RGW. Only
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +65,44 @@ def ceph(session_dir: Path) -> Iterator[ceph_mod.Ceph]:
     cluster = ceph_mod.Ceph(session_dir / "ceph").start()
     yield cluster
     cluster.stop()
+
+
+class WarmTopics:
+    """Persistent RGW topics created ahead of the tests that provision them.
+
+    RGW 16.2 takes a new persistent topic's queue up only at its next scan of
+    the queue list, every 30 s (``Q_LIST_UPDATE_MSEC``, not configurable;
+    shared/ceph/README.md item 5): a test that provisions a fresh label waits
+    up to 30 s before its first event. A label from here names a topic made
+    ``depth`` provisions earlier with the same attributes, which RGW has
+    usually taken up by then; provisioning creates it again (CreateTopic is
+    idempotent and keeps the persistent queue), so the code under test still
+    makes every topic it needs. Only the wait goes; one test
+    (``test_anti_entropy_schedule``) and the provisioning tests' fresh labels
+    still see it.
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        self.depth = depth
+        self._pools: dict[tuple[str, str], collections.deque[str]] = {}
+        self._lock = threading.Lock()
+
+    def label(self, rgw: Any, exchange: str, prefix: str) -> str:
+        """A label whose topic exists already; tops the pool up for the next tests."""
+        key = (rgw.push_endpoint(), exchange)
+        with self._lock:
+            pool = self._pools.setdefault(key, collections.deque())
+            while len(pool) <= self.depth:
+                label = unique_label(prefix)
+                rgw.create_topic(label, exchange)
+                pool.append(label)
+            return pool.popleft()
+
+
+@pytest.fixture(scope="session")
+def warm_topics(ceph: ceph_mod.Ceph) -> WarmTopics:
+    """One pool per session (the topics go with the session's Ceph)."""
+    return WarmTopics()
 
 
 @pytest.fixture(autouse=True)

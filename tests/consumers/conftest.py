@@ -12,7 +12,7 @@ import pytest
 from cvmfs_publisher.adapters.rabbitmq_api import ManagementAPI
 from cvmfs_publisher.adapters.rgw import RGW
 from devstack.rabbitmq import Broker
-from tests.conftest import Stack, unique_label
+from tests.conftest import Stack, WarmTopics, unique_label
 from tests.consumers.support import Env
 
 
@@ -50,13 +50,14 @@ def consumer_overrides(broker: Broker, vhost: str, **extra: dict[str, Any]
 
 
 @pytest.fixture
-def env(stack: Stack, broker: Broker, vhost: str, openbao: Any) -> Iterator[Env]:
+def env(stack: Stack, broker: Broker, vhost: str, openbao: Any,
+        warm_topics: WarmTopics) -> Iterator[Env]:
     overrides = consumer_overrides(broker, vhost)
     stack.raw = {k: dict(v) for k, v in stack.raw.items()}
     for section, values in overrides.items():
         stack.raw.setdefault(section, {}).update(values)
     cfg = stack.config()
     e = Env(stack, cfg, openbao, RGW(cfg.s3, cfg.rgw, max_pool_connections=64),
-            ManagementAPI(cfg.amqp))
+            ManagementAPI(cfg.amqp), warm_topics)
     yield e
     e.cleanup()

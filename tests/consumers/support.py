@@ -230,6 +230,7 @@ class Env:
     openbao: Any
     rgw: RGW
     mgmt: ManagementAPI
+    warm_topics: Any = None  # tests.conftest.WarmTopics: labels whose topic RGW took up
     repos: list[Repo] = field(default_factory=list)
 
     @property
@@ -253,6 +254,9 @@ class Env:
         ``cfg`` (default: the test's) lets a test announce on another exchange.
         """
         cfg = cfg or self.cfg
+        if label is None and self.warm_topics is not None:
+            rgw = self.rgw if cfg is self.cfg else RGW(cfg.s3, cfg.rgw)
+            label = self.warm_topics.label(rgw, cfg.amqp.notification_exchange, "rc-")
         label = label or unique_label("rc-")
         repo = Repo(label, f"{label}.{DOMAIN}", "0f1e2d3c-" + unique_label("s"))
         self.openbao.put_keys(f"{repo.subject}/cvmfs_keys/{repo.repository}", KEYS)

@@ -8,11 +8,13 @@ from tests.provision.helpers import Scenario
 
 
 @pytest.fixture
-def scenario(stack, broker, openbao, ceph):
+def scenario(stack, broker, openbao, ceph, warm_topics):
     made: list[Scenario] = []
 
-    def make(**kw) -> Scenario:
-        s = Scenario(stack, broker, openbao, ceph, **kw)
+    def make(warm: bool = False, **kw) -> Scenario:
+        """``warm=True``: a test that waits for its topic's events (tests.conftest.WarmTopics)."""
+        s = Scenario(stack, broker, openbao, ceph, warm_topics=warm_topics if warm else None,
+                     **kw)
         made.append(s)
         return s
     yield make

@@ -154,15 +154,17 @@ class Scenario:
     """One repository under test, with its labels and clean-up."""
 
     def __init__(self, stack: Stack, broker: Broker, openbao, ceph,
-                 kind: str = "personal", **overrides: dict) -> None:
+                 kind: str = "personal", warm_topics: Any = None, **overrides: dict) -> None:
+        """``warm_topics`` (tests.conftest.WarmTopics): a label whose topic RGW took up."""
         self.stack = stack
         self.broker = broker
-        self.label = unique_label("repo-")
-        self.repo = f"{self.label}.{DOMAIN}"
-        self.subject = "0f1e2d3c-" + unique_label("s")
         self.kind = kind
         self.cfg = stack.config(**overrides)
         self.rgw = RGW(self.cfg.s3, self.cfg.rgw)
+        self.label = (warm_topics.label(self.rgw, self.cfg.amqp.notification_exchange, "repo-")
+                      if warm_topics is not None else unique_label("repo-"))
+        self.repo = f"{self.label}.{DOMAIN}"
+        self.subject = "0f1e2d3c-" + unique_label("s")
         self.keys = dict(KEYS, gatewayKey=f"plain_text gwkey1 {unique_label('GWSECRET')}\n")
         if kind == "personal":
             self.vault_path = f"{self.subject}/cvmfs_keys/{self.repo}"

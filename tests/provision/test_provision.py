@@ -33,7 +33,7 @@ def put_and_expect_event(s: Scenario) -> dict:
     s.rgw.s3.put_object(Bucket=s.label, Key="outside/ignored.txt", Body=b"no event")
     s.rgw.s3.put_object(Bucket=s.label, Key="cvmfs/x", Body=b"hello")
 
-    # a new persistent topic delivers once RGW's 30 s queue scan took it up (README)
+    # a warm topic (tests.conftest.WarmTopics); a cold one would take up to 30 s (README)
     bodies = s.amqp.consume(s.label, 60)
     assert len(bodies) == 1, "expected exactly the cvmfs/ event (none for outside/)"
     rec = json.loads(bodies[0])["Records"][0]
@@ -43,7 +43,7 @@ def put_and_expect_event(s: Scenario) -> dict:
 
 
 def test_personal_repository_end_to_end(scenario, broker) -> None:
-    s = scenario()
+    s = scenario(warm=True)
     with running(s.cfg, broker):
         s.amqp.send(s.csv)
         doc = s.amqp.wait_announcement("created", s.repo)
@@ -54,7 +54,7 @@ def test_personal_repository_end_to_end(scenario, broker) -> None:
 
 
 def test_group_repository_from_json(scenario, broker) -> None:
-    s = scenario(kind="group")
+    s = scenario(kind="group", warm=True)
     with running(s.cfg, broker):
         s.amqp.send(s.json())
         s.amqp.wait_announcement("created", s.repo)
@@ -113,7 +113,7 @@ def test_mkfs_leftover_is_removed_and_created_again(scenario, broker) -> None:
 
 
 def test_existing_queue_without_arguments_is_adopted(scenario, broker) -> None:
-    s = scenario()
+    s = scenario(warm=True)
     # the seed's deployment declared the queue as a plain classic queue
     s.amqp.ch.queue_declare(s.label, durable=True)
     with running(s.cfg, broker):
