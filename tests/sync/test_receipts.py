@@ -10,9 +10,11 @@ from __future__ import annotations
 import subprocess
 
 from cvmfs_publisher.adapters.cvmfs import CvmfsServer
+from cvmfs_publisher.operations.receipt_view import format_key
 from cvmfs_publisher.publishing.cvmfs_backend import CvmfsBackend
-from cvmfs_publisher.staging import receipts
-from tests.cvmfs_server_double import current_revision, inject_fault, spool_dir
+from cvmfs_publisher.staging import manifest, receipts
+from cvmfs_publisher.staging.area import Staging
+from tests.cvmfs_server_double import current_revision, inject_fault, published_tree, spool_dir
 from tests.sync.conftest import REPO, SyncEnv, tarball
 
 #: What the real tool says when the tar stream is not a tar (cvmfs README §5).
@@ -96,7 +98,20 @@ def test_bounded_lists_keep_the_newest(env: SyncEnv) -> None:
     for i in range(6):
         env.put(f"f{i}.txt", b"%d\n" % i)
         _tick_published(env, daemon)
+        if i == 0:  # the manifest an active host keeps (walked as keep_manifest would;
+            # each later publish continues it)
+            manifest.ensure(Staging(env.cfg.cvmfs.staging_dir, REPO),
+                            published_tree(env.root, REPO), current_revision(env.root, REPO))
     sync, _ = receipts.state(env.cfg.cvmfs.staging_dir, REPO)
     assert [r["key"] for r in sync["recent"]] == ["cvmfs/f5.txt", "cvmfs/f4.txt",
                                                   "cvmfs/f3.txt"]
     assert list(sync["known"]) == [f"cvmfs/f{i}.txt" for i in range(2, 6)]
+    # f0 fell out of the receipt's list: the manifest still knows it was published
+    view = receipts.lookup(env.cfg.cvmfs.staging_dir, REPO, "cvmfs/f0.txt", "f0.txt")
+    assert view["state"] == "published" and view["from"] == "manifest", view
+    assert view["revision"] == current_revision(env.root, REPO)
+    assert view["etag"] and view["path"] == "f0.txt"
+    assert "present in revision" in format_key({**view, "repository": REPO,
+                                                "key": "cvmfs/f0.txt", "in_sync": True})
+    unknown = receipts.lookup(env.cfg.cvmfs.staging_dir, REPO, "cvmfs/never.txt", "never.txt")
+    assert unknown["state"] == "unknown"

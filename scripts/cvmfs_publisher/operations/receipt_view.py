@@ -9,8 +9,10 @@ and compares the object S3 holds now (HEAD: its ETag) with what was
 published, so "a newer upload that never arrived" (a lost event) shows.
 
 Where published keys come from: the sync daemon's record in the receipt
-state (the last ``receipts.known_keys`` published keys with their ETag), not
-a full manifest of the repository: an older key reads "unknown" there.
+state (the last ``receipts.known_keys`` published keys, with their ETag and
+the revision that published them), then the repository's manifest
+(:mod:`cvmfs_publisher.staging.manifest`: every published path with its key
+and ETag, as of its revision) for an older key.
 Runs where the staging volume is mounted (either CVMFS container).
 """
 
@@ -120,6 +122,9 @@ def format_key(view: dict[str, Any]) -> str:
                 f"{view['since']}): it goes out with the next publish of {repo}")
         if view.get("last_error"):
             head += f"; the last publish attempt failed: {view['last_error']}"
+    elif state == "published" and view.get("from") == "manifest":
+        head = (f"{key}: published, present in revision {_rev(view)} (the manifest of "
+                f"{view['time']}; path {view['path']}, ETag {view['etag'] or '-'})")
     elif state == "published":
         head = (f"{key}: published in revision {_rev(view)} at {view['time']} "
                 f"(path {view['path']}, ETag {view['etag'] or '-'})")

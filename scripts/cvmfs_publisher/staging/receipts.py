@@ -41,6 +41,7 @@ from typing import Any
 from ..core import durable
 from ..core.config import ReceiptsConfig
 from ..core.logs import redact
+from . import manifest
 from .area import Entry, Staging
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,16 @@ def lookup(staging_dir: str | os.PathLike[str], repo: str, key: str,
         facts.append((float(when or 0), {
             "state": "deleted" if change == "deleted" else "published", "path": kpath,
             "etag": etag, "revision": rev, "time": iso(when)}))
+    elif path is not None:
+        # older than the receipt's list: the manifest knows every published path
+        # (its revision is the one it describes; the time is when it was written)
+        m = manifest.load(Staging(staging_dir, repo).root, repo)
+        rec = m.entries.get(path) if m is not None else None
+        if rec is not None and (not rec.key or rec.key == key):
+            facts.append((m.written, {  # type: ignore[union-attr]
+                "state": "published", "path": path, "etag": rec.etag,
+                "revision": m.revision, "time": iso(m.written),  # type: ignore[union-attr]
+                "from": "manifest"}))
     if not facts:
         return {"state": "unknown", "path": path}
     return max(facts, key=lambda f: f[0])[1]
