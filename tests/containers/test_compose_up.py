@@ -393,6 +393,29 @@ def test_restart_of_each_service(deployment: Deployment, service: str) -> None:
            f"healthy after {healthy:.0f} s, {len(names)}/{len(names)} uploads published")
 
 
+def publish_in_progress(deployment: Deployment, rgw: RGW, lock: Path, container: str,
+                        timeout: float = 120.0) -> None:
+    """Wait until sync holds ``is_publishing.lock``; one more upload every 10 s meanwhile
+    (a change that came while sync was idle may be out already), and on timeout
+    say what sync and the consumers were doing."""
+    deadline, extra = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        nudge = time.monotonic() + 10
+        while time.monotonic() < min(nudge, deadline):
+            if lock.exists():
+                return
+            time.sleep(0.01)
+        deployment.upload(rgw, [f"burst/nudge-{extra}.txt"])
+        extra += 1
+    logs = {}
+    for name, c in (("sync", container),
+                    ("consumers", deployment.compose.container("cvmfs-repo-consumers"))):
+        res = deployment.engine.docker("logs", "--tail", "15", c, check=False)
+        logs[name] = res.stdout + res.stderr
+    raise AssertionError(f"no publish in progress after {timeout:.0f} s ({extra} extra uploads; "
+                         f"{len(deployment.published())} files published); logs: {logs}")
+
+
 def test_sigkill_during_a_burst_loses_nothing(deployment: Deployment) -> None:
     """``docker kill -s KILL`` of the consumers, then of sync, while 300 uploads arrive.
 
@@ -422,7 +445,7 @@ def test_sigkill_during_a_burst_loses_nothing(deployment: Deployment) -> None:
                         # Everything before may be published already: this
                         # upload is the one sync is killed publishing.
                         deployment.upload(rgw, names[i:i + 1])
-                        wait_until("a publish in progress", publishing.exists, 60, 0.01)
+                        publish_in_progress(deployment, rgw, publishing, container)
                     engine.docker("kill", "-s", "KILL", container)
                     if kills[i] == "sync-publisher":
                         killed_in_transaction.append(

@@ -941,11 +941,13 @@ def test_rmfs_in_a_transaction_leaks_the_gateway_lease(root: Path, gw: str) -> N
     # abort -f before rmfs releases it; a short lease expires by itself.
     assert run(root, "abort", "-f", gw).rc == 0
     assert leases(root) == {}
-    assert run(root, "transaction", gw, CVMFS_DOUBLE_LEASE_SECONDS="1").rc == 0
+    # (long enough that rmfs and mkfs finish within it on a loaded machine)
+    assert run(root, "transaction", gw, CVMFS_DOUBLE_LEASE_SECONDS="8").rc == 0
+    leased = time.monotonic()  # the lease began before this: it ends before leased + 8
     assert run(root, "rmfs", "-f", gw).rc == 0
     assert mkfs_gw(root).rc == 0
     assert run(root, "transaction", gw).rc == 16
-    time.sleep(1.1)
+    time.sleep(max(0.0, leased + 8.2 - time.monotonic()))
     assert run(root, "transaction", gw).rc == 0
     # The gateway forgot this one: abort still succeeds, saying so (README §1).
     drop_lease(root, f"{gw}/")

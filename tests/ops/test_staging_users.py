@@ -37,10 +37,16 @@ pytestmark = [
 
 CONSUMER_STAGES = """
 import sys
-from cvmfs_publisher.staging import area as staging
+from cvmfs_publisher.staging import area as staging, fencing
 s = staging.Staging(sys.argv[1], sys.argv[2]).ensure()
-s.stage(staging.Entry(path=sys.argv[3], op="delete"))
-print("staged")
+if sys.argv[4] == "stage":
+    s.term = "term-of-a-consumer-that-died"
+    s.stage(staging.Entry(path=sys.argv[3], op="delete"))
+    print("staged")
+else:  # active again: what fencing set aside is checked, then forgotten
+    for e in fencing.to_check(s):
+        fencing.checked(s, e)
+    print("checked", len(s.stale_entries()))
 """
 
 
@@ -56,11 +62,12 @@ def staging_dir() -> Iterator[Path]:
     shutil.rmtree(top, ignore_errors=True)
 
 
-def consumer_stages(root: Path, path: str) -> subprocess.CompletedProcess[str]:
+def consumer_stages(root: Path, path: str, action: str = "stage"
+                    ) -> subprocess.CompletedProcess[str]:
     if not os.access(REPO / "scripts", os.R_OK | os.X_OK):
         pytest.skip("the package sources are not readable")
     return subprocess.run(
-        [SYSTEM_PYTHON, "-c", CONSUMER_STAGES, str(root), REPOSITORY, path],
+        [SYSTEM_PYTHON, "-c", CONSUMER_STAGES, str(root), REPOSITORY, path, action],
         capture_output=True, text=True, timeout=60, check=False, cwd="/",
         user=CONSUMER_UID, group=CONSUMER_UID, extra_groups=[],
         env={"PYTHONPATH": str(REPO / "scripts"), "PATH": "/usr/bin:/bin"},
@@ -81,3 +88,20 @@ def test_consumer_user_can_stage_after_the_sync_daemon_took_a_batch(staging_dir:
     res = consumer_stages(staging_dir, "b.txt")
     assert res.returncode == 0, res.stderr.strip().splitlines()[-1:]
 
+
+
+def test_consumer_user_can_check_what_the_sync_daemon_set_aside(staging_dir: Path) -> None:
+    """fence() (sync, root) creates ``stale/``; the consumers list and empty it.
+
+    Found by the container test: a root-owned 0750 ``stale/`` stopped the
+    consumers after their SIGKILL (Permission denied, nothing consumed).
+    """
+    from cvmfs_publisher.staging import fencing
+
+    assert consumer_stages(staging_dir, "a.txt").returncode == 0
+    sync_side = staging.Staging(staging_dir, REPOSITORY)
+    assert fencing.fence(sync_side) == 1  # no live term: set aside
+    assert sync_side.stale_dir.stat().st_uid == CONSUMER_UID
+    res = consumer_stages(staging_dir, "a.txt", action="check")
+    assert res.returncode == 0, res.stderr.strip().splitlines()[-1:]
+    assert res.stdout.strip() == "checked 0"

@@ -287,7 +287,9 @@ class Staging:
         ``cvmfs-publisher reconcile`` brings it back from the bucket.
         """
         corrupt = self.root / "corrupt"
-        corrupt.mkdir(mode=0o750, exist_ok=True)
+        if not corrupt.is_dir():
+            corrupt.mkdir(mode=0o750)
+            self._adopt(corrupt)
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, corrupt / f"{path.name}.{uuid.uuid4().hex[:8]}")
         log.error(
