@@ -130,7 +130,7 @@ class Staging:
 
     # -- set-up and locking ------------------------------------------------------------
 
-    def _adopt(self, path: Path) -> None:
+    def adopt(self, path: Path) -> None:
         """Give what root creates here to the owner of the repository's staging directory.
 
         In the containers the consumers write staging as an unprivileged user
@@ -162,14 +162,14 @@ class Staging:
                     if os.geteuid() == 0 and parent.st_uid != 0:
                         os.chown(d, parent.st_uid, parent.st_gid)
                 else:
-                    self._adopt(d)
+                    self.adopt(d)
         return self
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive flock on ``.lock`` (blocks; held briefly by every party)."""
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o660)
-        self._adopt(self._lock_path)
+        self.adopt(self._lock_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -289,7 +289,7 @@ class Staging:
         corrupt = self.root / "corrupt"
         if not corrupt.is_dir():
             corrupt.mkdir(mode=0o750)
-            self._adopt(corrupt)
+            self.adopt(corrupt)
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, corrupt / f"{path.name}.{uuid.uuid4().hex[:8]}")
         log.error(
@@ -358,7 +358,7 @@ class Staging:
                     return []
                 os.rename(self.pending, self.batch_dir)
                 self.pending.mkdir(mode=0o750)
-                self._adopt(self.pending)
+                self.adopt(self.pending)
                 durable.fsync_dir(self.root)
         return self.batch_entries()
 

@@ -156,7 +156,7 @@ def fence(staging: Staging) -> int:
                 staging.stale_dir.mkdir(mode=0o750, exist_ok=True)
                 # the sync daemon (root) makes it; the consumers (another user in the
                 # containers) list and empty it (also mends one an older release made)
-                staging._adopt(staging.stale_dir)
+                staging.adopt(staging.stale_dir)
                 name = entry_name(entry.path)
                 old = Staging._read(staging.stale_dir / name)
                 if old is not None and old.seq > entry.seq:
