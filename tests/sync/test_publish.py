@@ -81,6 +81,23 @@ def test_only_the_batch_paths_are_touched(env: SyncEnv) -> None:
     assert (rev["added"], rev["changed"], rev["deleted"]) == ([], ["many/f7"], [])
 
 
+def test_a_change_published_already_is_not_written_again(env: SyncEnv) -> None:
+    """An event delivered again (a lost broker connection) restages a published key
+    next to a new one: only the new one is written, no path published twice."""
+    env.put("tools/run.sh", b"#!/bin/sh\n", mode=0o755)
+    env.delete("never-there.txt")
+    env.publisher().publish(REPO)
+    env.put("tools/run.sh", b"#!/bin/sh\n", mode=0o755)  # the redelivered event
+    env.delete("never-there.txt")
+    env.put("new.txt", b"new")
+
+    out = env.publisher().publish(REPO)
+
+    assert out is not None and out.unchanged == 2 and out.touched == 1
+    rev = env.revisions()[-1]
+    assert (rev["added"], rev["changed"], rev["deleted"]) == (["new.txt"], [], [])
+
+
 def test_replacements_file_dir_symlink(env: SyncEnv) -> None:
     env.put("x", b"file")
     env.put("d/inner", b"i")

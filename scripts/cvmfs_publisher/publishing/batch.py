@@ -353,30 +353,26 @@ class BatchPublisher:
             return False
 
     def _all_in_place(self, tree: TreeReader, st: Staging, phase: Phase) -> bool:
-        for p in phase.parents:
-            if not tree.is_dir(p):
-                return False
-        for e in phase.entries:
-            cur = tree.lstat(e.path)
-            if e.op == "delete":
-                if cur is not None:
-                    return False
-            elif e.op == "symlink":
-                if cur is None or not stat.S_ISLNK(cur.st_mode) \
-                        or tree.readlink(e.path) != self._link_target(st, e):
-                    return False
-            else:
-                if cur is None or not stat.S_ISREG(cur.st_mode) \
-                        or stat.S_IMODE(cur.st_mode) != file_mode(e.mode):
-                    return False
-                try:
-                    with _open_object(st.object_path(e)) as obj:
-                        if os.fstat(obj.fileno()).st_size != cur.st_size \
-                                or not tree.same_content(e.path, obj.fileno()):
-                            return False
-                except (OSError, _Skip):
-                    return False
-        return True
+        return all(tree.is_dir(p) for p in phase.parents) and all(
+            self._entry_in_place(tree, st, e) for e in phase.entries)
+
+    def _entry_in_place(self, tree: TreeReader, st: Staging, e: Entry) -> bool:
+        """Does the published tree hold this change already (same type, mode, content)?"""
+        cur = tree.lstat(e.path)
+        if e.op == "delete":
+            return cur is None
+        if cur is None:
+            return False
+        if e.op == "symlink":
+            return stat.S_ISLNK(cur.st_mode) and tree.readlink(e.path) == self._link_target(st, e)
+        if not stat.S_ISREG(cur.st_mode) or stat.S_IMODE(cur.st_mode) != file_mode(e.mode):
+            return False
+        try:
+            with _open_object(st.object_path(e)) as obj:
+                return (os.fstat(obj.fileno()).st_size == cur.st_size
+                        and tree.same_content(e.path, obj.fileno()))
+        except (OSError, _Skip):
+            return False
 
     @staticmethod
     def _link_target(st: Staging, e: Entry) -> str:
@@ -396,6 +392,15 @@ class BatchPublisher:
                      "(nothing to publish)", repo, len(phase.entries))
             self._observe(repo, phase.entries)
             return
+        # A change published already (an event delivered again after a lost broker
+        # connection, while the rest of the phase is new) is not written again:
+        # rewriting it would publish that path a second time.
+        try:
+            in_place = {e.path for e in phase.entries
+                        if self._entry_in_place(published.tree(), st, e)}
+        except _Skip:
+            in_place = set()
+        out.unchanged += len(in_place)
         published.changed()  # a new revision (or an abort) follows: read it afresh
         self.transactions.open(repo)
         out.transactions += 1
@@ -404,7 +409,7 @@ class BatchPublisher:
         try:
             with self.backend.writer(repo) as tree:
                 for e in phase.entries:
-                    if self._apply_entry(repo, tree, st, e, out):
+                    if e.path not in in_place and self._apply_entry(repo, tree, st, e, out):
                         applied.append(e)
                 for p in phase.parents:
                     tree.makedirs(p)
@@ -423,7 +428,8 @@ class BatchPublisher:
                                    f"{f' ({where})' if where else ''}") from None
             raise
         out.publishes += 1
-        self._observe(repo, applied)
+        # with the revision this publish made, as before (the receipt's record)
+        self._observe(repo, applied + [e for e in phase.entries if e.path in in_place])
 
     def _observe(self, repo: str, entries: list[Entry]) -> None:
         if self.observer is not None and entries:
