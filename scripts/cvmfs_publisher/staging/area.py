@@ -26,7 +26,11 @@ Why this shape:
   written to ``tmp/``, fsynced and renamed into ``objects/``; an entry is
   written to ``tmp/``, fsynced and renamed over ``pending/<h>.json``; the
   sync daemon takes a batch with one ``rename(pending, batch)`` under the
-  lock. Orphans (objects no entry references) are swept at start-up.
+  lock. Orphans (objects no entry references) are swept at start-up. The
+  consumers' group commit (:mod:`cvmfs_publisher.staging.group_commit`)
+  renames objects into ``objects/`` unsynced and syncs a whole group at
+  once; an entry is still renamed into ``pending/`` only once its object
+  and its own content are durable.
 - ``flock`` on a file in the shared volume works across containers on one
   host, so the consumers (writers) and the sync daemon (batch taker) can
   run in different containers.
