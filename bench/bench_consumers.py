@@ -87,7 +87,8 @@ class Bench:
         self.work, self.broker, self.ceph, self.vhost = work, broker, ceph, vhost
         self.env = {"CVMFS_PUBLISHER_AMQP__PASSWORD": broker.password,
                     "CVMFS_PUBLISHER_S3__ACCESS_KEY": ceph.access_key,
-                    "CVMFS_PUBLISHER_S3__SECRET_KEY": ceph.secret_key}
+                    "CVMFS_PUBLISHER_S3__SECRET_KEY": ceph.secret_key,
+                    "CVMFS_PUBLISHER_RGW__PUSH_PASSWORD": broker.password}
         self.raw: dict[str, dict[str, Any]] = {
             "log": {"dir": str(work / "log"), "level": "INFO", "stdout": False},
             "status": {"dir": str(work / "status"), "interval": 1.0},
@@ -95,7 +96,9 @@ class Bench:
                      "vhost": vhost, "management_url": broker.management_url,
                      "retry_delays": [1, 2]},
             "s3": {"endpoint_url": ceph.endpoint, "max_attempts": 1},
+            # the node's credentials in the topics, as production (devstack/stack.py)
             "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}/{vhost}",
+                    "push_user": broker.user, "forwarded_https": True,
                     "amqp_ack_level": "broker", "persistent": True, "verify_ssl": False},
             "cvmfs": {"staging_dir": str(work / "staging"), "domain": DOMAIN},
             "consumers": {"downloads": 4},

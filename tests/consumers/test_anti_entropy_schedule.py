@@ -20,6 +20,7 @@ from cvmfs_publisher.core.config import ConsumersConfig
 from cvmfs_publisher.core.errors import Transient
 from cvmfs_publisher.core.status import StatusDocument
 from cvmfs_publisher.pipeline.anti_entropy import AntiEntropy
+from cvmfs_publisher.pipeline.reconcile import ManifestPending
 from tests.consumers.support import wait_until
 
 
@@ -188,5 +189,25 @@ def test_a_reconcile_failing_on_s3_then_succeeding_reconciles_the_others(
         wait_until("b after the outage", lambda: ("b.infn.it", "S3 back after an outage")
                    in rec.calls)
         assert ("a.infn.it", "S3 back after an outage") not in rec.calls
+    finally:
+        ae.stop()
+
+
+def test_a_missing_manifest_is_no_s3_outage(status: StatusDocument) -> None:
+    """Before the sync daemon's first manifest every reconcile fails as ManifestPending:
+    it is retried with backoff, and the next download's success starts no "S3 back"
+    reconcile (which failed the same way, one reconcile per event)."""
+    rec = Recorder()
+    rec.plans["a.infn.it"] = [ManifestPending("no manifest yet")]
+    ae = scheduler(status, rec)
+    try:
+        ae.activated("a.infn.it", "active consumer")
+        wait_until("failed run", lambda: ae.pending().get("a.infn.it", (0, ""))[1].startswith(
+            "retry"))
+        for _ in range(3):
+            ae.s3_ok()  # downloads go on succeeding
+        delay, why = ae.pending()["a.infn.it"]
+        assert why.startswith("retry") and delay > 10, "backoff, not 'S3 back' at once"
+        assert rec.calls == [("a.infn.it", "active consumer")]
     finally:
         ae.stop()

@@ -132,7 +132,7 @@ def test_interrupted_download_is_transient_and_leaves_nothing(s3: Any, st: Stagi
 
 
 def test_disk_error_is_transient(s3: Any, st: Staging, monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(self: Staging, tmp_path: Path) -> str:
+    def full(self: Staging, tmp_path: Path, sync: bool = True) -> str:
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Staging, "commit_object", full)
     with Stubber(s3) as stub:

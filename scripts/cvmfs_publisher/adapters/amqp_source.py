@@ -64,7 +64,8 @@ import functools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pika
@@ -102,6 +103,9 @@ class RepoQueue:
     failures: int = 0
     retry_at: float = 0.0
     active: bool = False
+    #: delivery tags received on ``channel`` and not settled yet (a ``multiple`` ack
+    #: may cover only these)
+    unacked: set[int] = field(default_factory=set)
 
 
 @dataclass(eq=False)
@@ -110,6 +114,24 @@ class QueueDelivery(amqp.Delivery):
 
     generation: int = 0
     rq: RepoQueue | None = None
+    #: while :meth:`RepositoryQueues.settle_many` applies a round: its ack goes here,
+    #: to be sent with the others of its channel
+    acks: list[QueueDelivery] | None = None
+
+    def ack(self) -> None:
+        if self.acks is not None:
+            self.acks.append(self)
+            return
+        super().ack()
+        self.settled()
+
+    def give_back(self) -> None:
+        super().give_back()
+        self.settled()
+
+    def settled(self) -> None:
+        if self.rq is not None and self.rq.channel is self.channel:
+            self.rq.unacked.discard(self.method.delivery_tag)
 
 
 class RepositoryQueues:
@@ -179,6 +201,41 @@ class RepositoryQueues:
                      "the broker delivers it again", verdict.repository, verdict.key,
                      verdict.action, type(exc).__name__)
 
+    def settle_many(self, verdicts: Sequence[tuple[Any, Verdict]]) -> None:
+        """:meth:`settle` for each pair, in one hand-over per connection (from any thread).
+
+        On the connection thread the acks of one channel go out together: one
+        ``basic_ack(multiple=True)`` for the longest run of that channel's
+        oldest unsettled deliveries that the round acknowledges (only those:
+        a multiple ack covers every earlier tag), single acks for the rest.
+        """
+        if threading.get_ident() == self._thread:
+            self._apply_many(list(verdicts))
+            return
+        by_conn: dict[int, tuple[Any, list[tuple[QueueDelivery, Verdict]]]] = {}
+        for d, verdict in verdicts:
+            try:
+                conn = self._conn_of(d)
+            except ConnectionError:
+                self._unsent([(d, verdict)], "no connection")
+                continue
+            by_conn.setdefault(id(conn), (conn, []))[1].append((d, verdict))
+        for conn, items in by_conn.values():
+            with self._lock:
+                self._unsettled += len(items)
+            try:
+                conn.add_callback_threadsafe(functools.partial(self._apply_many_callback, items))
+            except Exception as exc:  # connection gone: the broker redelivers them
+                with self._lock:
+                    self._unsettled -= len(items)
+                self._unsent(items, type(exc).__name__)
+
+    def _unsent(self, items: list[tuple[QueueDelivery, Verdict]], why: str) -> None:
+        for _, verdict in items:
+            log.info("repository=%s key=%s outcome=%s-unacked reason=connection closed (%s); "
+                     "the broker delivers it again", verdict.repository, verdict.key,
+                     verdict.action, why)
+
     def queues(self) -> list[str]:
         """The queues served now (connection-thread state; for tests and logs)."""
         return list(self._queues)
@@ -197,6 +254,34 @@ class RepositoryQueues:
         finally:
             with self._lock:
                 self._unsettled -= 1
+
+    def _apply_many_callback(self, items: list[tuple[QueueDelivery, Verdict]]) -> None:
+        try:
+            self._apply_many(items)
+        finally:
+            with self._lock:
+                self._unsettled -= len(items)
+
+    def _apply_many(self, items: list[tuple[QueueDelivery, Verdict]]) -> None:
+        """Connection thread: every verdict (:meth:`_apply`), the acks held back and sent
+        per channel at the end (see :meth:`settle_many`)."""
+        acks: list[QueueDelivery] = []
+        for d, verdict in items:
+            d.acks = acks
+            try:
+                self._apply(d, verdict)
+            finally:
+                d.acks = None
+        by_channel: dict[int, list[QueueDelivery]] = {}
+        for d in acks:
+            by_channel.setdefault(id(d.channel), []).append(d)
+        for group in by_channel.values():
+            try:
+                _ack_together(group)
+            except pika.exceptions.AMQPChannelError as exc:  # the broker requeues them
+                log.warning("queue=%s outcome=ack-failed messages=%d reason=%s: %s; they are "
+                            "delivered again", group[0].queue, len(group), type(exc).__name__,
+                            exc)
 
     def _apply(self, d: QueueDelivery, verdict: Verdict) -> None:
         """Connection thread: the verdict, unless its channel or connection is gone."""
@@ -362,7 +447,7 @@ class RepositoryQueues:
             log.warning("repository=%s queue=%s outcome=not-consuming retry_in=%.0fs reason=%s",
                         rq.repository, rq.queue, delay, exc)
             return
-        rq.channel, rq.failures = ch, 0
+        rq.channel, rq.failures, rq.unacked = ch, 0, set()
         log.info("repository=%s queue=%s outcome=consuming prefetch=%d", rq.repository,
                  rq.queue, self.prefetch)
         with self._lock:
@@ -401,6 +486,8 @@ class RepositoryQueues:
 
     def _on_message(self, rq: RepoQueue, gen: int, ch: BlockingChannel,
                     method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
+        if rq.channel is ch:
+            rq.unacked.add(method.delivery_tag)
         if self._drain.is_set():
             return  # left unacked: back to the queue when the connection closes
         if not rq.active and rq.channel is ch:
@@ -627,6 +714,25 @@ def _legacy_of(name: str) -> str:
     """The work queue of a per-queue retry queue ``<queue>.retry.<N>s``, else ""."""
     queue, sep, tail = name.rpartition(".retry.")
     return queue if sep and tail.endswith("s") and tail[:-1].isdigit() else ""
+
+
+def _ack_together(group: list[QueueDelivery]) -> None:
+    """Acknowledge ``group`` (deliveries of one channel) in as few frames as is safe."""
+    rq = group[0].rq
+    ch = group[0].channel
+    tags = {d.method.delivery_tag for d in group}
+    covered = 0
+    if rq is not None and rq.channel is ch:
+        for tag in sorted(rq.unacked):
+            if tag not in tags:
+                break
+            covered = tag
+    if covered:
+        ch.basic_ack(covered, multiple=True)
+    for tag in sorted(t for t in tags if t > covered):
+        ch.basic_ack(tag)
+    for d in group:
+        d.settled()
 
 
 def _close_quietly(ch: BlockingChannel) -> None:

@@ -62,9 +62,9 @@ class RepoConsumers:
             if cfg.receipts.enabled else None
         if self.receipts is not None:
             self.stager.on_rejected = self.receipts.rejected
-        # prefetch: one job running and one ready per worker, so the pool never
-        # waits on the ack round trip.
-        self.source = source or RepositoryQueues(cfg, status, NAME, prefetch=2 * downloads,
+        # prefetch: per worker one job running, one ready, one in the group commit's
+        # round and one in the ack's round trip, so the pool never waits on either.
+        self.source = source or RepositoryQueues(cfg, status, NAME, prefetch=4 * downloads,
                                                  drain_seconds=DRAIN_SECONDS, mgmt=mgmt)
         self._hk_stop = threading.Event()
 

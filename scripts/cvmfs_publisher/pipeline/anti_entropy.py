@@ -42,6 +42,7 @@ from typing import Any
 from ..core.config import ConsumersConfig
 from ..core.errors import Transient
 from ..core.status import StatusDocument
+from .reconcile import ManifestPending
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,12 @@ class AntiEntropy:
         self._periodic(repository)
 
     def _failed(self, repository: str, reason: str, exc: Exception, took: float) -> None:
-        if isinstance(exc, Transient):
-            self.s3_failed()  # S3 unreachable or erroring (also seen with no event flowing)
+        if isinstance(exc, Transient) and not isinstance(exc, ManifestPending):
+            # S3 unreachable or erroring (also seen with no event flowing). Not a missing
+            # manifest: the next download's success would reconcile at once, fail the
+            # same way and mark the "outage" again, one reconcile per event (seen in
+            # bench_consumers, where no sync daemon writes the manifest).
+            self.s3_failed()
         n = self._failures.get(repository, 0) + 1
         self._failures[repository] = n
         delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (n - 1))

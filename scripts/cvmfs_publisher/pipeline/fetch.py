@@ -145,8 +145,10 @@ def _last_modified(resp: dict[str, Any]) -> float:
         return 0.0
 
 
-def _stream(body: Any, first: bytes, staging: Staging) -> tuple[str, int]:
-    """Write ``first`` then the rest of ``body`` to a new staged object; (id, size)."""
+def _stream(body: Any, first: bytes, staging: Staging, sync: bool = True) -> tuple[str, int]:
+    """Write ``first`` then the rest of ``body`` to a new staged object; (id, size).
+
+    ``sync=False``: not fsynced (a group commit makes it durable later)."""
     tmp, fh = staging.new_download()
     try:
         size = 0
@@ -163,7 +165,7 @@ def _stream(body: Any, first: bytes, staging: Staging) -> tuple[str, int]:
                     break
                 fh.write(chunk)
                 size += len(chunk)
-        return staging.commit_object(tmp), size
+        return staging.commit_object(tmp, sync=sync), size
     except BaseException:
         staging.discard_download(tmp)
         raise
@@ -183,8 +185,10 @@ def _read_head(body: Any, n: int) -> bytes:
     return out
 
 
-def _stage_object(staging: Staging, entry: Entry) -> Entry:
+def _stage_object(staging: Staging, entry: Entry, defer: list[Entry] | None) -> Entry:
     """Stage an entry whose object is committed; drop the object if staging fails."""
+    if defer is not None:
+        return _stage(staging, entry, defer)
     try:
         return staging.stage(entry)
     except BaseException:
@@ -192,8 +196,17 @@ def _stage_object(staging: Staging, entry: Entry) -> Entry:
         raise
 
 
+def _stage(staging: Staging, entry: Entry, defer: list[Entry] | None) -> Entry:
+    """Stage ``entry`` now, or hand it to the caller's group commit (``defer``)."""
+    if defer is None:
+        return staging.stage(entry)
+    defer.append(entry)
+    return entry
+
+
 def _fetch(client: Any, staging: Staging, bucket: str, target: object_keys.Target,
-           repository: str) -> Fetched:
+           repository: str, defer: list[Entry] | None) -> Fetched:
+    sync = defer is None
     started = time.time()
     tarball = target.kind == object_keys.TARBALL
     try:
@@ -201,7 +214,8 @@ def _fetch(client: Any, staging: Staging, bucket: str, target: object_keys.Targe
     except Exception as exc:
         if object_missing(exc):
             op = "ingest-delete" if tarball else "delete"
-            return Fetched(staging.stage(Entry(target.path, op, key=target.key, time=started)))
+            return Fetched(_stage(staging, Entry(target.path, op, key=target.key,
+                                                 time=started), defer))
         raise _s3_error(exc, f"GET {target.key!r}", repository) from None
     body = resp["Body"]
     try:
@@ -215,12 +229,12 @@ def _fetch(client: Any, staging: Staging, bucket: str, target: object_keys.Targe
                 raise object_keys.UnsafeKey(f"tarball key {target.key!r} holds a symlink "
                                        "(mode S_IFLNK): not ingested", repository)
             check_ancestors(client, staging, bucket, target.path, repository)
-            oid, size = _stream(body, head, staging)
+            oid, size = _stream(body, head, staging, sync)
             compression = tarballs.compression_of(head)
             entry = Entry(target.path, "ingest", object=oid, compression=compression,
                           key=target.key, size=size, etag=etag,
                           modified=modified, time=started)
-            return Fetched(_stage_object(staging, entry), "content")
+            return Fetched(_stage_object(staging, entry, defer), "content")
         if decision.kind == modes.SYMLINK:
             if length > modes.MAX_TARGET_BYTES or len(head) > modes.MAX_TARGET_BYTES:
                 raise modes.BadSymlinkTarget(
@@ -231,26 +245,30 @@ def _fetch(client: Any, staging: Staging, bucket: str, target: object_keys.Targe
             entry = Entry(target.path, "symlink", mode=decision.mode, target=link,
                           key=target.key, size=len(head), etag=etag,
                           modified=modified, time=started)
-            return Fetched(staging.stage(entry), decision.source, decision.note)
+            return Fetched(_stage(staging, entry, defer), decision.source, decision.note)
         check_ancestors(client, staging, bucket, target.path, repository)
-        oid, size = _stream(body, head, staging)
+        oid, size = _stream(body, head, staging, sync)
         entry = Entry(target.path, "put", mode=decision.mode, object=oid, key=target.key,
                       size=size, etag=etag,
                           modified=modified, time=started)
-        return Fetched(_stage_object(staging, entry), decision.source, decision.note)
+        return Fetched(_stage_object(staging, entry, defer), decision.source, decision.note)
     finally:
         with contextlib.suppress(Exception):
             body.close()
 
 
 def fetch_key(s3: Any, staging: Staging, bucket: str, target: object_keys.Target,
-              repository: str = "") -> Fetched:
+              repository: str = "", defer: list[Entry] | None = None) -> Fetched:
     """Stage what S3 holds now for ``target`` (see the module docstring).
 
     Like :func:`stage_key`, with the deciding convention and notes for logs.
+    ``defer`` (the consumers' group commit,
+    :mod:`cvmfs_publisher.staging.group_commit`): the object is written but
+    not fsynced, and the entry is appended to ``defer`` instead of staged;
+    the caller submits them, and nothing is durable before that commit.
     """
     try:
-        return _fetch(_client(s3), staging, bucket, target, repository)
+        return _fetch(_client(s3), staging, bucket, target, repository, defer)
     except PublisherError as exc:
         if not exc.repository:
             exc.repository = repository

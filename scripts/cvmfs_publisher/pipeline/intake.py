@@ -21,7 +21,7 @@ from typing import Any
 
 from ..core.config import Config
 from ..core.errors import Permanent
-from ..staging.area import Staging
+from ..staging.area import Entry, Staging
 from . import fetch, object_keys
 from .events import BadEvent, parse_message
 
@@ -87,13 +87,23 @@ class StageFailed(Exception):
 
 
 def stage(s3: Any, staging: Staging, bucket: str, found: list[object_keys.Target],
-          repository: str) -> None:
-    """Stage every target in order; raises :class:`StageFailed` at the first failure."""
+          repository: str, defer: list[Entry] | None = None) -> None:
+    """Stage every target in order; raises :class:`StageFailed` at the first failure.
+
+    ``defer``: the entries are appended there for a group commit instead
+    (:func:`cvmfs_publisher.pipeline.fetch.fetch_key`); on a failure, the
+    objects of those already appended are dropped and ``defer`` is emptied.
+    """
     for target in found:
         t0 = time.monotonic()
         try:
-            got = fetch.fetch_key(s3, staging, bucket, target, repository)
+            got = fetch.fetch_key(s3, staging, bucket, target, repository, defer)
         except Exception as exc:
+            for entry in defer or ():
+                if entry.object:
+                    staging.discard_object(entry.object)
+            if defer:
+                defer.clear()
             raise StageFailed(exc, shown(target.key)) from exc
         e = got.entry
         log.info("repository=%s key=%s outcome=staged op=%s path=%s mode=%s size=%d "

@@ -92,6 +92,12 @@ class ReconcileError(PublisherError):
     """Reconcile cannot run (repository not mounted, bucket unreachable...)."""
 
 
+class ManifestPending(Transient):
+    """No manifest yet where the published tree is not visible: the sync daemon writes
+    one before its next publish. Transient, but not an S3 failure: the anti-entropy
+    must not read it as an outage (whose end reconciles again at once)."""
+
+
 @dataclass
 class Wanted:
     """What the bucket says one repository path should be."""
@@ -663,7 +669,7 @@ def reconcile(cfg: Config, repo: str, dry_run: bool = False, *, s3: Any = None,
         revision is None and not mounted))
     if not trusted and not mounted:
         if known is None and revision is None and st.root.is_dir():
-            raise Transient("no manifest yet and the published tree is not visible here: "
+            raise ManifestPending("no manifest yet and the published tree is not visible here: "
                             "the sync daemon rebuilds it before its next publish", repo)
         why = ("no manifest" if known is None else
                f"the manifest is of revision {known.revision}, the published one is "

@@ -21,7 +21,8 @@ The contract:
   with :meth:`EventSource.settle`, from any thread, with a verdict of
   :func:`cvmfs_publisher.core.delivery.verdict_for` (the one policy); the
   source applies it where it can (:func:`cvmfs_publisher.core.delivery.apply`)
-  and reports it with :meth:`Consumer.settled`;
+  and reports it with :meth:`Consumer.settled`; :meth:`EventSource.settle_many`
+  hands over several at once;
 - it tells the consumer when this process becomes, and stops being, the
   one that receives a repository's messages (:meth:`Consumer.active`: the
   active consumer of a single-active-consumer queue, the owner of a
@@ -83,3 +84,8 @@ class EventSource(Protocol):
 
     def settle(self, delivery: Delivery, verdict: Verdict) -> None:
         """Apply ``verdict`` to ``delivery`` (any thread; exactly once per delivery)."""
+
+    def settle_many(self, verdicts: list[tuple[Delivery, Verdict]]) -> None:
+        """:meth:`settle` for each pair, handed over at once (a group commit's round):
+        the source may acknowledge them together (RabbitMQ: one ``multiple`` ack
+        per contiguous range of a channel)."""

@@ -7,9 +7,13 @@ runs the downloads on the pool (:class:`cvmfs_publisher.pipeline.dispatch.Dispat
 fair across repositories, in arrival order per path) and hands every
 delivery back to the source with its verdict, decided by the one policy of
 :mod:`cvmfs_publisher.core.delivery`. A change is acknowledged only once it
-is durable in staging. Transient failures are retried **forever** (an
-outage must not turn accepted changes into dead letters, DESIGN §3); a bug
-at most ``consumers.max_attempts`` times.
+is durable in staging: the workers write, and the group commit
+(:class:`cvmfs_publisher.staging.group_commit.GroupCommit`) makes what they
+wrote durable in one round of syncs and hands the round's verdicts to the
+source together (:meth:`EventSource.settle_many`: several acks per call).
+Transient failures are retried **forever** (an outage must not turn
+accepted changes into dead letters, DESIGN §3); a bug at most
+``consumers.max_attempts`` times.
 
 It also keeps, per repository, this host's term as the active consumer
 (:class:`cvmfs_publisher.staging.fencing.Term`: stamped on every staged
@@ -36,7 +40,8 @@ from ..core.errors import Transient
 from ..core.names import label_of
 from ..core.status import StatusDocument
 from ..staging import fencing
-from ..staging.area import Staging
+from ..staging.area import Entry, Staging
+from ..staging.group_commit import GroupCommit
 from . import fetch, intake, object_keys, reconcile
 from .anti_entropy import AntiEntropy
 from .dispatch import Dispatcher, Job
@@ -73,6 +78,7 @@ class Stager:
         self.s3 = s3
         self.dispatcher = Dispatcher(max(1, cfg.consumers.downloads), self._work,
                                      name="download")
+        self.commits = GroupCommit(self._committed)
         self.source: EventSource | None = None
         self._lock = threading.Lock()
         self._stagings: dict[str, Staging] = {}
@@ -82,6 +88,7 @@ class Stager:
     def serve(self, source: EventSource) -> None:
         """Run the download pool, the anti-entropy and ``source`` until the source stops."""
         self.source = source
+        self.commits.start()
         self.dispatcher.start()
         self.anti_entropy.start()
         try:
@@ -89,6 +96,7 @@ class Stager:
         finally:
             self.anti_entropy.stop()
             self.dispatcher.close(timeout=0)
+            self.commits.close(timeout=10)  # what it still holds: settled, or redelivered
             with self._lock:
                 terms = list(self._terms.values())
             for term in terms:
@@ -192,7 +200,7 @@ class Stager:
         return len(self.dispatcher.drop(lambda w: which(w.delivery)))
 
     def busy(self) -> bool:
-        return self.dispatcher.running() > 0
+        return self.dispatcher.running() > 0 or self.commits.pending() > 0
 
     def settled(self, verdict: Verdict) -> None:
         if verdict.action == delivery.ACK:
@@ -211,20 +219,34 @@ class Stager:
             staging = self._stagings.get(w.repository)
         if staging is None:  # dropped meanwhile: the message is no longer ours
             return
+        entries: list[Entry] = []
         try:
-            intake.stage(self.s3, staging, w.delivery.source, w.targets, w.repository)
+            intake.stage(self.s3, staging, w.delivery.source, w.targets, w.repository,
+                         defer=entries)
         except intake.StageFailed as failed:
             if isinstance(failed.error, Transient):
                 self.anti_entropy.s3_failed()
             self._settle(w.delivery, failed.error, w.repository, failed.key)
             return
         self.anti_entropy.s3_ok()
-        self._source().settle(w.delivery, delivery.ok(w.repository, intake.describe(w.targets)))
+        self.commits.submit(staging, entries, w)  # settled once durable (_committed)
+
+    def _committed(self, results: list[tuple[Any, BaseException | None]]) -> None:
+        """Commit thread: a round is durable (or failed); its verdicts go out together."""
+        verdicts = []
+        for w, error in results:
+            key = intake.describe(w.targets)
+            verdicts.append((w.delivery, delivery.ok(w.repository, key) if error is None
+                             else self._verdict(w.delivery, error, w.repository, key)))
+        self._source().settle_many(verdicts)
+
+    def _verdict(self, d: Delivery, exc: BaseException, repository: str, key: str) -> Verdict:
+        return delivery.verdict_for(exc, d.attempts, self.cfg.consumers.max_attempts,
+                                    retry_transient_forever=True, repository=repository,
+                                    key=key)
 
     def _settle(self, d: Delivery, exc: BaseException, repository: str, key: str) -> None:
-        self._source().settle(d, delivery.verdict_for(
-            exc, d.attempts, self.cfg.consumers.max_attempts, retry_transient_forever=True,
-            repository=repository, key=key))
+        self._source().settle(d, self._verdict(d, exc, repository, key))
 
     def _source(self) -> EventSource:
         assert self.source is not None, "serve() first"

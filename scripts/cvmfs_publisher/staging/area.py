@@ -26,7 +26,11 @@ Why this shape:
   written to ``tmp/``, fsynced and renamed into ``objects/``; an entry is
   written to ``tmp/``, fsynced and renamed over ``pending/<h>.json``; the
   sync daemon takes a batch with one ``rename(pending, batch)`` under the
-  lock. Orphans (objects no entry references) are swept at start-up.
+  lock. Orphans (objects no entry references) are swept at start-up. The
+  consumers' group commit (:mod:`cvmfs_publisher.staging.group_commit`)
+  renames objects into ``objects/`` unsynced and syncs a whole group at
+  once; an entry is still renamed into ``pending/`` only once its object
+  and its own content are durable.
 - ``flock`` on a file in the shared volume works across containers on one
   host, so the consumers (writers) and the sync daemon (batch taker) can
   run in different containers.
@@ -185,12 +189,19 @@ class Staging:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         return path, os.fdopen(fd, "wb")
 
-    def commit_object(self, tmp_path: Path) -> str:
-        """fsync a finished download and move it into ``objects/``; returns its id."""
-        durable.fsync_file(tmp_path)
+    def commit_object(self, tmp_path: Path, sync: bool = True) -> str:
+        """fsync a finished download and move it into ``objects/``; returns its id.
+
+        ``sync=False`` (the group commit): no fsync of the file nor of
+        ``objects/``; the caller makes both durable (one syncfs for a group)
+        before an entry referencing the object is installed.
+        """
+        if sync:
+            durable.fsync_file(tmp_path)
         oid = uuid.uuid4().hex
         os.rename(tmp_path, self.objects / oid)
-        durable.fsync_dir(self.objects)
+        if sync:
+            durable.fsync_dir(self.objects)
         return oid
 
     def stage(self, entry: Entry) -> Entry:
@@ -208,41 +219,72 @@ class Staging:
         fetches of one path still race (an event's and a reconcile's), the
         entry whose fetch *started* later (``time``) is kept, since it asked
         S3 later. Returns the entry that is pending afterwards.
+
+        :meth:`prepare` and :meth:`install` are its two halves, for the group
+        commit, which makes many prepared entries durable at once.
+        """
+        tmp = self.prepare(entry)
+        kept, drop, dfd = self.install(entry, tmp, dir_fd=True)
+        assert dfd is not None
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.drop_objects(drop)
+        return kept
+
+    def prepare(self, entry: Entry, sync: bool = True, earlier: Entry | None = None) -> Path:
+        """Write ``entry`` to a new file in ``tmp/`` (fsynced unless ``sync=False``).
+
+        ``earlier``: an entry of the same path prepared before and not installed
+        yet (a group commit), whose first staging time this one inherits.
+        Returns the file for :meth:`install`.
         """
         if entry.op not in OPS:
             raise ValueError(f"unknown op {entry.op!r}")
-        name = entry_name(entry.path)
-        previous = self._read(self.pending / name)
+        previous = earlier or self._read(self.pending / entry_name(entry.path))
         if not entry.activation:
             entry.activation = self.term
         entry.seq = time.time_ns()
         entry.first_time = previous.first_time if previous else entry.time
         tmp = self.tmp / f"entry-{uuid.uuid4().hex}"
-        durable.write_new(tmp, json.dumps(asdict(entry), sort_keys=True).encode())
+        durable.write_new(tmp, json.dumps(asdict(entry), sort_keys=True).encode(), sync=sync)
+        return tmp
+
+    def install(self, entry: Entry, tmp: Path,
+                dir_fd: bool = False) -> tuple[Entry, list[str], int | None]:
+        """Rename a prepared entry over ``pending/<h>.json`` under the lock (no fsync).
+
+        Returns the entry pending afterwards (an already pending one whose
+        fetch started later wins, see :meth:`stage`), the objects to drop once
+        the rename is durable (never before: a crash would leave the old entry
+        without its object), and with ``dir_fd`` an fd on ``pending/`` to fsync
+        (opened under the lock: still the right directory if the sync daemon
+        renames pending/ to batch/ right after).
+        """
+        name = entry_name(entry.path)
+        dfd = None
         with self.locked():
             old = self._read(self.pending / name)
             if old is not None and old.time > entry.time:
                 # S3 was asked later for the pending one: it is the fresher view (two
                 # fetches of one path raced: an event's and a reconcile's).
                 os.unlink(tmp)
-                stale_object = entry.object if entry.object != old.object else ""
-                old, entry = None, old
+                kept = old
+                drop = [entry.object] if entry.object and entry.object != old.object else []
             else:
-                stale_object = ""
                 os.replace(tmp, self.pending / name)
-            # fd on the directory inode: still the right one if the sync daemon
-            # renames pending/ to batch/ right after we release the lock
-            dfd = os.open(self.pending, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        if old and old.object and old.object != entry.object:
-            with contextlib.suppress(FileNotFoundError):
-                (self.objects / old.object).unlink()
-        if stale_object:
-            self.discard_object(stale_object)
-        return entry
+                kept = entry
+                drop = [old.object] if old and old.object and old.object != entry.object \
+                    else []
+            if dir_fd:
+                dfd = os.open(self.pending, os.O_RDONLY | os.O_DIRECTORY)
+        return kept, drop, dfd
+
+    def drop_objects(self, oids: list[str]) -> None:
+        """Remove objects no entry references any more (see :meth:`install`)."""
+        for oid in oids:
+            self.discard_object(oid)
 
     def discard_download(self, tmp_path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):

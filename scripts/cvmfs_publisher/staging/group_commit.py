@@ -1,0 +1,238 @@
+"""Group commit: many staged changes made durable by one round of syncs.
+
+Why: staging one change durably costs four fsyncs (the object, ``objects/``,
+the entry, ``pending/``), each a journal commit, and on a small host they,
+not the downloads, bounded the consumers (bench/bench_consumers.py). Here
+the download workers only write: the object is renamed into ``objects/``
+unsynced (:meth:`Staging.commit_object` with ``sync=False``) and the entries
+are handed over with :meth:`GroupCommit.submit`. One thread commits
+whatever was handed over while it was busy with the previous round (no
+timer: an idle host commits a single change at once, a busy one groups
+them by itself), in that order:
+
+1. every entry of the round is written to ``tmp/``, unsynced
+   (:meth:`Staging.prepare`);
+2. **one syncfs per file system** (:func:`cvmfs_publisher.core.durable.syncfs`):
+   the objects, ``objects/`` and the entry files are durable;
+3. each entry is renamed into ``pending/`` under the staging lock
+   (:meth:`Staging.install`);
+4. **one syncfs per file system** again: the renames are durable;
+5. ``on_round`` is told the result of every change of the round at once
+   (the consumers acknowledge the deliveries then, several per AMQP call).
+
+So what the one-change path guarantees still holds for each change: an
+entry is visible in ``pending/`` only once its object and its own content
+are durable, and a change is reported done (its message acknowledged) only
+once the rename is durable too. A failed sync (EIO, disk full) fails every
+change of its round (the consumers retry those messages): nothing of the
+round was reported done, and an entry it may have installed is one a
+redelivery stages again. Where syncfs does not exist, step 2 fsyncs each
+file and directory, step 4 each ``pending/``.
+
+Per-path order: changes are committed in submission order, and an entry
+prepared in a round inherits the first staging time of an earlier one of
+its path in the same round. :meth:`close` commits what was submitted
+before it returns (a shutdown flushes the open group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core import durable
+from .area import Entry, Staging
+
+log = logging.getLogger(__name__)
+
+#: Changes committed in one round at most (bounds a round's latency after a burst).
+MAX_GROUP = 1024
+
+
+@dataclass(eq=False)
+class Change:
+    """Entries of one staging whose objects are written (unsynced), and who asked."""
+
+    staging: Staging
+    entries: list[Entry]
+    token: Any
+    prepared: list[tuple[Entry, Path]] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+#: ``on_round([(token, error or None), ...])``, on the commit thread, once per round.
+OnRound = Callable[[list[tuple[Any, BaseException | None]]], None]
+
+
+class GroupCommit:
+    """The commit thread of the module docstring."""
+
+    def __init__(self, on_round: OnRound, max_group: int = MAX_GROUP,
+                 name: str = "group-commit") -> None:
+        self.on_round = on_round
+        self.max_group = max(1, max_group)
+        self._name = name
+        self._cond = threading.Condition()
+        self._queue: list[Change] = []
+        self._in_round = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        #: rounds done and changes committed (figures for tests and benchmarks)
+        self.rounds = 0
+        self.committed = 0
+
+    def start(self) -> GroupCommit:
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, staging: Staging, entries: list[Entry], token: Any) -> None:
+        """Commit ``entries`` (their objects written) in the next round; ``token`` is
+        what ``on_round`` gets back. After :meth:`close`: committed on this thread."""
+        change = Change(staging, list(entries), token)
+        with self._cond:
+            if not self._closed:
+                self._queue.append(change)
+                self._cond.notify_all()
+                return
+        self._round([change])  # closed: nobody else will commit it
+
+    def pending(self) -> int:
+        """Changes submitted and not reported yet."""
+        with self._cond:
+            return len(self._queue) + self._in_round
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Commit what was submitted, then stop; True once the thread ended."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is None:
+            self._drain()
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ------------------------------------------------------------------ the thread
+
+    def _take(self) -> list[Change]:
+        """The next round (cond held)."""
+        group, self._queue = self._queue[:self.max_group], self._queue[self.max_group:]
+        self._in_round = len(group)
+        return group
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                group = self._take()
+            if not group:
+                return
+            self._round(group)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                group = self._take()
+            self._round(group)
+
+    def _round(self, group: list[Change]) -> None:
+        try:
+            self._commit(group)
+        except BaseException as exc:  # a sync failed: no change of the round is done
+            log.error("step=staging outcome=commit-failed changes=%d reason=%s: %s; their "
+                      "messages are retried", len(group), type(exc).__name__, exc)
+            for change in group:
+                change.error = change.error or exc
+                self._undo(change)
+        finally:
+            with self._cond:
+                self._in_round = 0
+        self.rounds += 1
+        self.committed += sum(1 for c in group if c.error is None)
+        try:
+            self.on_round([(c.token, c.error) for c in group])
+        except Exception:  # the reporting must never stop the commits
+            log.exception("step=staging outcome=report-failed changes=%d", len(group))
+
+    def _commit(self, group: list[Change]) -> None:
+        earlier: dict[tuple[Path, str], Entry] = {}
+        for change in group:  # 1. entries written, unsynced
+            try:
+                for entry in change.entries:
+                    key = (change.staging.root, entry.path)
+                    tmp = change.staging.prepare(entry, sync=False, earlier=earlier.get(key))
+                    change.prepared.append((entry, tmp))
+                    earlier[key] = entry
+            except Exception as exc:  # this staging's problem (gone, full): its change only
+                change.error = exc
+                self._undo(change)
+        live = [c for c in group if c.error is None]
+        self._sync(live, data=True)  # 2.
+        drops: list[tuple[Staging, list[str]]] = []
+        for change in live:  # 3. renamed into pending/, in submission order
+            try:
+                for entry, tmp in change.prepared:
+                    _, drop, _ = change.staging.install(entry, tmp)
+                    drops.append((change.staging, drop))
+                change.prepared = []
+            except Exception as exc:
+                change.error = exc
+                self._undo(change)
+        self._sync([c for c in live if c.error is None], data=False)  # 4.
+        for staging, drop in drops:
+            staging.drop_objects(drop)
+
+    @staticmethod
+    def _sync(changes: list[Change], data: bool) -> None:
+        """One syncfs per file system of ``changes`` (else an fsync per file and directory).
+
+        ``data``: before the renames (objects, ``objects/``, the entry files);
+        else after them (``pending/``).
+        """
+        by_dev: dict[int, list[Change]] = {}
+        for change in changes:
+            by_dev.setdefault(os.stat(change.staging.root).st_dev, []).append(change)
+        for same_fs in by_dev.values():
+            if durable.syncfs(same_fs[0].staging.root):
+                continue
+            for change in same_fs:
+                st = change.staging
+                if data:
+                    for entry, tmp in change.prepared:
+                        durable.fsync_file(tmp)
+                        if entry.object:
+                            durable.fsync_file(st.object_path(entry))
+                    durable.fsync_dir(st.objects)
+                else:
+                    with contextlib.suppress(FileNotFoundError):  # taken as a batch meanwhile
+                        durable.fsync_dir(st.pending)
+                    if st.batch_dir.is_dir():
+                        durable.fsync_dir(st.batch_dir)
+
+    @staticmethod
+    def _undo(change: Change) -> None:
+        """A change that failed: its prepared entries go, and its objects unless an
+        installed entry references them (a sync failed after the renames)."""
+        for _, tmp in change.prepared:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        change.prepared = []
+        for entry in change.entries:
+            if not entry.object:
+                continue
+            try:
+                current = change.staging.staged_get(entry.path)
+            except OSError:
+                current = None
+            if current is None or current.object != entry.object:
+                change.staging.discard_object(entry.object)
