@@ -52,8 +52,15 @@ Connection = pika.BlockingConnection
 Channel = BlockingChannel
 
 
-def connection_parameters(cfg: AmqpConfig, name: str) -> pika.ConnectionParameters:
-    """Connection parameters with TLS (CA verification on by default) and heartbeats."""
+def connection_parameters(cfg: AmqpConfig, name: str, host: str | None = None,
+                          port: int | None = None) -> pika.ConnectionParameters:
+    """Parameters of one node (default: the first configured), TLS verified by default.
+
+    The TLS context checks the certificate against ``host``, the name the
+    node is reached by: a node of a cluster is verified under its own name.
+    """
+    if host is None or port is None:
+        host, port = cfg.addresses()[0]
     password = cfg.password.get() if cfg.password else ""
     ssl_options = None
     if cfg.tls:
@@ -64,10 +71,10 @@ def connection_parameters(cfg: AmqpConfig, name: str) -> pika.ConnectionParamete
             log.warning("AMQP TLS certificate verification is DISABLED (amqp.verify: false)")
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        ssl_options = pika.SSLOptions(ctx, server_hostname=cfg.host)
+        ssl_options = pika.SSLOptions(ctx, server_hostname=host)
     return pika.ConnectionParameters(
-        host=cfg.host,
-        port=cfg.port,
+        host=host,
+        port=port,
         virtual_host=cfg.vhost,
         credentials=pika.PlainCredentials(cfg.user, password),
         heartbeat=cfg.heartbeat,
@@ -80,9 +87,82 @@ def connection_parameters(cfg: AmqpConfig, name: str) -> pika.ConnectionParamete
     )
 
 
-def connect(cfg: AmqpConfig, name: str) -> pika.BlockingConnection:
-    """Open one blocking connection (raises a CONNECTION_ERRORS member on failure)."""
-    return pika.BlockingConnection(connection_parameters(cfg, name))
+class NoBrokerNode(pika.exceptions.AMQPConnectionError):
+    """No configured node accepted the connection; the message names each and why."""
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, from pika's wrapped exceptions (the TLS or socket error inside)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    found: BaseException | None = None
+    while todo:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"TLS certificate not accepted: {e.verify_message or e.reason}"
+        if isinstance(e, ssl.SSLError):
+            found = e if not isinstance(found, ssl.SSLError) else found
+        elif isinstance(e, OSError) and found is None:
+            found = e
+        todo.extend(e.args)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    if isinstance(found, ssl.SSLError):
+        return f"TLS handshake failed: {found.reason or found}"
+    if found is not None:
+        return f"{type(found).__name__}: {found.strerror or found}"
+    text = redact(str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class NodeRotation:
+    """Which node to try first: the one in use, or the next after it was lost.
+
+    A daemon stays on the node it reached; when that connection is lost it
+    starts with the following node, so a node that died costs one backoff
+    delay, not a timeout per attempt.
+    """
+
+    def __init__(self, cfg: AmqpConfig) -> None:
+        self.addresses = cfg.addresses()
+        self.first = 0
+        self.current: tuple[str, int] | None = None
+
+    def order(self) -> list[tuple[str, int]]:
+        return self.addresses[self.first:] + self.addresses[:self.first]
+
+    def connected(self, address: tuple[str, int]) -> None:
+        self.current = address
+        self.first = self.addresses.index(address)
+
+    def lost(self) -> None:
+        if self.current is not None:
+            self.first = (self.addresses.index(self.current) + 1) % len(self.addresses)
+        self.current = None
+
+
+def connect(cfg: AmqpConfig, name: str, rotation: NodeRotation | None = None
+            ) -> pika.BlockingConnection:
+    """One blocking connection to the first node that accepts it, in rotation order.
+
+    Raises :class:`NoBrokerNode` naming every node and its error when none
+    does. A TLS failure is a failure of that node: there is no second try
+    in plain AMQP.
+    """
+    rotation = rotation or NodeRotation(cfg)
+    errors = []
+    for host, port in rotation.order():
+        try:
+            conn = pika.BlockingConnection(connection_parameters(cfg, name, host, port))
+        except (*CONNECTION_ERRORS, OSError) as exc:
+            errors.append(f"{host}:{port}: {reason(exc)}")
+            continue
+        rotation.connected((host, port))
+        return conn
+    tls = "amqps" if cfg.tls else "amqp"
+    raise NoBrokerNode(f"no RabbitMQ node reachable over {tls} ({'; '.join(errors)})")
 
 
 # --------------------------------------------------------------------- topology
@@ -368,7 +448,11 @@ class ReconnectingConsumer:
         self.on_state = on_state or (lambda connected: None)
         self.tick_interval = tick_interval
         self.backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
+        self.rotation = NodeRotation(cfg)
         self.connection: pika.BlockingConnection | None = None
+        #: ``host:port`` of the node in use ("" when none), the last error (for status)
+        self.node = ""
+        self.last_error = ""
         self._stop = threading.Event()
 
     def install_signal_handlers(self) -> None:
@@ -382,25 +466,38 @@ class ReconnectingConsumer:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def broker_state(self) -> dict[str, str]:
+        """For the status document: the node in use, or why there is none."""
+        return {"broker_node": self.node, "broker_error": self.last_error}
+
     def run(self) -> None:
         """Loop until :meth:`stop`; never raises for connection problems."""
         while not self._stop.is_set():
             try:
-                self.connection = connect(self.cfg, self.name)
+                self.connection = connect(self.cfg, self.name, self.rotation)
+                host, port = self.rotation.current or ("", 0)
+                self.node, self.last_error = f"{host}:{port}", ""
                 self.session(self.connection)
                 self.on_state(True)
-                log.info("connected to amqp %s:%s as %s", self.cfg.host, self.cfg.port, self.name)
+                log.info("connected to amqp %s:%s as %s", host, port, self.name)
                 self.backoff.reset()
                 while not self._stop.is_set():
                     self.connection.process_data_events(time_limit=self.tick_interval)
                     self.tick()
             except (*CONNECTION_ERRORS, OSError) as exc:  # OSError: TLS files, DNS
+                lost_node = self.node
+                self.rotation.lost()
+                self.node = ""
+                if isinstance(exc, NoBrokerNode):  # it names every node already
+                    self.last_error = redact(str(exc))
+                else:
+                    self.last_error = f"{lost_node or 'amqp'}: {reason(exc)}"
                 self.on_state(False)
                 if self._stop.is_set():
                     break
                 delay = self.backoff.next()
-                log.warning("amqp connection lost (%s: %s); reconnecting in %.1fs",
-                            type(exc).__name__, redact(str(exc)) or "no detail", delay)
+                log.warning("amqp connection lost (%s); reconnecting in %.1fs",
+                            self.last_error or "no detail", delay)
                 self._close()
                 self._stop.wait(delay)
                 continue

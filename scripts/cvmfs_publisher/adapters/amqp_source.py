@@ -228,7 +228,7 @@ class RepositoryQueues:
     # ------------------------------------------------------------------ session
 
     def _on_state(self, up: bool) -> None:
-        self.status.set(broker_connected=up)
+        self.status.set(broker_connected=up, **self.consumer.broker_state())
         if not up:
             for rq in self._queues.values():
                 self._deactivate(rq, "broker connection lost")
