@@ -402,8 +402,9 @@ def cleanup_amqp(cfg: Any, broker: Broker, labels: list[str]) -> None:
     conn = amqp.connect(cfg.amqp, "devstack-cleanup")
     ch = conn.channel()
     a = cfg.amqp
-    delays = [f"{a.retry_prefix}.{d}s" for d in a.retry_delays]
-    for q in [a.publisher_queue, a.dead_letter_queue, *labels, *delays]:
+    delays = [amqp.delay_exchange_name(a, d) for d in a.retry_delays]
+    quorum_delays = [amqp.delay_queue_name(a, d) for d in a.retry_delays]
+    for q in [a.publisher_queue, a.dead_letter_queue, *labels, *delays, *quorum_delays]:
         ch.queue_delete(q)
     for ex in (a.control_exchange, a.dead_letter_exchange, *delays):
         ch.exchange_delete(ex)

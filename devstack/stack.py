@@ -114,7 +114,10 @@ def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDo
         "status": {"dir": str(workdir / "status"), "interval": 0.2},
         "amqp": {
             "host": broker.host, "port": broker.port, "user": broker.user,
-            "password_file": str(secrets / "amqp_password"), "tls": False,
+            "password_file": str(secrets / "amqp_password"),
+            # TLS with verification (the default) on a TLS broker: never turned off
+            "tls": broker.tls, "ca_file": broker.ca_file,
+            "hosts": broker.hosts, "management_urls": broker.management_urls,
             "management_url": broker.management_url, "heartbeat": 10,
             "reconnect_initial": 0.2, "reconnect_max": 2.0,
             "publisher_queue": unique_label("pq-"),
@@ -131,10 +134,11 @@ def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDo
                "connect_timeout": 2.0, "read_timeout": 10.0},
         # as production: credentials in the push endpoint (RGW accepts them over
         # this plain-HTTP RGW only with X-Forwarded-Proto, shared/ceph item 1)
-        "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}",
+        "rgw": {"push_endpoint": broker.push_url(),
                 "push_user": broker.user, "push_password_file": str(secrets / "amqp_password"),
                 "forwarded_https": True,
-                "amqp_ack_level": "broker", "persistent": True, "verify_ssl": False},
+                "amqp_ack_level": "broker", "persistent": True,
+                "verify_ssl": broker.tls, "ca_location": broker.ca_file},
         "cvmfs": {**double.paths(), "domain": DOMAIN,
                   "stratum0_url": "http://stratum0.test/cvmfs",
                   "gateway_url": "http://gateway.test:4929/api/v1",

@@ -262,9 +262,19 @@ def ready_count(conn: pika.BlockingConnection, queue: str) -> int | None:
     return None if declared is None else declared.message_count
 
 
-def delay_queue_name(cfg: AmqpConfig, delay: int) -> str:
-    """The shared delay queue (and its exchange) of one retry delay: ``<prefix>.<N>s``."""
+def delay_exchange_name(cfg: AmqpConfig, delay: int) -> str:
+    """The fanout exchange a retry of ``delay`` seconds is published to: ``<prefix>.<N>s``."""
     return f"{cfg.retry_prefix}.{delay}s"
+
+
+def delay_queue_name(cfg: AmqpConfig, delay: int) -> str:
+    """The shared delay queue of one retry delay: ``<prefix>.<N>s.quorum``."""
+    return f"{delay_exchange_name(cfg, delay)}.quorum"
+
+
+def classic_delay_queue_name(cfg: AmqpConfig, delay: int) -> str:
+    """The classic delay queue of the release before quorum ones (the upgrade only)."""
+    return delay_exchange_name(cfg, delay)
 
 
 def legacy_retry_queue_name(queue: str, delay: int) -> str:
@@ -272,32 +282,66 @@ def legacy_retry_queue_name(queue: str, delay: int) -> str:
     return f"{queue}.retry.{delay}s"
 
 
+def delay_queue_arguments(delay: int) -> dict[str, Any]:
+    """A quorum queue that holds each message ``delay`` seconds, then sends it home.
+
+    ``at-least-once`` dead-lettering (which needs ``reject-publish``): the
+    message leaves the delay queue only once its work queue confirmed it, so
+    a node lost during the hand-over loses no retry (``at-most-once``, the
+    default, would).
+    """
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": delay * 1000,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
 def declare_delay_queues(ch: BlockingChannel, cfg: AmqpConfig) -> None:
     """One delay queue per configured delay, shared by every work queue (idempotent).
 
     A retried message is published to the fanout exchange ``<prefix>.<N>s``
-    with its work queue's name as routing key; the queue of that name holds
+    with its work queue's name as routing key; the queue bound to it holds
     it for N seconds (a fixed TTL per queue keeps FIFO order, so a message
     never waits behind a longer delay) and then dead-letters it to the
     default exchange. No ``x-dead-letter-routing-key``: the message keeps
     its routing key, which the default exchange routes to the work queue it
     came from. So 1,000 repositories need 4 delay queues, not 4,000.
 
-    Classic, not quorum: a quorum queue costs a Raft group (an Erlang process
-    group, a WAL share, about 40 KiB idle) and dead-letters at most once
-    unless configured otherwise; a durable classic queue with persistent
-    messages keeps a retry across a broker restart, which is what it is for.
-    On a cluster it lives on one node (docs/LIMITS.md).
+    Quorum queues, like the work queues: on a cluster a classic queue lives
+    on one node, and the retries in it are gone with that node (four Raft
+    groups are a negligible cost next to one per repository). The classic
+    delay queue of the previous release (same name as the exchange) is
+    unbound, so that no new retry goes there, and deleted once empty; the
+    retries still in it come home by its own dead-letter arguments.
     """
     for delay in cfg.retry_delays:
-        name = delay_queue_name(cfg, delay)
-        ch.exchange_declare(name, exchange_type="fanout", durable=True)
-        ch.queue_declare(name, durable=True, arguments={
-            "x-queue-type": "classic",
-            "x-message-ttl": delay * 1000,
-            "x-dead-letter-exchange": "",
-        })
-        ch.queue_bind(name, name)
+        exchange, queue = delay_exchange_name(cfg, delay), delay_queue_name(cfg, delay)
+        ch.exchange_declare(exchange, exchange_type="fanout", durable=True)
+        ch.queue_declare(queue, durable=True, arguments=delay_queue_arguments(delay))
+        ch.queue_bind(queue, exchange)
+        retire_classic_delay_queue(ch.connection, cfg, delay)
+
+
+def retire_classic_delay_queue(conn: pika.BlockingConnection, cfg: AmqpConfig,
+                               delay: int) -> bool:
+    """Unbind the previous release's classic delay queue, delete it if empty; True if gone."""
+    old = classic_delay_queue_name(cfg, delay)
+    if passive_declare(conn, old) is None:
+        return True
+    ch = conn.channel()
+    try:
+        ch.queue_unbind(old, delay_exchange_name(cfg, delay))
+    finally:
+        if ch.is_open:
+            ch.close()
+    gone = delete_if_empty(conn, old)
+    if gone:
+        log.info("queue=%s outcome=deleted reason=classic delay queue of an earlier release, "
+                 "replaced by the quorum queue %s", old, delay_queue_name(cfg, delay))
+    return gone
 
 
 def delete_if_empty(conn: pika.BlockingConnection, queue: str) -> bool:
@@ -418,7 +462,7 @@ def retry_later(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, reason: str) 
     headers = dict(d.headers)
     headers.update({ATTEMPTS_HEADER: attempt, "x-last-error": redact(reason)[:1000]})
     headers.pop("x-delivery-count", None)
-    publish_confirmed(ch, delay_queue_name(cfg, delay), d.queue, d.body, headers,
+    publish_confirmed(ch, delay_exchange_name(cfg, delay), d.queue, d.body, headers,
                       d.properties.content_type or "application/octet-stream")
     return delay
 

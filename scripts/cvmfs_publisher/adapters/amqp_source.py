@@ -46,12 +46,13 @@ whose connection was replaced) is not applied: the broker delivers the
 message again, which the pipeline makes harmless. If the retry or
 dead-letter copy, or the ack, fails on a channel, the message is given back
 (``nack``, requeue). Transient failures go to the shared delay queue
-``<retry_prefix>.<N>s`` of their attempt (:func:`amqp.declare_delay_queues`),
+``<retry_prefix>.<N>s.quorum`` of their attempt (:func:`amqp.declare_delay_queues`),
 which returns them to their queue, rather than ``nack(requeue)``: a requeue
 comes back at once (no backoff), counts against the quorum queue's delivery
 limit and would block the messages behind it. The per-queue retry queues
 ``<label>.retry.<N>s`` of earlier releases are deleted once empty (found by
-the discovery thread's depth listing).
+the discovery thread's depth listing), and so are the classic shared delay
+queues ``<retry_prefix>.<N>s`` of the release before the quorum ones.
 
 **Shutdown.** :meth:`request_stop`: stop consuming, withdraw deliveries not
 started, let running ones finish and settle (at most ``drain_seconds``),
@@ -463,10 +464,15 @@ class RepositoryQueues:
         self._sync_consumers()
 
     def _drop_legacy(self, names: list[str]) -> None:
-        """Delete the empty per-queue retry queues of earlier releases (the upgrade)."""
+        """Delete the empty retry queues of earlier releases (the upgrade): per-queue
+        ones, and the classic shared delay queues (unbound at the session start)."""
         assert self._conn is not None
+        a = self.cfg.amqp
+        classic = {amqp.classic_delay_queue_name(a, d): d for d in a.retry_delays}
         for name in names:
-            if amqp.delete_if_empty(self._conn, name):
+            if name in classic:
+                amqp.retire_classic_delay_queue(self._conn, a, classic[name])
+            elif amqp.delete_if_empty(self._conn, name):
                 log.info("queue=%s outcome=deleted reason=per-queue retry queue of an earlier "
                          "release, replaced by the shared delay queues %s.<N>s", name,
                          self.cfg.amqp.retry_prefix)
@@ -620,7 +626,10 @@ class Discovery:
             for rq in self.served:
                 self.status.repo(rq.repository, queue_depth=depths.get(rq.queue, 0))
             served = {rq.queue for rq in self.served}  # the publisher queue's: its daemon's
-            self._legacy = [name for name in depths if _legacy_of(name) in served]
+            a = self.cfg.amqp
+            classic = {amqp.classic_delay_queue_name(a, d) for d in a.retry_delays}
+            self._legacy = [name for name in depths
+                            if _legacy_of(name) in served or name in classic]
 
 
 def _legacy_of(name: str) -> str:

@@ -201,6 +201,8 @@ class RgwConfig:
     amqp_ack_level: str = "broker"
     persistent: bool = True
     verify_ssl: bool = True
+    #: the CA file RGW verifies an amqps broker with (a path on the RGW host); empty: its default
+    ca_location: str = ""
     forwarded_https: bool = False
     notification_id: str = "cvmfs-publisher"
     create_buckets: bool = False
