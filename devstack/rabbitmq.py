@@ -243,6 +243,12 @@ class RabbitNode:
         (etc / "advanced.config").write_text("[].\n")
         (etc / "enabled_plugins").write_text("[rabbitmq_management].\n")
         self._start_epmd(timeout)
+        self._spawn(timeout)
+        self.start_seconds = time.monotonic() - began
+        return self
+
+    def _spawn(self, timeout: float) -> None:
+        server = SBIN / "rabbitmq-server"
         with open(self.log_file, "ab") as logf:
             # a session of its own: a stop signal reaches the script and the VM
             self.proc = subprocess.Popen([str(server)], env=self.env(), cwd=self.workdir,
@@ -256,8 +262,20 @@ class RabbitNode:
         except RuntimeError:
             self.stop(keep=True)
             raise
-        self.start_seconds = time.monotonic() - began
-        return self
+
+    def kill(self) -> None:
+        """SIGKILL the node's VM: a crash, as its cluster and clients see it (data kept)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def restart(self, timeout: float = 90.0) -> None:
+        """Start a killed node again on its data (it rejoins its cluster)."""
+        if self.proc is not None:
+            raise RuntimeError(f"{self.name} runs already")
+        self._spawn(timeout)
 
     def _start_epmd(self, timeout: float) -> None:
         """An epmd of ours on ``epmd_port``, unless one (a cluster peer's) answers there."""
