@@ -189,3 +189,60 @@ def test_leader_node_then_consumers_node_stopped_in_a_burst(env: Env,
     assert dead_letters(env.cfg) == []
     assert_clean(env.staging_dir, r)
     assert "amqp connection lost" in env.log_text()
+
+
+def test_two_nodes_down_the_daemon_waits_says_so_and_resumes(env: Env,
+                                                             cluster: RabbitCluster) -> None:
+    """No quorum (one node of three): nothing is consumed, nothing lost, and it says so."""
+    r = env.provision()
+    first, second, last = cluster.nodes
+    before = burst("before", 20)
+    during = burst("during", 50)
+    cfg = env.stack.config(amqp={"hosts": hosts_from(cluster, 1)})
+    t_back = 0.0
+    outage_status: dict[str, Any] = {}
+    try:
+        with running(cfg, r.label) as daemon:
+            consumer = daemon.source.consumer
+            env.put_many(r, before)
+            env.wait_staged(r, expected(before), timeout=60)
+            first.stop_app()
+            second.stop_app()  # the consumers' node: they go to the last one, a minority
+            t0 = time.monotonic()
+            uploader = threading.Thread(target=env.put_many, args=(r, during),
+                                        kwargs={"threads": 8})
+            uploader.start()  # RGW pushes to the last node: held, not confirmed
+            wait_until("the outage in the status document", lambda: env.status().get(
+                "quorum_lost"), 30, 0.2)
+            time.sleep(max(0.0, 15 - (time.monotonic() - t0)))
+            outage_status = env.status()
+            outage_log = env.log_text()
+            staged_in_outage = len(set(env.staged(r)) - set(expected(before)))
+            print("\nstatus in the outage:", {k: outage_status.get(k) for k in (
+                "healthy", "broker_connected", "broker_node", "broker_error")},
+                  "staged during:", staged_in_outage, "node", consumer.node)
+            print("\n".join(line[:300] for line in outage_log.splitlines()
+                            if "WARNING" in line or "ERROR" in line)[-3000:])
+            t1 = time.monotonic()
+            second.start_app()
+            t_back = time.monotonic()
+            env.wait_staged(r, {**expected(before), **expected(during)}, timeout=180)
+            resumed = time.monotonic() - t_back
+            uploader.join(timeout=120)
+            print(f"outage {t1 - t0:.1f}s; all staged {resumed:.1f}s after the node was back "
+                  f"(start_app took {t_back - t1:.1f}s)")
+    finally:
+        for node in (second, first):
+            if not node.broker().api_ok():
+                node.start_app()
+    assert last.broker().api_ok()
+    assert staged_in_outage == 0
+    assert outage_status["broker_connected"] is True  # to the last node, which has no quorum
+    assert node_of(cluster, outage_status["broker_node"]) is last
+    assert [q.split(" ")[0] for q in outage_status["quorum_lost"]] == [r.label]
+    assert outage_status["repositories"][r.repository]["queue_quorum"] is False
+    assert f"outcome=waiting reason=no quorum: {r.label} (1 of 3 nodes online)" in outage_log
+    wait_until("the status back to normal", lambda: env.status().get("quorum_lost") == [],
+               30, 0.2)
+    assert "outcome=resumed reason=quorum back" in env.log_text()
+    assert dead_letters(env.cfg) == []

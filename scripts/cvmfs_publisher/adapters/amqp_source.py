@@ -89,6 +89,9 @@ RESUBSCRIBE_MAX = 30.0
 #: How often the management API is asked which waiting subscriptions became active
 #: (its consumer statistics are refreshed about every 5 s).
 ACTIVITY_POLL = 5.0
+#: Depths and quorum of the served queues are read this often (one API call), besides
+#: after each listing: a queue without quorum shows in status and logs within that time.
+DEPTHS_POLL = 10.0
 
 
 @dataclass(eq=False)
@@ -525,6 +528,8 @@ class Discovery:
         self._next_activity = 0.0
         self._listing: tuple[float, dict[str, str]] | None = None
         self._legacy: list[str] = []
+        self._quorum_lost = ""  # what was last reported (a warning per change)
+        self._next_depths = 0.0
         self._refresh_now = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -600,6 +605,9 @@ class Discovery:
         if now >= self._next_activity:
             self._next_activity = now + ACTIVITY_POLL
             self._activity()
+        if now >= self._next_depths and not self._refresh_now.is_set() and now < next_listing:
+            self._next_depths = now + DEPTHS_POLL
+            self._queue_depths()
         if self._refresh_now.is_set() or now >= next_listing:
             self._refresh_now.clear()
             started = time.time()
@@ -612,24 +620,45 @@ class Discovery:
             with self.lock:
                 self._listing = (started, bound)
             self._queue_depths()
+            self._next_depths = now + DEPTHS_POLL
             return now + c.refresh_interval
         return next_listing
 
     def _queue_depths(self) -> None:
-        """Depths of the served queues (one API call), and the legacy retry queues among them."""
+        """Depths and quorum of the served queues (one API call), and the legacy retry
+        queues among them."""
         try:
-            depths = self.mgmt.queue_depths()
+            overview = self.mgmt.queue_overview()
         except Exception as exc:
             log.debug("queue depths: %s", exc)
             return
         with self.lock:  # only for repositories still served
+            lost = []
             for rq in self.served:
-                self.status.repo(rq.repository, queue_depth=depths.get(rq.queue, 0))
+                q = overview.get(rq.queue, {})
+                members, online = q.get("members") or [], q.get("online") or []
+                quorum = not members or 2 * len(online) > len(members)
+                self.status.repo(rq.repository, queue_depth=q.get("messages", 0),
+                                 queue_quorum=quorum)
+                if not quorum:
+                    lost.append(f"{rq.queue} ({len(online)} of {len(members)} nodes online)")
+            self._report_quorum(lost)
             served = {rq.queue for rq in self.served}  # the publisher queue's: its daemon's
             a = self.cfg.amqp
             classic = {amqp.classic_delay_queue_name(a, d) for d in a.retry_delays}
-            self._legacy = [name for name in depths
+            self._legacy = [name for name in overview
                             if _legacy_of(name) in served or name in classic]
+
+    def _report_quorum(self, lost: list[str]) -> None:
+        """Say when queues lose their quorum (nothing flows: events wait), and when back."""
+        text = ", ".join(sorted(lost))
+        self.status.set(quorum_lost=sorted(lost))
+        if text and text != self._quorum_lost:
+            log.warning("outcome=waiting reason=no quorum: %s; their events wait in RabbitMQ "
+                        "until a majority of the nodes is back", text)
+        elif not text and self._quorum_lost:
+            log.info("outcome=resumed reason=quorum back for every served queue")
+        self._quorum_lost = text
 
 
 def _legacy_of(name: str) -> str:

@@ -110,8 +110,21 @@ class ManagementAPI:
         per-queue calls cost the consumers a second of CPU per listing (and
         ``cvmfs-publisher status`` a thousand requests).
         """
-        rows = self._call("GET", f"/api/queues/{self.vhost}?columns=name,messages") or []
-        return {r["name"]: int(r.get("messages", 0) or 0) for r in rows if "name" in r}
+        return {name: q["messages"] for name, q in self.queue_overview().items()}
+
+    def queue_overview(self) -> dict[str, dict[str, Any]]:
+        """``{queue: {"messages": n, "members": [...], "online": [...]}}`` in one call.
+
+        ``members`` and ``online`` are a quorum queue's nodes (empty for
+        others): fewer than a majority online means no quorum, the queue
+        neither takes nor delivers messages until a node returns.
+        """
+        rows = self._call("GET", f"/api/queues/{self.vhost}"
+                                 "?columns=name,messages,members,online") or []
+        return {r["name"]: {"messages": int(r.get("messages", 0) or 0),
+                            "members": list(r.get("members") or []),
+                            "online": list(r.get("online") or [])}
+                for r in rows if "name" in r}
 
     def active_consumers(self) -> set[str]:
         """Tags of the consumers the broker has made active on a single-active-consumer

@@ -121,7 +121,7 @@ def collect_status(cfg: config.Config, with_queues: bool = True) -> dict[str, An
                          "age": round(age, 1), "dead_lettered": doc.get("dead_lettered", 0)}
         if "broker_connected" in doc:  # cvmfs-repo-sync has no broker: no such field
             daemons[name]["broker_connected"] = doc["broker_connected"]
-            for key in ("broker_node", "broker_error"):  # which node, or why none
+            for key in ("broker_node", "broker_error", "quorum_lost"):  # which node, or why none
                 if doc.get(key):
                     daemons[name][key] = doc[key]
         for repo, entry in (doc.get("repositories") or {}).items():
