@@ -22,7 +22,10 @@ objects, temporary directory).
 
 As root, like the tests (the double mounts overlays):
 
-    .venv/bin/python bench/bench_e2e.py [--uploads 30] [--fast-double]
+    .venv/bin/python bench/bench_e2e.py [--uploads 30] [--fast-double] [--broker plain|cluster|both]
+
+``--broker both``: the same on a plain single node, then on the three-node
+RabbitMQ cluster with TLS (RGW over amqps), and the ratio.
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
 from cvmfs_publisher.adapters import amqp  # noqa: E402
 from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
+from devstack import tls  # noqa: E402
 from devstack.ceph import Ceph  # noqa: E402
 from devstack.common import sigterm_as_interrupt  # noqa: E402
 from devstack.openbao import OpenBao  # noqa: E402
-from devstack.rabbitmq import RabbitNode  # noqa: E402
+from devstack.rabbitmq import RabbitCluster, RabbitNode  # noqa: E402
 from devstack.stack import (  # noqa: E402
     DOMAIN,
     build_stack,
@@ -89,12 +93,25 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=30)
     parser.add_argument("--fast-double", action="store_true",
                         help="the double without the real tool's timings")
+    parser.add_argument("--broker", choices=["plain", "cluster", "both"], default="plain",
+                        help="a plain single node, the three-node TLS cluster, or both in one "
+                             "run (then the ratio: the cost of TLS and the cluster)")
     args = parser.parse_args()
+    kinds = ["plain", "cluster"] if args.broker == "both" else [args.broker]
     with sigterm_as_interrupt():
-        run(args.uploads, args.fast_double)
+        results = {}
+        for kind in kinds:
+            print(f"== {kind} broker", flush=True)
+            results[kind] = run(args.uploads, args.fast_double, cluster=kind == "cluster")
+        if len(kinds) == 2:
+            p, c = results["plain"], results["cluster"]
+            print(f"TLS cluster / plain node: p50 {c['p50'] / p['p50']:.2f}, p95 "
+                  f"{c['p95'] / p['p95']:.2f}, RGW event delay {c['event'] / p['event']:.2f} "
+                  f"({c['event']:.3f} s vs {p['event']:.3f} s)")
 
 
-def run(uploads: int, fast_double: bool) -> None:
+def run(uploads: int, fast_double: bool, cluster: bool = False) -> dict[str, float]:
+    """One run on a plain single node, or (``cluster``) on the three-node TLS cluster."""
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     double = make_double(work / "cvmfs-root")
     node = bao = ceph = None
@@ -102,7 +119,12 @@ def run(uploads: int, fast_double: bool) -> None:
     events: dict[str, float] = {}
     stop_events = threading.Event()
     try:
-        node = RabbitNode(work / "rabbitmq").start()
+        if cluster:  # TLS verified against a throw-away CA, RGW pushing over amqps
+            ca = tls.make_ca(work / "tls" / "ca")
+            cert = tls.make_server_cert(work / "tls" / "server", ca, ("DNS:localhost",))
+            node = RabbitCluster(work / "cluster", cert).start()
+        else:
+            node = RabbitNode(work / "rabbitmq").start()
         broker = node.broker()
         bao = OpenBao(work / "openbao").start()
         ceph = Ceph(work / "ceph").start()
@@ -177,6 +199,8 @@ def run(uploads: int, fast_double: bool) -> None:
               f"{len(took['publish'])} publishes for {len(latencies)} uploads")
         print("  reference, the seed's daemons on a real CernVM-FS 2.12 gateway: p50 3.24 s, "
               "max 3.74 s (10 uploads)")
+        return {"p50": statistics.median(latencies), "p95": p95,
+                "event": statistics.median(event_delays)}
     finally:
         stop_events.set()
         for p in procs:

@@ -9,8 +9,9 @@ over ``amqps://localhost`` with ``verify-ssl`` and the CA
 (``rgw.ca_location``).
 
 RGW pushes to the *last* node, which the failover tests never stop:
-radosgw 16.2.15 segfaults when it reconnects an amqps endpoint that has a
-``ca-location`` (Ceph tracker 57850); a crash in a test that did stop it
+radosgw 16.2.15 was seen to segfault when it reconnects an amqps endpoint
+that has a ``ca-location`` (reported as Ceph tracker 57850; not re-measured
+here); a crash in a test that did stop it
 would be an XFAIL "radosgw crashed" (tests/conftest.py), not a result.
 """
 
