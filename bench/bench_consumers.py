@@ -94,7 +94,8 @@ class Bench:
         self.work, self.broker, self.ceph, self.vhost = work, broker, ceph, vhost
         self.env = {"CVMFS_PUBLISHER_AMQP__PASSWORD": broker.password,
                     "CVMFS_PUBLISHER_S3__ACCESS_KEY": ceph.access_key,
-                    "CVMFS_PUBLISHER_S3__SECRET_KEY": ceph.secret_key}
+                    "CVMFS_PUBLISHER_S3__SECRET_KEY": ceph.secret_key,
+                    "CVMFS_PUBLISHER_RGW__PUSH_PASSWORD": broker.password}
         self.raw: dict[str, dict[str, Any]] = {
             "log": {"dir": str(work / "log"), "level": "INFO", "stdout": False},
             "status": {"dir": str(work / "status"), "interval": 1.0},
@@ -103,7 +104,10 @@ class Bench:
                      "vhost": vhost, "management_url": broker.management_url,
                      "management_urls": broker.management_urls, "retry_delays": [1, 2]},
             "s3": {"endpoint_url": ceph.endpoint, "max_attempts": 1},
-            "rgw": {"push_endpoint": broker.push_url(vhost),
+            # the node's random credentials in the push endpoint, as production (RGW takes
+            # them over this plain-HTTP RGW only with X-Forwarded-Proto)
+            "rgw": {"push_endpoint": broker.push_url(vhost), "push_user": broker.user,
+                    "forwarded_https": True,
                     "amqp_ack_level": "broker", "persistent": True,
                     "verify_ssl": broker.tls, "ca_location": broker.ca_file},
             "cvmfs": {"staging_dir": str(work / "staging"), "domain": DOMAIN},

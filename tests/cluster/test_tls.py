@@ -66,3 +66,15 @@ def test_a_certificate_that_does_not_verify_is_named_and_never_bypassed(
     assert "no RabbitMQ node reachable over amqps" in log and why in log
     names = [(c.get("client_properties") or {}).get("connection_name") for c in connections]
     assert NAME not in names, "the daemon got a connection despite the certificate"
+
+
+def test_rotation_stays_on_its_node_and_starts_after_a_lost_one() -> None:
+    from cvmfs_publisher.adapters import amqp
+
+    cfg = config.from_mapping({"amqp": {"hosts": ["a", "b", "c:5673"]}}, env={}).amqp
+    rot = amqp.NodeRotation(cfg)
+    assert rot.order() == [("a", 5671), ("b", 5671), ("c", 5673)]
+    rot.connected(("b", 5671))
+    assert rot.order()[0] == ("b", 5671)  # a reconnect after a hiccup: the same node first
+    rot.lost()
+    assert rot.order() == [("c", 5673), ("a", 5671), ("b", 5671)]
