@@ -229,6 +229,8 @@ def test_two_nodes_down_the_daemon_waits_says_so_and_resumes(env: Env,
             env.wait_staged(r, {**expected(before), **expected(during)}, timeout=180)
             resumed = time.monotonic() - t_back
             uploader.join(timeout=120)
+            wait_until("the status back to normal", lambda: env.status().get("quorum_lost")
+                       == [], 30, 0.2)
             print(f"outage {t1 - t0:.1f}s; all staged {resumed:.1f}s after the node was back "
                   f"(start_app took {t_back - t1:.1f}s)")
     finally:
@@ -242,7 +244,5 @@ def test_two_nodes_down_the_daemon_waits_says_so_and_resumes(env: Env,
     assert [q.split(" ")[0] for q in outage_status["quorum_lost"]] == [r.label]
     assert outage_status["repositories"][r.repository]["queue_quorum"] is False
     assert f"outcome=waiting reason=no quorum: {r.label} (1 of 3 nodes online)" in outage_log
-    wait_until("the status back to normal", lambda: env.status().get("quorum_lost") == [],
-               30, 0.2)
     assert "outcome=resumed reason=quorum back" in env.log_text()
     assert dead_letters(env.cfg) == []
