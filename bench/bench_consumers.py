@@ -19,6 +19,11 @@ devstack; the machine's broker is left alone), with production defaults
 a per-repository lock for each entry, so this shows how far the pipeline
 scales once one repository's staging is not the limit).
 
+``--broker cluster`` runs the same on a three-node RabbitMQ cluster with
+TLS (devstack: a throw-away CA, verification on, RGW pushing over amqps);
+``--broker both`` runs the plain single node first, then the TLS cluster,
+in one run, and prints the ratio (the cost of TLS and the cluster).
+
 Then the daemon as a subprocess stages one 1 GiB object: its peak RSS
 (VmHWM) before and after (target: growth < 64 MiB).
 
@@ -28,6 +33,7 @@ except the Ceph logs of a failed run, in a directory it names. As root,
 like the tests:
 
     .venv/bin/python bench/bench_consumers.py [--events 2000] [--downloads 4 8] [--nagle]
+        [--broker plain|cluster|both]
 
 The devstack RGW runs its beast frontend with ``tcp_nodelay=1``: without it
 this radosgw's replies with a body wait ~40 ms for the client's delayed ACK
@@ -68,8 +74,9 @@ from cvmfs_publisher.core.status import StatusDocument  # noqa: E402
 from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers  # noqa: E402
 from cvmfs_publisher.staging.area import Staging  # noqa: E402
 from devstack import ceph as ceph_mod  # noqa: E402
+from devstack import tls  # noqa: E402
 from devstack.common import sigterm_as_interrupt  # noqa: E402
-from devstack.rabbitmq import Broker, RabbitNode  # noqa: E402
+from devstack.rabbitmq import Broker, RabbitCluster, RabbitNode  # noqa: E402
 from tests.consumers.support import Pattern  # noqa: E402
 
 DOMAIN = "infn.it"
@@ -92,14 +99,17 @@ class Bench:
         self.raw: dict[str, dict[str, Any]] = {
             "log": {"dir": str(work / "log"), "level": "INFO", "stdout": False},
             "status": {"dir": str(work / "status"), "interval": 1.0},
-            "amqp": {"host": broker.host, "port": broker.port, "user": broker.user, "tls": False,
+            "amqp": {"host": broker.host, "port": broker.port, "user": broker.user,
+                     "tls": broker.tls, "ca_file": broker.ca_file, "hosts": broker.hosts,
                      "vhost": vhost, "management_url": broker.management_url,
-                     "retry_delays": [1, 2]},
+                     "management_urls": broker.management_urls, "retry_delays": [1, 2]},
             "s3": {"endpoint_url": ceph.endpoint, "max_attempts": 1},
-            # the node's credentials in the topics, as production (devstack/stack.py)
-            "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}/{vhost}",
-                    "push_user": broker.user, "forwarded_https": True,
-                    "amqp_ack_level": "broker", "persistent": True, "verify_ssl": False},
+            # the node's random credentials in the push endpoint, as production (RGW takes
+            # them over this plain-HTTP RGW only with X-Forwarded-Proto)
+            "rgw": {"push_endpoint": broker.push_url(vhost), "push_user": broker.user,
+                    "forwarded_https": True,
+                    "amqp_ack_level": "broker", "persistent": True,
+                    "verify_ssl": broker.tls, "ca_location": broker.ca_file},
             "cvmfs": {"staging_dir": str(work / "staging"), "domain": DOMAIN},
             "consumers": {"downloads": 4},
         }
@@ -111,9 +121,7 @@ class Bench:
         return config.from_mapping(raw, env=self.env)
 
     def connection(self) -> pika.BlockingConnection:
-        return pika.BlockingConnection(pika.ConnectionParameters(
-            self.broker.host, self.broker.port, virtual_host=self.vhost,
-            credentials=pika.PlainCredentials(self.broker.user, self.broker.password)))
+        return amqp.connect(self.config().amqp, "bench")
 
     def provision(self, cfg: config.Config, rgw: RGW, name: str) -> None:
         """Queue, bucket, topic, notification: Provisioner.create's RabbitMQ and RGW steps."""
@@ -263,6 +271,8 @@ def main() -> None:
     parser.add_argument("--repositories", type=int, default=1,
                         help="spread the events over this many repositories")
     parser.add_argument("--gib", type=float, default=1.0, help="big object size in GiB (0: skip)")
+    parser.add_argument("--broker", choices=["plain", "cluster", "both"], default="plain",
+                        help="a plain single node, the three-node TLS cluster, or both")
     parser.add_argument("--nagle", action="store_true",
                         help="start RGW without beast tcp_nodelay=1 (see the module docstring)")
     args = parser.parse_args()
@@ -272,26 +282,43 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-consumers-"))
     vhost = label()
     quoted = urllib.parse.quote(vhost, safe="")
-    node = ceph = None
+    ceph = None
     ok = False
     results: dict[str, Any] = {"rgw_tcp_nodelay": args.tcp_nodelay, "events": args.events,
                                "repositories": args.repositories,
                                "object_bytes": args.size, "cpus": os.cpu_count()}
+    brokers: list[Any] = []
+    kinds = ["plain", "cluster"] if args.broker == "both" else [args.broker]
     try:
-        node = RabbitNode(work / "rabbitmq").start()
-        broker = node.broker()
-        broker.api("PUT", f"/api/vhosts/{quoted}", {})
-        broker.api("PUT", f"/api/permissions/{quoted}/{broker.user}",
-                   {"configure": ".*", "write": ".*", "read": ".*"})
         ceph = ceph_mod.Ceph(work / "ceph").start()
-        b = Bench(work, broker, ceph, vhost)
-        for downloads in args.downloads:
-            r = throughput(b, args.events, args.size, downloads, args.repositories)
-            results[f"downloads={downloads}"] = r
-            print(f"downloads={downloads} repositories={args.repositories}: raw S3 GET "
-                  f"{r['raw']:.0f}/s, consumer {r['consumer']:.0f} events/s, "
-                  f"ratio {r['ratio']:.2f} (target >= 0.8)",
-                  flush=True)
+        b = None
+        for kind in kinds:
+            if kind == "plain":
+                started: Any = RabbitNode(work / "rabbitmq").start()
+            else:
+                ca = tls.make_ca(work / "tls" / "ca")
+                cert = tls.make_server_cert(work / "tls" / "server", ca, ("DNS:localhost",))
+                started = RabbitCluster(work / "cluster", cert).start()
+            brokers.append(started)
+            broker = started.broker()
+            broker.api("PUT", f"/api/vhosts/{quoted}", {})
+            broker.api("PUT", f"/api/permissions/{quoted}/{broker.user}",
+                       {"configure": ".*", "write": ".*", "read": ".*"})
+            b = Bench(work, broker, ceph, vhost)
+            for downloads in args.downloads:
+                r = throughput(b, args.events, args.size, downloads, args.repositories)
+                results[f"{kind} downloads={downloads}"] = r
+                print(f"{kind} broker, downloads={downloads} repositories={args.repositories}: "
+                      f"raw S3 GET {r['raw']:.0f}/s, consumer {r['consumer']:.0f} events/s, "
+                      f"ratio {r['ratio']:.2f} (target >= 0.8)", flush=True)
+        if len(kinds) == 2:
+            for downloads in args.downloads:
+                plain = results[f"plain downloads={downloads}"]["consumer"]
+                tls_cluster = results[f"cluster downloads={downloads}"]["consumer"]
+                results[f"cluster/plain downloads={downloads}"] = tls_cluster / plain
+                print(f"downloads={downloads}: TLS cluster / plain node = "
+                      f"{tls_cluster / plain:.2f}", flush=True)
+        assert b is not None
         if args.gib > 0:
             g = one_gib(b, int(args.gib * (1 << 30)))
             results["one_gib"] = g
@@ -308,8 +335,8 @@ def main() -> None:
             print(f"failed: Ceph logs kept in {kept}", file=sys.stderr)
         if ceph is not None:
             ceph.stop()
-        if node is not None:
-            node.stop()
+        for started in brokers:
+            started.stop()
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 

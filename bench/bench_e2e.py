@@ -22,7 +22,10 @@ objects, temporary directory).
 
 As root, like the tests (the double mounts overlays):
 
-    .venv/bin/python bench/bench_e2e.py [--uploads 30] [--fast-double]
+    .venv/bin/python bench/bench_e2e.py [--uploads 30] [--fast-double] [--broker plain|cluster|both]
+
+``--broker both``: the same on a plain single node, then on the three-node
+RabbitMQ cluster with TLS (RGW over amqps), and the ratio.
 """
 
 from __future__ import annotations
@@ -72,18 +75,31 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=30)
     parser.add_argument("--fast-double", action="store_true",
                         help="the double without the real tool's timings")
+    parser.add_argument("--broker", choices=["plain", "cluster", "both"], default="plain",
+                        help="a plain single node, the three-node TLS cluster, or both in one "
+                             "run (then the ratio: the cost of TLS and the cluster)")
     args = parser.parse_args()
+    kinds = ["plain", "cluster"] if args.broker == "both" else [args.broker]
     with sigterm_as_interrupt():
-        run(args.uploads, args.fast_double)
+        results = {}
+        for kind in kinds:
+            print(f"== {kind} broker", flush=True)
+            results[kind] = run(args.uploads, args.fast_double, cluster=kind == "cluster")
+        if len(kinds) == 2:
+            p, c = results["plain"], results["cluster"]
+            print(f"TLS cluster / plain node: p50 {c['p50'] / p['p50']:.2f}, p95 "
+                  f"{c['p95'] / p['p95']:.2f}, RGW event delay {c['event'] / p['event']:.2f} "
+                  f"({c['event']:.3f} s vs {p['event']:.3f} s)")
 
 
-def run(uploads: int, fast_double: bool) -> None:
+def run(uploads: int, fast_double: bool, cluster: bool = False) -> dict[str, float]:
+    """One run on a plain single node, or (``cluster``) on the three-node TLS cluster."""
     procs: list[subprocess.Popen] = []
     events: dict[str, float] = {}
     stop_events = threading.Event()
-    with local_services("bench-e2e-") as services:
+    with local_services("bench-e2e-", cluster=cluster) as services:
         try:
-            measure(services, uploads, fast_double, procs, events, stop_events)
+            return measure(services, uploads, fast_double, procs, events, stop_events)
         finally:
             stop_events.set()
             for p in procs:
@@ -97,7 +113,7 @@ def run(uploads: int, fast_double: bool) -> None:
 
 def measure(services: LocalServices, uploads: int, fast_double: bool,
             procs: list[subprocess.Popen], events: dict[str, float],
-            stop_events: threading.Event) -> None:
+            stop_events: threading.Event) -> dict[str, float]:
     """Start the three daemons, provision one repository, time its uploads."""
     bao, double, stack = services.bao, services.double, services.stack
     stack.raw["log"]["level"] = "INFO"
@@ -171,6 +187,8 @@ def measure(services: LocalServices, uploads: int, fast_double: bool,
           f"{len(took['publish'])} publishes for {len(latencies)} uploads")
     print("  reference, the seed's daemons on a real CernVM-FS 2.12 gateway: p50 3.24 s, "
           "max 3.74 s (10 uploads)")
+    return {"p50": statistics.median(latencies), "p95": p95(latencies),
+            "event": statistics.median(event_delays)}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ enabled for this node only (the consumers list repository queues through
 its HTTP API).
 
 :class:`RabbitNode` takes its name, ports and cookie as parameters, so that
-several nodes can share one epmd and one cookie (a cluster).
+several nodes can share one epmd and one cookie: :class:`RabbitCluster` is
+three of them joined into one cluster, with TLS on their AMQP listeners
+(a throw-away CA and certificate, ``devstack.tls``), as production runs it.
 """
 
 from __future__ import annotations
@@ -23,16 +25,17 @@ import secrets
 import shutil
 import signal
 import subprocess
+import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pika
-
 from .common import free_port, kill_process, port_open, wait_for
+from .tls import ServerCert
 
 PACKAGE = "rabbitmq-server"
 # Debian's unwrapped scripts: /usr/sbin/rabbitmq-server would switch to the
@@ -41,12 +44,29 @@ SBIN = Path("/usr/lib/rabbitmq/bin")
 EPMD_CANDIDATES = ("/usr/lib/erlang/bin/epmd", "epmd")
 
 CONF = """\
-listeners.tcp.1 = 127.0.0.1:{amqp_port}
+{listeners}
 management.tcp.ip = 127.0.0.1
 management.tcp.port = {management_port}
 log.console = false
 log.file.level = info
+default_user = {user}
+default_pass = {password}
+default_user_tags.administrator = true
+default_permissions.configure = .*
+default_permissions.read = .*
+default_permissions.write = .*
 """
+
+#: TLS only: no plain listener a client could fall back to. Clients are not
+#: asked for certificates (they log in with a password, as in production).
+TLS_LISTENERS = """\
+listeners.tcp = none
+listeners.ssl.default = 127.0.0.1:{amqp_port}
+ssl_options.cacertfile = {ca}
+ssl_options.certfile = {cert}
+ssl_options.keyfile = {key}
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false"""
 
 
 @dataclass
@@ -59,17 +79,42 @@ class Broker:
     password: str = "guest"  # noqa: S105 - RabbitMQ's loopback-only default
     management_url: str = "http://127.0.0.1:15672"
     node: RabbitNode | None = None
+    #: AMQP over TLS, verified against ``ca_file`` (a cluster of ours)
+    tls: bool = False
+    ca_file: str = ""
+    #: every node's ``host:port`` and management URL (a cluster); empty: the one above
+    hosts: list[str] = field(default_factory=list)
+    management_urls: list[str] = field(default_factory=list)
+
+    def push_url(self, vhost: str = "") -> str:
+        """The URL RGW pushes to: amqps on a TLS broker (by the name its certificate has)."""
+        path = f"/{vhost}" if vhost else ""
+        scheme = "amqps" if self.tls else "amqp"
+        return f"{scheme}://{self.host}:{self.port}{path}"
 
     def api(self, method: str, path: str, body: object = None, timeout: float = 10.0) -> object:
-        """Call the management API (tests use it to inspect queues, kill connections)."""
+        """Call the management API (tests use it to inspect queues, kill connections).
+
+        On a cluster, the first node that answers (a stopped node's API is gone too).
+        """
         data = json.dumps(body).encode() if body is not None else None
         token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
-        req = urllib.request.Request(self.management_url + path, data=data, method=method,  # noqa: S310
-                                     headers={"Authorization": f"Basic {token}",
-                                              "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-            raw = resp.read()
-        return json.loads(raw) if raw else None
+        error: OSError | None = None
+        for url in self.management_urls or [self.management_url]:
+            req = urllib.request.Request(url + path, data=data, method=method,  # noqa: S310
+                                         headers={"Authorization": f"Basic {token}",
+                                                  "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+                    raw = resp.read()
+            except urllib.error.HTTPError:
+                raise
+            except OSError as exc:
+                error = exc
+                continue
+            return json.loads(raw) if raw else None
+        assert error is not None
+        raise error
 
     def api_ok(self) -> bool:
         try:
@@ -114,7 +159,13 @@ class RabbitNode:
     dist_port: int = 0
     epmd_port: int = 0
     cookie: str = field(default_factory=lambda: secrets.token_hex(16))
+    #: guest (loopback only) on a single node, whose topics push without
+    #: credentials; the TLS cluster has a random user, in its topics too
+    user: str = "guest"
+    password: str = "guest"  # noqa: S105 - RabbitMQ's loopback-only default
     extra_conf: list[str] = field(default_factory=list)
+    #: a server certificate: the AMQP listener speaks TLS only
+    tls: ServerCert | None = None
     proc: subprocess.Popen | None = None
     epmd: subprocess.Popen | None = None
     start_seconds: float = 0.0
@@ -123,9 +174,17 @@ class RabbitNode:
     def log_file(self) -> Path:
         return self.workdir / "log" / "server.out"
 
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.management_port}"
+
     def broker(self) -> Broker:
-        return Broker(port=self.amqp_port,
-                      management_url=f"http://127.0.0.1:{self.management_port}", node=self)
+        if self.tls is not None:  # by the name in the certificate
+            return Broker(host="localhost", port=self.amqp_port, user=self.user,
+                          password=self.password, management_url=self.management_url,
+                          node=self, tls=True, ca_file=str(self.tls.ca_file))
+        return Broker(port=self.amqp_port, user=self.user, password=self.password,
+                      management_url=self.management_url, node=self)
 
     def env(self) -> dict[str, str]:
         """Environment of the server and of rabbitmqctl for this node (nothing from /etc)."""
@@ -174,12 +233,22 @@ class RabbitNode:
         cookie.chmod(0o400)
         etc = self.workdir / "etc"
         (etc / "rabbitmq-env.conf").write_text("")
+        listeners = (f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}" if self.tls is None else
+                     TLS_LISTENERS.format(amqp_port=self.amqp_port, ca=self.tls.ca_file,
+                                          cert=self.tls.cert_file, key=self.tls.key_file))
         (etc / "rabbitmq.conf").write_text(
-            CONF.format(amqp_port=self.amqp_port, management_port=self.management_port)
+            CONF.format(listeners=listeners, management_port=self.management_port,
+                        user=self.user, password=self.password)
             + "".join(line + "\n" for line in self.extra_conf))
         (etc / "advanced.config").write_text("[].\n")
         (etc / "enabled_plugins").write_text("[rabbitmq_management].\n")
         self._start_epmd(timeout)
+        self._spawn(timeout)
+        self.start_seconds = time.monotonic() - began
+        return self
+
+    def _spawn(self, timeout: float) -> None:
+        server = SBIN / "rabbitmq-server"
         with open(self.log_file, "ab") as logf:
             # a session of its own: a stop signal reaches the script and the VM
             self.proc = subprocess.Popen([str(server)], env=self.env(), cwd=self.workdir,
@@ -193,8 +262,20 @@ class RabbitNode:
         except RuntimeError:
             self.stop(keep=True)
             raise
-        self.start_seconds = time.monotonic() - began
-        return self
+
+    def kill(self) -> None:
+        """SIGKILL the node's VM: a crash, as its cluster and clients see it (data kept)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def restart(self, timeout: float = 90.0) -> None:
+        """Start a killed node again on its data (it rejoins its cluster)."""
+        if self.proc is not None:
+            raise RuntimeError(f"{self.name} runs already")
+        self._spawn(timeout)
 
     def _start_epmd(self, timeout: float) -> None:
         """An epmd of ours on ``epmd_port``, unless one (a cluster peer's) answers there."""
@@ -252,6 +333,71 @@ class RabbitNode:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+@dataclass
+class RabbitCluster:
+    """Three nodes of our own on one cookie and one epmd, joined, TLS on AMQP.
+
+    The nodes start in parallel; the second and third then join the first
+    (``stop_app``, ``join_cluster``, ``start_app``). :meth:`broker` lists
+    every node (``hosts``, ``management_urls``), the first one as ``host``/
+    ``port``. Each node is stopped and started by its own
+    :meth:`RabbitNode.stop_app` / :meth:`RabbitNode.start_app`.
+    """
+
+    workdir: Path
+    cert: ServerCert
+    size: int = 3
+    nodes: list[RabbitNode] = field(default_factory=list)
+    start_seconds: float = 0.0
+
+    def start(self, timeout: float = 180.0) -> RabbitCluster:
+        began = time.monotonic()
+        tag, cookie, epmd = secrets.token_hex(3), secrets.token_hex(16), free_port()
+        user, password = f"publisher{secrets.token_hex(3)}", secrets.token_hex(16)
+        self.nodes = [RabbitNode(self.workdir / f"node{i}", name=f"cvmfs-{tag}-{i}@localhost",
+                                 epmd_port=epmd, cookie=cookie, user=user, password=password,
+                                 tls=self.cert) for i in range(self.size)]
+        self.nodes[0].start(timeout)  # it starts the shared epmd
+        errors: list[BaseException] = []
+
+        def start(node: RabbitNode) -> None:
+            try:
+                node.start(timeout)
+            except BaseException as exc:  # reported below, in this thread
+                errors.append(exc)
+        threads = [threading.Thread(target=start, args=(n,)) for n in self.nodes[1:]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        try:
+            if errors:
+                raise errors[0]
+            for node in self.nodes[1:]:
+                node.ctl("stop_app")
+                node.ctl("join_cluster", self.nodes[0].name)
+                node.start_app(timeout)
+            running = self.nodes[0].ctl("cluster_status", "--formatter", "json")
+            members = set(json.loads(running).get("running_nodes", []))
+            if members != {n.name for n in self.nodes}:
+                raise RuntimeError(f"cluster incomplete: running {sorted(members)}")
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - began
+        return self
+
+    def broker(self) -> Broker:
+        b = self.nodes[0].broker()
+        b.hosts = [f"{b.host}:{n.amqp_port}" for n in self.nodes]
+        b.management_urls = [n.management_url for n in self.nodes]
+        return b
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):  # the first one owns the epmd
+            node.stop()
+
+
 def start_node(workdir: Path, timeout: float = 90.0) -> RabbitNode:
     return RabbitNode(workdir).start(timeout)
 
@@ -269,13 +415,14 @@ def close_connections(broker: Broker, name_prefix: str) -> int:
 
 def cleanup_amqp(cfg: Any, broker: Broker, labels: list[str]) -> None:
     """Delete the queues, exchanges and policies a test or the demo left on the broker."""
-    conn = pika.BlockingConnection(pika.ConnectionParameters(
-        cfg.amqp.host, cfg.amqp.port, credentials=pika.PlainCredentials(
-            cfg.amqp.user, cfg.amqp.password.get())))  # type: ignore[union-attr]
+    from cvmfs_publisher.adapters import amqp  # noqa: PLC0415 - the daemons' own connection
+
+    conn = amqp.connect(cfg.amqp, "devstack-cleanup")
     ch = conn.channel()
     a = cfg.amqp
-    delays = [f"{a.retry_prefix}.{d}s" for d in a.retry_delays]
-    for q in [a.publisher_queue, a.dead_letter_queue, *labels, *delays]:
+    delays = [amqp.delay_exchange_name(a, d) for d in a.retry_delays]
+    quorum_delays = [amqp.delay_queue_name(a, d) for d in a.retry_delays]
+    for q in [a.publisher_queue, a.dead_letter_queue, *labels, *delays, *quorum_delays]:
         ch.queue_delete(q)
     for ex in (a.control_exchange, a.dead_letter_exchange, *delays):
         ch.exchange_delete(ex)

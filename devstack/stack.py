@@ -115,7 +115,10 @@ def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDo
         "status": {"dir": str(workdir / "status"), "interval": 0.2},
         "amqp": {
             "host": broker.host, "port": broker.port, "user": broker.user,
-            "password_file": str(secrets / "amqp_password"), "tls": False,
+            "password_file": str(secrets / "amqp_password"),
+            # TLS with verification (the default) on a TLS broker: never turned off
+            "tls": broker.tls, "ca_file": broker.ca_file,
+            "hosts": broker.hosts, "management_urls": broker.management_urls,
             "management_url": broker.management_url, "heartbeat": 10,
             "reconnect_initial": 0.2, "reconnect_max": 2.0,
             "publisher_queue": unique_label("pq-"),
@@ -130,8 +133,18 @@ def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDo
         "s3": {"endpoint_url": ceph.endpoint, "access_key_file": str(secrets / "s3_access"),
                "secret_key_file": str(secrets / "s3_secret"), "max_attempts": 1,
                "connect_timeout": 2.0, "read_timeout": 10.0},
-        "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}",
-                "amqp_ack_level": "broker", "persistent": True, "verify_ssl": False},
+        # RGW pushes to the broker as production does on the TLS cluster: amqps,
+        # verified, with credentials (accepted over this plain-HTTP RGW only with
+        # X-Forwarded-Proto, shared/ceph item 1). The single node's guest gets no
+        # credentials in its topics: with them, radosgw 16.2.15 stopped answering
+        # after its first crash in the suite (tests/provision/test_rgw_credentials
+        # covers credentials there).
+        "rgw": {"push_endpoint": broker.push_url(),
+                **({"push_user": broker.user,
+                    "push_password_file": str(secrets / "amqp_password"),
+                    "forwarded_https": True} if broker.tls else {}),
+                "amqp_ack_level": "broker", "persistent": True,
+                "verify_ssl": broker.tls, "ca_location": broker.ca_file},
         "cvmfs": {**double.paths(), "domain": DOMAIN,
                   "stratum0_url": "http://stratum0.test/cvmfs",
                   "gateway_url": "http://gateway.test:4929/api/v1",
@@ -193,23 +206,30 @@ class LocalServices:
 
 
 @contextlib.contextmanager
-def local_services(prefix: str) -> Iterator[LocalServices]:
-    """Start a RabbitMQ node, OpenBao and Ceph of our own; remove everything on exit.
+def local_services(prefix: str, cluster: bool = False) -> Iterator[LocalServices]:
+    """Start a RabbitMQ node (``cluster``: the three-node TLS cluster, verified against
+    a throw-away CA), OpenBao and Ceph of our own; remove everything on exit.
 
     The benchmarks' one start-up: the clean-up runs on an error, on Ctrl-C
     and (under :func:`devstack.common.sigterm_as_interrupt`) on SIGTERM too,
     stopping whatever had started, so a failed start leaves nothing behind.
     The daemons a benchmark started must be stopped before the block ends.
     """
-    from .ceph import Ceph  # noqa: PLC0415 - the services only for the callers that run them
+    from . import tls  # noqa: PLC0415 - the services only for the callers that run them
+    from .ceph import Ceph  # noqa: PLC0415
     from .openbao import OpenBao  # noqa: PLC0415
-    from .rabbitmq import RabbitNode  # noqa: PLC0415
+    from .rabbitmq import RabbitCluster, RabbitNode  # noqa: PLC0415
 
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     double = make_double(workdir / "cvmfs-root")
     started: list[Any] = []
     try:
-        node = RabbitNode(workdir / "rabbitmq").start()
+        if cluster:
+            ca = tls.make_ca(workdir / "tls" / "ca")
+            cert = tls.make_server_cert(workdir / "tls" / "server", ca, ("DNS:localhost",))
+            node: Any = RabbitCluster(workdir / "cluster", cert).start()
+        else:
+            node = RabbitNode(workdir / "rabbitmq").start()
         started.append(node)
         bao = OpenBao(workdir / "openbao").start()
         started.append(bao)

@@ -236,3 +236,18 @@ def test_readme_documents_every_key() -> None:
             name = f"{full}_file" if full in config.SECRETS else full
             assert f"`{name}`" in readme, f"{name} missing from the README's reference"
             assert config.env_name(full) in readme
+
+
+def test_amqp_hosts_list_env_and_single_host() -> None:
+    """``amqp.hosts`` (a cluster) from YAML or the environment; ``amqp.host`` still works."""
+    cfg = config.from_mapping({"amqp": {"hosts": ["a", "b:5673", "[::1]:5674"]}}, env={})
+    assert cfg.amqp.addresses() == [("a", 5671), ("b", 5673), ("::1", 5674)]
+    env = {"CVMFS_PUBLISHER_AMQP__HOSTS": "x:1, y",
+           "CVMFS_PUBLISHER_AMQP__MANAGEMENT_URLS": "https://x:15671/,https://y:15671"}
+    cfg = config.from_mapping({}, env=env)
+    assert cfg.amqp.addresses() == [("x", 1), ("y", 5671)]
+    assert cfg.amqp.management_endpoints() == ["https://x:15671", "https://y:15671"]
+    cfg = config.from_mapping({"amqp": {"host": "single", "port": 5672}}, env={})
+    assert cfg.amqp.addresses() == [("single", 5672)]
+    with pytest.raises(config.ConfigError, match=r"amqp\.hosts: 'b:x'"):
+        config.from_mapping({"amqp": {"hosts": ["a", "b:x"]}}, env={})

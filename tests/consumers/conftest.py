@@ -41,7 +41,7 @@ def consumer_overrides(broker: Broker, vhost: str, **extra: dict[str, Any]
     """Stack overrides: our vhost for the daemon and for RGW's pushes."""
     base: dict[str, dict[str, Any]] = {
         "amqp": {"vhost": vhost},
-        "rgw": {"push_endpoint": f"amqp://{broker.host}:{broker.port}/{vhost}"},
+        "rgw": {"push_endpoint": broker.push_url(vhost)},
         "consumers": {"downloads": 4, "refresh_interval": 60.0, "max_attempts": 4},
     }
     for section, values in extra.items():

@@ -121,11 +121,8 @@ def put_state(data: bytes, mode: int = 0o644) -> State:
 
 
 def amqp_connection(cfg: Config) -> pika.BlockingConnection:
-    a = cfg.amqp
-    return pika.BlockingConnection(pika.ConnectionParameters(
-        a.host, a.port, virtual_host=a.vhost,
-        credentials=pika.PlainCredentials(a.user, a.password.get()  # type: ignore[union-attr]
-                                          )))
+    """The daemons' own connection (TLS and every node of a cluster, as configured)."""
+    return amqp.connect(cfg.amqp, "tests")
 
 
 def queue_counts(cfg: Config, queue: str) -> tuple[int, int]:

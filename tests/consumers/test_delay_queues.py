@@ -122,3 +122,51 @@ def test_deprovision_removes_legacy_retry_queues(env: Env) -> None:
         conn.close()
     env.deprovision(r)
     assert [n for n in queue_names(env) if n.startswith(r.label)] == []
+
+
+def test_delay_queues_are_quorum_and_replace_the_classic_ones(env: Env) -> None:
+    """The classic delay queues of the release before are unbound, drained home, deleted.
+
+    On a cluster a classic queue lives on one node (its retries die with it):
+    the delay queues are quorum queues now. An existing classic one (same
+    name as its exchange) gets no new retry once the quorum queue is bound;
+    the retry still in it comes home after its TTL, and it is deleted once
+    empty.
+    """
+    a = env.cfg.amqp
+    short, long_ = a.retry_delays[0], a.retry_delays[-1]
+    home = f"{a.retry_prefix}-home-upgrade"
+    conn = amqp_connection(env.cfg)
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.queue_declare(home, durable=True, arguments=amqp.work_queue_arguments(a, home, False))
+        for delay in (short, long_):  # what the release before declared
+            name = amqp.classic_delay_queue_name(a, delay)
+            ch.exchange_declare(name, exchange_type="fanout", durable=True)
+            ch.queue_declare(name, durable=True, arguments={
+                "x-queue-type": "classic", "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": ""})
+            ch.queue_bind(name, name)
+        amqp.publish_confirmed(ch, amqp.delay_exchange_name(a, long_), home, b"in flight")
+        amqp.declare_delay_queues(ch, a)
+        names = queue_names(env)
+        assert amqp.classic_delay_queue_name(a, short) not in names, "empty: deleted"
+        for delay in a.retry_delays:
+            q = env.mgmt.queue(amqp.delay_queue_name(a, delay)) or {}
+            assert q.get("type") == "quorum", q
+            assert q["arguments"]["x-dead-letter-strategy"] == "at-least-once"
+        # the classic one that holds a retry is unbound: a new retry goes to quorum only
+        amqp.publish_confirmed(ch, amqp.delay_exchange_name(a, long_), home, b"new retry")
+        assert amqp.ready_count(conn, amqp.classic_delay_queue_name(a, long_)) == 1
+    finally:
+        conn.close()
+    got = drain(env.cfg, home, 2, timeout=long_ + 10)
+    assert sorted(got) == [b"in flight", b"new retry"], got
+    conn = amqp_connection(env.cfg)
+    try:
+        assert amqp.retire_classic_delay_queue(conn, a, long_)
+        assert amqp.classic_delay_queue_name(a, long_) not in queue_names(env)
+        conn.channel().queue_delete(home)
+    finally:
+        conn.close()

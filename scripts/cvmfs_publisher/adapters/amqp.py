@@ -52,8 +52,15 @@ Connection = pika.BlockingConnection
 Channel = BlockingChannel
 
 
-def connection_parameters(cfg: AmqpConfig, name: str) -> pika.ConnectionParameters:
-    """Connection parameters with TLS (CA verification on by default) and heartbeats."""
+def connection_parameters(cfg: AmqpConfig, name: str, host: str | None = None,
+                          port: int | None = None) -> pika.ConnectionParameters:
+    """Parameters of one node (default: the first configured), TLS verified by default.
+
+    The TLS context checks the certificate against ``host``, the name the
+    node is reached by: a node of a cluster is verified under its own name.
+    """
+    if host is None or port is None:
+        host, port = cfg.addresses()[0]
     password = cfg.password.get() if cfg.password else ""
     ssl_options = None
     if cfg.tls:
@@ -64,10 +71,10 @@ def connection_parameters(cfg: AmqpConfig, name: str) -> pika.ConnectionParamete
             log.warning("AMQP TLS certificate verification is DISABLED (amqp.verify: false)")
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        ssl_options = pika.SSLOptions(ctx, server_hostname=cfg.host)
+        ssl_options = pika.SSLOptions(ctx, server_hostname=host)
     return pika.ConnectionParameters(
-        host=cfg.host,
-        port=cfg.port,
+        host=host,
+        port=port,
         virtual_host=cfg.vhost,
         credentials=pika.PlainCredentials(cfg.user, password),
         heartbeat=cfg.heartbeat,
@@ -80,9 +87,82 @@ def connection_parameters(cfg: AmqpConfig, name: str) -> pika.ConnectionParamete
     )
 
 
-def connect(cfg: AmqpConfig, name: str) -> pika.BlockingConnection:
-    """Open one blocking connection (raises a CONNECTION_ERRORS member on failure)."""
-    return pika.BlockingConnection(connection_parameters(cfg, name))
+class NoBrokerNode(pika.exceptions.AMQPConnectionError):
+    """No configured node accepted the connection; the message names each and why."""
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, from pika's wrapped exceptions (the TLS or socket error inside)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    found: BaseException | None = None
+    while todo:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"TLS certificate not accepted: {e.verify_message or e.reason}"
+        if isinstance(e, ssl.SSLError):
+            found = e if not isinstance(found, ssl.SSLError) else found
+        elif isinstance(e, OSError) and found is None:
+            found = e
+        todo.extend(e.args)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    if isinstance(found, ssl.SSLError):
+        return f"TLS handshake failed: {found.reason or found}"
+    if found is not None:
+        return f"{type(found).__name__}: {found.strerror or found}"
+    text = redact(str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class NodeRotation:
+    """Which node to try first: the one in use, or the next after it was lost.
+
+    A daemon stays on the node it reached; when that connection is lost it
+    starts with the following node, so a node that died costs one backoff
+    delay, not a timeout per attempt.
+    """
+
+    def __init__(self, cfg: AmqpConfig) -> None:
+        self.addresses = cfg.addresses()
+        self.first = 0
+        self.current: tuple[str, int] | None = None
+
+    def order(self) -> list[tuple[str, int]]:
+        return self.addresses[self.first:] + self.addresses[:self.first]
+
+    def connected(self, address: tuple[str, int]) -> None:
+        self.current = address
+        self.first = self.addresses.index(address)
+
+    def lost(self) -> None:
+        if self.current is not None:
+            self.first = (self.addresses.index(self.current) + 1) % len(self.addresses)
+        self.current = None
+
+
+def connect(cfg: AmqpConfig, name: str, rotation: NodeRotation | None = None
+            ) -> pika.BlockingConnection:
+    """One blocking connection to the first node that accepts it, in rotation order.
+
+    Raises :class:`NoBrokerNode` naming every node and its error when none
+    does. A TLS failure is a failure of that node: there is no second try
+    in plain AMQP.
+    """
+    rotation = rotation or NodeRotation(cfg)
+    errors = []
+    for host, port in rotation.order():
+        try:
+            conn = pika.BlockingConnection(connection_parameters(cfg, name, host, port))
+        except (*CONNECTION_ERRORS, OSError) as exc:
+            errors.append(f"{host}:{port}: {reason(exc)}")
+            continue
+        rotation.connected((host, port))
+        return conn
+    tls = "amqps" if cfg.tls else "amqp"
+    raise NoBrokerNode(f"no RabbitMQ node reachable over {tls} ({'; '.join(errors)})")
 
 
 # --------------------------------------------------------------------- topology
@@ -182,9 +262,19 @@ def ready_count(conn: pika.BlockingConnection, queue: str) -> int | None:
     return None if declared is None else declared.message_count
 
 
-def delay_queue_name(cfg: AmqpConfig, delay: int) -> str:
-    """The shared delay queue (and its exchange) of one retry delay: ``<prefix>.<N>s``."""
+def delay_exchange_name(cfg: AmqpConfig, delay: int) -> str:
+    """The fanout exchange a retry of ``delay`` seconds is published to: ``<prefix>.<N>s``."""
     return f"{cfg.retry_prefix}.{delay}s"
+
+
+def delay_queue_name(cfg: AmqpConfig, delay: int) -> str:
+    """The shared delay queue of one retry delay: ``<prefix>.<N>s.quorum``."""
+    return f"{delay_exchange_name(cfg, delay)}.quorum"
+
+
+def classic_delay_queue_name(cfg: AmqpConfig, delay: int) -> str:
+    """The classic delay queue of the release before quorum ones (the upgrade only)."""
+    return delay_exchange_name(cfg, delay)
 
 
 def legacy_retry_queue_name(queue: str, delay: int) -> str:
@@ -192,32 +282,66 @@ def legacy_retry_queue_name(queue: str, delay: int) -> str:
     return f"{queue}.retry.{delay}s"
 
 
+def delay_queue_arguments(delay: int) -> dict[str, Any]:
+    """A quorum queue that holds each message ``delay`` seconds, then sends it home.
+
+    ``at-least-once`` dead-lettering (which needs ``reject-publish``): the
+    message leaves the delay queue only once its work queue confirmed it, so
+    a node lost during the hand-over loses no retry (``at-most-once``, the
+    default, would).
+    """
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": delay * 1000,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
 def declare_delay_queues(ch: BlockingChannel, cfg: AmqpConfig) -> None:
     """One delay queue per configured delay, shared by every work queue (idempotent).
 
     A retried message is published to the fanout exchange ``<prefix>.<N>s``
-    with its work queue's name as routing key; the queue of that name holds
+    with its work queue's name as routing key; the queue bound to it holds
     it for N seconds (a fixed TTL per queue keeps FIFO order, so a message
     never waits behind a longer delay) and then dead-letters it to the
     default exchange. No ``x-dead-letter-routing-key``: the message keeps
     its routing key, which the default exchange routes to the work queue it
     came from. So 1,000 repositories need 4 delay queues, not 4,000.
 
-    Classic, not quorum: a quorum queue costs a Raft group (an Erlang process
-    group, a WAL share, about 40 KiB idle) and dead-letters at most once
-    unless configured otherwise; a durable classic queue with persistent
-    messages keeps a retry across a broker restart, which is what it is for.
-    On a cluster it lives on one node (docs/LIMITS.md).
+    Quorum queues, like the work queues: on a cluster a classic queue lives
+    on one node, and the retries in it are gone with that node (four Raft
+    groups are a negligible cost next to one per repository). The classic
+    delay queue of the previous release (same name as the exchange) is
+    unbound, so that no new retry goes there, and deleted once empty; the
+    retries still in it come home by its own dead-letter arguments.
     """
     for delay in cfg.retry_delays:
-        name = delay_queue_name(cfg, delay)
-        ch.exchange_declare(name, exchange_type="fanout", durable=True)
-        ch.queue_declare(name, durable=True, arguments={
-            "x-queue-type": "classic",
-            "x-message-ttl": delay * 1000,
-            "x-dead-letter-exchange": "",
-        })
-        ch.queue_bind(name, name)
+        exchange, queue = delay_exchange_name(cfg, delay), delay_queue_name(cfg, delay)
+        ch.exchange_declare(exchange, exchange_type="fanout", durable=True)
+        ch.queue_declare(queue, durable=True, arguments=delay_queue_arguments(delay))
+        ch.queue_bind(queue, exchange)
+        retire_classic_delay_queue(ch.connection, cfg, delay)
+
+
+def retire_classic_delay_queue(conn: pika.BlockingConnection, cfg: AmqpConfig,
+                               delay: int) -> bool:
+    """Unbind the previous release's classic delay queue, delete it if empty; True if gone."""
+    old = classic_delay_queue_name(cfg, delay)
+    if passive_declare(conn, old) is None:
+        return True
+    ch = conn.channel()
+    try:
+        ch.queue_unbind(old, delay_exchange_name(cfg, delay))
+    finally:
+        if ch.is_open:
+            ch.close()
+    gone = delete_if_empty(conn, old)
+    if gone:
+        log.info("queue=%s outcome=deleted reason=classic delay queue of an earlier release, "
+                 "replaced by the quorum queue %s", old, delay_queue_name(cfg, delay))
+    return gone
 
 
 def delete_if_empty(conn: pika.BlockingConnection, queue: str) -> bool:
@@ -338,7 +462,7 @@ def retry_later(ch: BlockingChannel, cfg: AmqpConfig, d: Delivery, reason: str) 
     headers = dict(d.headers)
     headers.update({ATTEMPTS_HEADER: attempt, "x-last-error": redact(reason)[:1000]})
     headers.pop("x-delivery-count", None)
-    publish_confirmed(ch, delay_queue_name(cfg, delay), d.queue, d.body, headers,
+    publish_confirmed(ch, delay_exchange_name(cfg, delay), d.queue, d.body, headers,
                       d.properties.content_type or "application/octet-stream")
     return delay
 
@@ -368,7 +492,11 @@ class ReconnectingConsumer:
         self.on_state = on_state or (lambda connected: None)
         self.tick_interval = tick_interval
         self.backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
+        self.rotation = NodeRotation(cfg)
         self.connection: pika.BlockingConnection | None = None
+        #: ``host:port`` of the node in use ("" when none), the last error (for status)
+        self.node = ""
+        self.last_error = ""
         self._stop = threading.Event()
 
     def install_signal_handlers(self) -> None:
@@ -382,25 +510,38 @@ class ReconnectingConsumer:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def broker_state(self) -> dict[str, str]:
+        """For the status document: the node in use, or why there is none."""
+        return {"broker_node": self.node, "broker_error": self.last_error}
+
     def run(self) -> None:
         """Loop until :meth:`stop`; never raises for connection problems."""
         while not self._stop.is_set():
             try:
-                self.connection = connect(self.cfg, self.name)
+                self.connection = connect(self.cfg, self.name, self.rotation)
+                host, port = self.rotation.current or ("", 0)
+                self.node, self.last_error = f"{host}:{port}", ""
                 self.session(self.connection)
                 self.on_state(True)
-                log.info("connected to amqp %s:%s as %s", self.cfg.host, self.cfg.port, self.name)
+                log.info("connected to amqp %s:%s as %s", host, port, self.name)
                 self.backoff.reset()
                 while not self._stop.is_set():
                     self.connection.process_data_events(time_limit=self.tick_interval)
                     self.tick()
             except (*CONNECTION_ERRORS, OSError) as exc:  # OSError: TLS files, DNS
+                lost_node = self.node
+                self.rotation.lost()
+                self.node = ""
+                if isinstance(exc, NoBrokerNode):  # it names every node already
+                    self.last_error = redact(str(exc))
+                else:
+                    self.last_error = f"{lost_node or 'amqp'}: {reason(exc)}"
                 self.on_state(False)
                 if self._stop.is_set():
                     break
                 delay = self.backoff.next()
-                log.warning("amqp connection lost (%s: %s); reconnecting in %.1fs",
-                            type(exc).__name__, redact(str(exc)) or "no detail", delay)
+                log.warning("amqp connection lost (%s); reconnecting in %.1fs",
+                            self.last_error or "no detail", delay)
                 self._close()
                 self._stop.wait(delay)
                 continue

@@ -46,12 +46,13 @@ whose connection was replaced) is not applied: the broker delivers the
 message again, which the pipeline makes harmless. If the retry or
 dead-letter copy, or the ack, fails on a channel, the message is given back
 (``nack``, requeue). Transient failures go to the shared delay queue
-``<retry_prefix>.<N>s`` of their attempt (:func:`amqp.declare_delay_queues`),
+``<retry_prefix>.<N>s.quorum`` of their attempt (:func:`amqp.declare_delay_queues`),
 which returns them to their queue, rather than ``nack(requeue)``: a requeue
 comes back at once (no backoff), counts against the quorum queue's delivery
 limit and would block the messages behind it. The per-queue retry queues
 ``<label>.retry.<N>s`` of earlier releases are deleted once empty (found by
-the discovery thread's depth listing).
+the discovery thread's depth listing), and so are the classic shared delay
+queues ``<retry_prefix>.<N>s`` of the release before the quorum ones.
 
 **Shutdown.** :meth:`request_stop`: stop consuming, withdraw deliveries not
 started, let running ones finish and settle (at most ``drain_seconds``),
@@ -89,6 +90,9 @@ RESUBSCRIBE_MAX = 30.0
 #: How often the management API is asked which waiting subscriptions became active
 #: (its consumer statistics are refreshed about every 5 s).
 ACTIVITY_POLL = 5.0
+#: Depths and quorum of the served queues are read this often (one API call), besides
+#: after each listing: a queue without quorum shows in status and logs within that time.
+DEPTHS_POLL = 10.0
 
 
 @dataclass(eq=False)
@@ -313,7 +317,7 @@ class RepositoryQueues:
     # ------------------------------------------------------------------ session
 
     def _on_state(self, up: bool) -> None:
-        self.status.set(broker_connected=up)
+        self.status.set(broker_connected=up, **self.consumer.broker_state())
         if not up:
             for rq in self._queues.values():
                 self._deactivate(rq, "broker connection lost")
@@ -550,10 +554,15 @@ class RepositoryQueues:
         self._sync_consumers()
 
     def _drop_legacy(self, names: list[str]) -> None:
-        """Delete the empty per-queue retry queues of earlier releases (the upgrade)."""
+        """Delete the empty retry queues of earlier releases (the upgrade): per-queue
+        ones, and the classic shared delay queues (unbound at the session start)."""
         assert self._conn is not None
+        a = self.cfg.amqp
+        classic = {amqp.classic_delay_queue_name(a, d): d for d in a.retry_delays}
         for name in names:
-            if amqp.delete_if_empty(self._conn, name):
+            if name in classic:
+                amqp.retire_classic_delay_queue(self._conn, a, classic[name])
+            elif amqp.delete_if_empty(self._conn, name):
                 log.info("queue=%s outcome=deleted reason=per-queue retry queue of an earlier "
                          "release, replaced by the shared delay queues %s.<N>s", name,
                          self.cfg.amqp.retry_prefix)
@@ -606,6 +615,8 @@ class Discovery:
         self._next_activity = 0.0
         self._listing: tuple[float, dict[str, str]] | None = None
         self._legacy: list[str] = []
+        self._quorum_lost = ""  # what was last reported (a warning per change)
+        self._next_depths = 0.0
         self._refresh_now = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -681,6 +692,9 @@ class Discovery:
         if now >= self._next_activity:
             self._next_activity = now + ACTIVITY_POLL
             self._activity()
+        if now >= self._next_depths and not self._refresh_now.is_set() and now < next_listing:
+            self._next_depths = now + DEPTHS_POLL
+            self._queue_depths()
         if self._refresh_now.is_set() or now >= next_listing:
             self._refresh_now.clear()
             started = time.time()
@@ -693,21 +707,45 @@ class Discovery:
             with self.lock:
                 self._listing = (started, bound)
             self._queue_depths()
+            self._next_depths = now + DEPTHS_POLL
             return now + c.refresh_interval
         return next_listing
 
     def _queue_depths(self) -> None:
-        """Depths of the served queues (one API call), and the legacy retry queues among them."""
+        """Depths and quorum of the served queues (one API call), and the legacy retry
+        queues among them."""
         try:
-            depths = self.mgmt.queue_depths()
+            overview = self.mgmt.queue_overview()
         except Exception as exc:
             log.debug("queue depths: %s", exc)
             return
         with self.lock:  # only for repositories still served
+            lost = []
             for rq in self.served:
-                self.status.repo(rq.repository, queue_depth=depths.get(rq.queue, 0))
+                q = overview.get(rq.queue, {})
+                members, online = q.get("members") or [], q.get("online") or []
+                quorum = not members or 2 * len(online) > len(members)
+                self.status.repo(rq.repository, queue_depth=q.get("messages", 0),
+                                 queue_quorum=quorum)
+                if not quorum:
+                    lost.append(f"{rq.queue} ({len(online)} of {len(members)} nodes online)")
+            self._report_quorum(lost)
             served = {rq.queue for rq in self.served}  # the publisher queue's: its daemon's
-            self._legacy = [name for name in depths if _legacy_of(name) in served]
+            a = self.cfg.amqp
+            classic = {amqp.classic_delay_queue_name(a, d) for d in a.retry_delays}
+            self._legacy = [name for name in overview
+                            if _legacy_of(name) in served or name in classic]
+
+    def _report_quorum(self, lost: list[str]) -> None:
+        """Say when queues lose their quorum (nothing flows: events wait), and when back."""
+        text = ", ".join(sorted(lost))
+        self.status.set(quorum_lost=sorted(lost))
+        if text and text != self._quorum_lost:
+            log.warning("outcome=waiting reason=no quorum: %s; their events wait in RabbitMQ "
+                        "until a majority of the nodes is back", text)
+        elif not text and self._quorum_lost:
+            log.info("outcome=resumed reason=quorum back for every served queue")
+        self._quorum_lost = text
 
 
 def _legacy_of(name: str) -> str:

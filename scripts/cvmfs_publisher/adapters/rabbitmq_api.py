@@ -4,7 +4,9 @@ Used to list the repository queues bound to the ``notification`` exchange
 (the broker is the registry: a restart or a second host needs no other),
 to read queue depths for the status document, and to apply a policy to a
 queue that an older deployment declared without our arguments.
-Standard library only (urllib); TLS verification on by default.
+Standard library only (urllib); TLS verification on by default. With
+``amqp.management_urls`` (one per cluster node) a node that does not answer
+is skipped: every node serves the whole cluster's API.
 """
 
 from __future__ import annotations
@@ -28,26 +30,47 @@ class ManagementAPI:
     """A small client of ``/api`` on the management plugin."""
 
     def __init__(self, cfg: AmqpConfig, timeout: float = 10.0) -> None:
-        if not cfg.management_url:
+        self.bases = cfg.management_endpoints()
+        if not self.bases:
             raise Permanent("amqp.management_url is not configured")
-        self.base = cfg.management_url.rstrip("/")
+        self._first = 0  # the node that answered last is asked first
         self.vhost = urllib.parse.quote(cfg.vhost, safe="")
         password = cfg.password.get() if cfg.password else ""
         token = base64.b64encode(f"{cfg.user}:{password}".encode()).decode()
         self._auth = f"Basic {token}"
         self.timeout = timeout
         self._ctx: ssl.SSLContext | None = None
-        if self.base.startswith("https"):
+        if any(b.startswith("https") for b in self.bases):
             self._ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
             if not cfg.verify:
                 log.warning("RabbitMQ management API TLS verification DISABLED (amqp.verify)")
                 self._ctx.check_hostname = False
                 self._ctx.verify_mode = ssl.CERT_NONE
 
+    @property
+    def base(self) -> str:
+        return self.bases[self._first]
+
     def _call(self, method: str, path: str, body: Any = None) -> Any:
+        """The call on the first node that answers; Transient naming each when none does."""
+        errors: list[tuple[str, Transient]] = []
+        n = len(self.bases)
+        for i in [(self._first + k) % n for k in range(n)]:
+            try:
+                result = self._call_one(self.bases[i], method, path, body)
+            except Transient as exc:
+                errors.append((self.bases[i], exc))
+                continue
+            self._first = i
+            return result
+        if n == 1:
+            raise errors[0][1]
+        raise Transient("; ".join(f"{base}: {exc}" for base, exc in errors))
+
+    def _call_one(self, base: str, method: str, path: str, body: Any) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(  # noqa: S310 - URL scheme comes from configuration
-            self.base + path, data=data, method=method,
+            base + path, data=data, method=method,
             headers={"Authorization": self._auth, "Content-Type": "application/json"},
         )
         try:
@@ -87,8 +110,21 @@ class ManagementAPI:
         per-queue calls cost the consumers a second of CPU per listing (and
         ``cvmfs-publisher status`` a thousand requests).
         """
-        rows = self._call("GET", f"/api/queues/{self.vhost}?columns=name,messages") or []
-        return {r["name"]: int(r.get("messages", 0) or 0) for r in rows if "name" in r}
+        return {name: q["messages"] for name, q in self.queue_overview().items()}
+
+    def queue_overview(self) -> dict[str, dict[str, Any]]:
+        """``{queue: {"messages": n, "members": [...], "online": [...]}}`` in one call.
+
+        ``members`` and ``online`` are a quorum queue's nodes (empty for
+        others): fewer than a majority online means no quorum, the queue
+        neither takes nor delivers messages until a node returns.
+        """
+        rows = self._call("GET", f"/api/queues/{self.vhost}"
+                                 "?columns=name,messages,members,online") or []
+        return {r["name"]: {"messages": int(r.get("messages", 0) or 0),
+                            "members": list(r.get("members") or []),
+                            "online": list(r.get("online") or [])}
+                for r in rows if "name" in r}
 
     def active_consumers(self) -> set[str]:
         """Tags of the consumers the broker has made active on a single-active-consumer

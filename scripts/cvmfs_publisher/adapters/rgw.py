@@ -119,13 +119,16 @@ class RGW:
                                                       + (f":{parts.port}" if parts.port else "")))
 
     def topic_attributes(self, exchange: str) -> dict[str, str]:
-        return {
+        attributes = {
             "push-endpoint": self.push_endpoint(),
             "amqp-exchange": exchange,
             "amqp-ack-level": self.rgwcfg.amqp_ack_level,
             "persistent": "true" if self.rgwcfg.persistent else "false",
             "verify-ssl": "true" if self.rgwcfg.verify_ssl else "false",
         }
+        if self.rgwcfg.ca_location:  # an amqps broker with a private CA
+            attributes["ca-location"] = self.rgwcfg.ca_location
+        return attributes
 
     def create_topic(self, name: str, exchange: str, repository: str = "") -> str:
         """Create (or update: CreateTopic is idempotent on RGW) and return the ARN."""

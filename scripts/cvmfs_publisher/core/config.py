@@ -89,9 +89,16 @@ class StatusConfig:
 
 @dataclass
 class AmqpConfig:
-    """RabbitMQ connection and topology names."""
+    """RabbitMQ connection and topology names.
+
+    ``hosts`` lists the nodes of a cluster (``host`` or ``host:port``; the
+    port defaults to ``port``): the daemons connect to any live one and move
+    to the next when theirs goes away. Empty: the single ``host``.
+    ``management_urls`` does the same for the management API.
+    """
 
     host: str = "localhost"
+    hosts: list[str] = field(default_factory=list)
     port: int = 5671
     vhost: str = "/"
     user: str = "guest"
@@ -107,6 +114,7 @@ class AmqpConfig:
     reconnect_initial: float = 1.0
     reconnect_max: float = 30.0
     management_url: str = ""
+    management_urls: list[str] = field(default_factory=list)
     publisher_queue: str = "publisher_queue"
     notification_exchange: str = "notification"
     control_exchange: str = "cvmfs.control"
@@ -116,6 +124,37 @@ class AmqpConfig:
     retry_delays: list[int] = field(default_factory=lambda: [5, 30, 120, 600])
     #: the shared delay queues are <retry_prefix>.<delay>s (one per delay, all queues)
     retry_prefix: str = "cvmfs.retry"
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every configured node, in the configured order."""
+        return [split_address(h, self.port) for h in (self.hosts or [self.host])]
+
+    def management_endpoints(self) -> list[str]:
+        """Every management API base URL (``management_urls``, else ``management_url``)."""
+        urls = self.management_urls or ([self.management_url] if self.management_url else [])
+        return [u.rstrip("/") for u in urls]
+
+
+def split_address(address: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` as ``(host, port)``."""
+    host, port = address.strip(), default_port
+    if host.startswith("["):
+        inner, _, rest = host[1:].partition("]")
+        host = inner
+        if rest.startswith(":"):
+            port = _port_of(address, rest[1:])
+    elif host.count(":") == 1:
+        host, _, tail = host.partition(":")
+        port = _port_of(address, tail)
+    if not host:
+        raise ConfigError(f"amqp.hosts: {address!r} has no host name")
+    return host, port
+
+
+def _port_of(address: str, text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise ConfigError(f"amqp.hosts: {address!r}: {text!r} is not a TCP port")
+    return int(text)
 
 
 @dataclass
@@ -162,6 +201,8 @@ class RgwConfig:
     amqp_ack_level: str = "broker"
     persistent: bool = True
     verify_ssl: bool = True
+    #: the CA file RGW verifies an amqps broker with (a path on the RGW host); empty: its default
+    ca_location: str = ""
     forwarded_https: bool = False
     notification_id: str = "cvmfs-publisher"
     create_buckets: bool = False
@@ -412,6 +453,7 @@ def _check_values(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     if cfg.amqp.port <= 0 or cfg.amqp.port > 65535:
         raise ConfigError(f"amqp.port: {cfg.amqp.port} is not a TCP port")
+    cfg.amqp.addresses()  # every amqp.hosts entry parses
     if cfg.rgw.amqp_ack_level not in ("none", "broker", "routable"):
         raise ConfigError("rgw.amqp_ack_level: expected none, broker or routable")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -484,6 +526,8 @@ def require(cfg: Config, daemon: str) -> None:
         value = get(cfg, key)
         if isinstance(value, MissingSecret):
             raise ConfigError(f"{value.reason} (required by {daemon})")
+        if key == "amqp.management_url" and cfg.amqp.management_urls:
+            continue  # the list stands for the single URL
         if value is None or value == "" or (isinstance(value, Secret) and not value):
             hint = f" (set {key}_file or {env_name(key)})" if key in SECRETS else ""
             raise ConfigError(f"{key}: required by {daemon} but not set{hint}")

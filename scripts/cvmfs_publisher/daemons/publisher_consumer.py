@@ -42,7 +42,8 @@ class PublisherConsumer:
         )
         self.consumer = amqp.ReconnectingConsumer(
             cfg.amqp, NAME, self._session, tick=self._tick,
-            on_state=lambda up: self.status.set(broker_connected=up),
+            on_state=lambda up: self.status.set(broker_connected=up,
+                                                **self.consumer.broker_state()),
         )
         self._conn: amqp.Connection | None = None
 

@@ -121,6 +121,9 @@ def collect_status(cfg: config.Config, with_queues: bool = True) -> dict[str, An
                          "age": round(age, 1), "dead_lettered": doc.get("dead_lettered", 0)}
         if "broker_connected" in doc:  # cvmfs-repo-sync has no broker: no such field
             daemons[name]["broker_connected"] = doc["broker_connected"]
+            for key in ("broker_node", "broker_error", "quorum_lost"):  # which node, or why none
+                if doc.get(key):
+                    daemons[name][key] = doc[key]
         for repo, entry in (doc.get("repositories") or {}).items():
             r = repos.setdefault(repo, {"pending": 0, "queue_depth": None, "last_publish": 0.0,
                                         "last_result": "", "last_error": "",
@@ -165,8 +168,7 @@ def _queue_depths(cfg: config.Config, queues: list[str]) -> dict[str, int]:
     try:
         conn = amqp.connect(cfg.amqp, "cvmfs-publisher-status")
     except (*amqp.CONNECTION_ERRORS, OSError) as exc:
-        raise Transient(f"RabbitMQ unreachable at {cfg.amqp.host}:{cfg.amqp.port}: "
-                        f"{type(exc).__name__}") from None
+        raise Transient(f"RabbitMQ unreachable: {amqp.reason(exc)}") from None
     try:
         for q in queues:
             n = amqp.ready_count(conn, q)
@@ -178,7 +180,7 @@ def _queue_depths(cfg: config.Config, queues: list[str]) -> dict[str, int]:
     finally:
         if conn.is_open:
             conn.close()
-    if cfg.amqp.management_url:
+    if cfg.amqp.management_endpoints():
         sampled = ManagementAPI(cfg.amqp).queue_depths()  # one call, not one per queue
         for q, ready in list(depths.items()):
             depths[q] = max(ready, sampled.get(q, 0))
