@@ -55,6 +55,10 @@ def test_a_certificate_that_does_not_verify_is_named_and_never_bypassed(
         consumer = daemon.source.consumer
         wait_until("two rounds of connection attempts",
                    lambda: consumer.backoff.failures >= 2, 30, 0.1)
+        # the status document is written every status.interval: wait for the one
+        # written after the failures
+        wait_until("the error in the status document",
+                   lambda: why in (env.status().get("broker_error") or ""), 30, 0.2)
         status: dict[str, Any] = env.status()
         connections = broker.api("GET", "/api/connections") or []
     assert consumer.connection is None
