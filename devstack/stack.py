@@ -139,10 +139,12 @@ def build_stack(workdir: Path, broker: Any, bao: Any, ceph: Any, double: CvmfsDo
         # credentials in its topics: with them, radosgw 16.2.15 stopped answering
         # after its first crash in the suite (tests/provision/test_rgw_credentials
         # covers credentials there).
-        "rgw": {"push_endpoint": broker.push_url(),
+        # X-Forwarded-Proto always: once any topic holds credentials, RGW refuses
+        # ListTopics without it (HTTP 403) for every client (shared/ceph item 1)
+        "rgw": {"push_endpoint": broker.push_url(), "forwarded_https": True,
                 **({"push_user": broker.user,
-                    "push_password_file": str(secrets / "amqp_password"),
-                    "forwarded_https": True} if broker.tls else {}),
+                    "push_password_file": str(secrets / "amqp_password")}
+                   if broker.tls else {}),
                 "amqp_ack_level": "broker", "persistent": True,
                 "verify_ssl": broker.tls, "ca_location": broker.ca_file},
         "cvmfs": {**double.paths(), "domain": DOMAIN,
