@@ -345,19 +345,14 @@ class BatchPublisher:
 
     # -- transaction phases ------------------------------------------------------------
 
-    def _in_place(self, tree: TreeReader, st: Staging, phase: Phase) -> bool:
-        """Is every change of the phase already in the published tree?"""
-        try:
-            return self._all_in_place(tree, st, phase)
-        except _Skip:
-            return False
-
-    def _all_in_place(self, tree: TreeReader, st: Staging, phase: Phase) -> bool:
-        return all(tree.is_dir(p) for p in phase.parents) and all(
-            self._entry_in_place(tree, st, e) for e in phase.entries)
-
     def _entry_in_place(self, tree: TreeReader, st: Staging, e: Entry) -> bool:
         """Does the published tree hold this change already (same type, mode, content)?"""
+        try:
+            return self._holds(tree, st, e)
+        except _Skip:  # a symlink without a readable target: applying it skips it
+            return False
+
+    def _holds(self, tree: TreeReader, st: Staging, e: Entry) -> bool:
         cur = tree.lstat(e.path)
         if e.op == "delete":
             return cur is None
@@ -386,7 +381,10 @@ class BatchPublisher:
 
     def _txn_phase(self, repo: str, st: Staging, phase: Phase, out: Outcome,
                    published: _Published) -> None:
-        if self._in_place(published.tree(), st, phase):
+        reader = published.tree()
+        in_place = {e.path for e in phase.entries if self._entry_in_place(reader, st, e)}
+        if len(in_place) == len(phase.entries) and all(reader.is_dir(p)
+                                                       for p in phase.parents):
             out.unchanged += len(phase.entries)
             log.info("repository=%s step=apply outcome=already-published entries=%d "
                      "(nothing to publish)", repo, len(phase.entries))
@@ -395,11 +393,6 @@ class BatchPublisher:
         # A change published already (an event delivered again after a lost broker
         # connection, while the rest of the phase is new) is not written again:
         # rewriting it would publish that path a second time.
-        try:
-            in_place = {e.path for e in phase.entries
-                        if self._entry_in_place(published.tree(), st, e)}
-        except _Skip:
-            in_place = set()
         out.unchanged += len(in_place)
         published.changed()  # a new revision (or an abort) follows: read it afresh
         self.transactions.open(repo)
