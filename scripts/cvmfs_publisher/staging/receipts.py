@@ -257,11 +257,10 @@ def lookup(staging_dir: str | os.PathLike[str], repo: str, key: str,
         # (its revision is the one it describes; the time is when it was written)
         m = manifest.load(Staging(staging_dir, repo).root, repo)
         rec = m.entries.get(path) if m is not None else None
-        if rec is not None and (not rec.key or rec.key == key):
-            facts.append((m.written, {  # type: ignore[union-attr]
+        if m is not None and rec is not None and (not rec.key or rec.key == key):
+            facts.append((m.written, {
                 "state": "published", "path": path, "etag": rec.etag,
-                "revision": m.revision, "time": iso(m.written),  # type: ignore[union-attr]
-                "from": "manifest"}))
+                "revision": m.revision, "time": iso(m.written), "from": "manifest"}))
     if not facts:
         return {"state": "unknown", "path": path}
     return max(facts, key=lambda f: f[0])[1]
