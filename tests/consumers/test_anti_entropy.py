@@ -122,10 +122,17 @@ def test_lost_events_and_a_lost_broker_connection_are_healed(env: Env,
     notification is gone) and the daemon loses its broker connection. Counts:
     delivered by RGW, healed by reconcile, lost (must be 0)."""
     r = env.provision()
+    # A named queue of our own counts RGW's events. Not exclusive and counted over a
+    # fresh connection: this one would sit idle through minutes of waiting, past
+    # the broker's heartbeat timeout (it was reset by the broker in a CI run).
+    observer = f"{r.label}.observer"
     conn = amqp_connection(env.cfg)
-    ch = conn.channel()
-    observer = ch.queue_declare("", exclusive=True).method.queue  # counts RGW's events
-    ch.queue_bind(observer, env.cfg.amqp.notification_exchange, routing_key=r.label)
+    try:
+        ch = conn.channel()
+        ch.queue_declare(observer, durable=True)
+        ch.queue_bind(observer, env.cfg.amqp.notification_exchange, routing_key=r.label)
+    finally:
+        conn.close()
     first, second = items("delivered", 150), items("lost", 150)
     try:
         with running(env.cfg, r.label):
@@ -142,9 +149,13 @@ def test_lost_events_and_a_lost_broker_connection_are_healed(env: Env,
             healed_after = time.monotonic() - uploaded
             wait_until("status", lambda: env.status()["repositories"][r.repository].get(
                 "healed_total", 0) >= 150, 10, 0.2)
-        delivered = ch.queue_declare(observer, passive=True).method.message_count
+        delivered = queue_counts(env.cfg, observer)[0]
     finally:
-        conn.close()
+        conn = amqp_connection(env.cfg)
+        try:
+            conn.channel().queue_delete(observer)
+        finally:
+            conn.close()
     healed = env.status()["repositories"][r.repository]["healed_total"]
     staged = env.staged(r)
     lost = sum(1 for k, v in expected({**first, **second}).items() if staged.get(k) != v)
