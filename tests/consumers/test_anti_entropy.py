@@ -10,18 +10,19 @@ to their events and looks again after it, so these tests take about 40 s.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from cvmfs_publisher.adapters import amqp
 from cvmfs_publisher.adapters.amqp_source import ACTIVITY_POLL
 from devstack.rabbitmq import Broker
 from tests.conftest import unique_label
 from tests.consumers.support import (
     Env,
     Process,
-    amqp_connection,
     put_state,
     queue_counts,
     running,
@@ -122,17 +123,14 @@ def test_lost_events_and_a_lost_broker_connection_are_healed(env: Env,
     notification is gone) and the daemon loses its broker connection. Counts:
     delivered by RGW, healed by reconcile, lost (must be 0)."""
     r = env.provision()
-    # A named queue of our own counts RGW's events. Not exclusive and counted over a
-    # fresh connection: this one would sit idle through minutes of waiting, past
-    # the broker's heartbeat timeout (it was reset by the broker in a CI run).
-    observer = f"{r.label}.observer"
-    conn = amqp_connection(env.cfg)
-    try:
-        ch = conn.channel()
-        ch.queue_declare(observer, durable=True)
-        ch.queue_bind(observer, env.cfg.amqp.notification_exchange, routing_key=r.label)
-    finally:
-        conn.close()
+    # This connection sits idle through minutes of waiting: without heartbeats, or
+    # the broker closes it after two missed ones (a CI run had it reset). Its
+    # queue is exclusive, so the daemon (which serves every queue bound to the
+    # notification exchange) cannot consume it.
+    conn = amqp.connect(dataclasses.replace(env.cfg.amqp, heartbeat=0), "tests")
+    ch = conn.channel()
+    observer = ch.queue_declare("", exclusive=True).method.queue  # counts RGW's events
+    ch.queue_bind(observer, env.cfg.amqp.notification_exchange, routing_key=r.label)
     first, second = items("delivered", 150), items("lost", 150)
     try:
         with running(env.cfg, r.label):
@@ -149,13 +147,9 @@ def test_lost_events_and_a_lost_broker_connection_are_healed(env: Env,
             healed_after = time.monotonic() - uploaded
             wait_until("status", lambda: env.status()["repositories"][r.repository].get(
                 "healed_total", 0) >= 150, 10, 0.2)
-        delivered = queue_counts(env.cfg, observer)[0]
+        delivered = ch.queue_declare(observer, passive=True).method.message_count
     finally:
-        conn = amqp_connection(env.cfg)
-        try:
-            conn.channel().queue_delete(observer)
-        finally:
-            conn.close()
+        conn.close()
     healed = env.status()["repositories"][r.repository]["healed_total"]
     staged = env.staged(r)
     lost = sum(1 for k, v in expected({**first, **second}).items() if staged.get(k) != v)
