@@ -7,8 +7,10 @@ are in tests/sync/test_failover.py.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -151,7 +153,8 @@ def test_new_term_rechecks_leftovers_then_forgets_them(tmp_path: Path) -> None:
     assert [e.path for e in fencing.to_check(st)] == ["j"]
 
 
-def test_two_processes_cannot_hold_one_term(tmp_path: Path) -> None:
+def test_two_processes_cannot_hold_one_term(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(fencing, "BEGIN_WAIT", 0.2)
     st = Staging(tmp_path, REPO).ensure()
     first, second = fencing.Term(st), fencing.Term(Staging(tmp_path, REPO))
     first.begin()
@@ -160,6 +163,19 @@ def test_two_processes_cannot_hold_one_term(tmp_path: Path) -> None:
     first.end()
     second.begin()
     assert second.active
+
+
+def test_the_sync_daemons_probe_never_stops_a_term_from_beginning(tmp_path: Path) -> None:
+    """``live_term`` holds a shared lock for an instant, many times a second; a consumer
+    becoming active at that instant must still begin its term (it waits)."""
+    st = Staging(tmp_path, REPO).ensure()
+    probe = os.open(st.root / fencing.ACTIVE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(probe, fcntl.LOCK_SH)  # the probe, caught at the worst moment
+    threading.Timer(0.2, os.close, [probe]).start()
+    term = fencing.Term(Staging(tmp_path, REPO))
+    assert term.begin() and term.active
+    assert fencing.live_term(st) == term.staging.term
+    term.end()
 
 
 def test_a_later_fetch_wins_over_an_earlier_one(tmp_path: Path) -> None:
