@@ -98,3 +98,23 @@ def test_entries_are_json_documents(tmp_path: Path) -> None:
     st.stage(Entry(path="l", op="symlink", target="../x", mode=0o777))
     doc = json.loads((st.pending / entry_name("l")).read_text())
     assert doc["op"] == "symlink" and doc["target"] == "../x"
+
+
+def test_pending_count_lists_only_a_changed_directory(tmp_path: Path, monkeypatch) -> None:
+    """The count is cached on the directory's mtime, never trusted while that is fresh."""
+    st = Staging(tmp_path, "r.infn.it").ensure()
+    put(st, "a", b"1")
+    assert st.pending_count() == 1
+    put(st, "b", b"2")  # within the timestamp granularity of the count above
+    assert st.pending_count() == 2, "a fresh mtime was trusted"
+    old = os.stat(st.pending).st_mtime - 10
+    os.utime(st.pending, (old, old))
+    assert st.pending_count() == 2
+    listings = []
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p: listings.append(p) or real(p))
+    assert st.pending_count() == 2 and listings == [], "an unchanged directory listed again"
+    put(st, "c", b"3")
+    assert st.pending_count() == 3 and len(listings) == 1
+    st.take_batch()
+    assert st.pending_count() == 0

@@ -81,6 +81,7 @@ class ReceiptWriter:
         self.record = receipts.RejectedRecord(cfg.cvmfs.staging_dir, cfg.receipts)
         self._queue: deque[tuple[str, str, str, float]] = deque()
         self._repos: dict[str, _RepoReceipt] = {}
+        self._stagings: dict[str, Staging] = {}
 
     def rejected(self, repository: str, key: str, reason: str) -> None:
         """A key of ``repository`` was dead-lettered (any thread; never blocks on I/O)."""
@@ -117,7 +118,9 @@ class ReceiptWriter:
         if now < r.denied_until or now - r.last_try < self.limits.interval:
             return False
         version = receipts.version(self.cfg.cvmfs.staging_dir, repo)
-        st = Staging(self.cfg.cvmfs.staging_dir, repo)
+        st = self._stagings.get(repo)
+        if st is None:  # kept: its pending count is cached (Staging.pending_count)
+            st = self._stagings[repo] = Staging(self.cfg.cvmfs.staging_dir, repo)
         waiting = st.pending_count() > 0 or st.has_batch()
         if version == (0, 0) and not waiting:
             return False  # nothing happened here yet (a new repository, a standby host)

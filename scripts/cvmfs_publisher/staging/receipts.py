@@ -176,10 +176,10 @@ def _bounded_insert(items: Any, item: dict[str, Any], limit: int) -> list[dict[s
 def version(staging_dir: str | os.PathLike[str], repo: str) -> tuple[int, int]:
     """Changes whenever either state file is replaced (mtime in ns): "is the receipt stale?"."""
     out = []
-    root = Staging(staging_dir, repo).root
+    root = os.path.join(staging_dir, repo)  # asked for every repository every few seconds
     for name in (SYNC_FILE, REJECTED_FILE):
         try:
-            out.append(os.stat(root / name).st_mtime_ns)
+            out.append(os.stat(os.path.join(root, name)).st_mtime_ns)
         except OSError:
             out.append(0)
     return out[0], out[1]
