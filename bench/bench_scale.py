@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -249,7 +251,15 @@ def measure(services: LocalServices, args: argparse.Namespace,
     wait(all_consumed, 900, "a consumer on every repository queue", 1.0)
     print(f"consumers subscribed to {args.count} queues in {time.monotonic() - t0:.1f} s",
           flush=True)
-    time.sleep(10)  # start-up work (recovery scan, first listing) is over
+    consumers_log = work / "log" / "cvmfs-repo-consumers.log"
+
+    def reconciled() -> bool:  # each repository's first anti-entropy, on becoming active
+        with consumers_log.open(errors="replace") as fh:
+            return sum("step=anti-entropy" in line for line in fh) >= args.count
+    wait(reconciled, 900, "the first anti-entropy of every repository", 1.0)
+    print(f"first anti-entropy of every repository done {time.monotonic() - t0:.1f} s after "
+          f"the daemons started", flush=True)
+    time.sleep(10)  # the rest of the start-up work (recovery scan, first listing) is over
     print(f"RabbitMQ with the consumers running: {broker_state(broker)}", flush=True)
     cpu = idle_cpu({"repo_consumers": procs["repo_consumers"].pid,
                     "repo_sync": procs["repo_sync"].pid}, args.idle_seconds)
@@ -276,25 +286,29 @@ def measure(services: LocalServices, args: argparse.Namespace,
           flush=True)
     conn.close()
 
-    hot_vs_quiet(rgw, ceph, double.root, labels[0], labels[1:1 + args.trials], args.hot)
+    hot_vs_quiet(rgw, ceph, double.root, labels[0], labels[1:1 + args.trials], args.hot,
+                 work / "log")
 
 
 def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
-                 uploads: int) -> None:
+                 uploads: int, logs: Path) -> None:
     """The quiet repositories' single uploads, alone and while ``hot`` takes a burst.
 
     radosgw 16.2 segfaults now and then while it pushes notifications
     (shared/ceph/README.md): a trial it interrupts is counted and run again
     on a restarted radosgw.
     """
+    puts: dict[tuple[str, str], float] = {}  # (repository, name): wall-clock time of the PUT
+
     def quiet_upload(label: str, name: str) -> float:
         tree = Path(published_tree(root, f"{label}.{DOMAIN}"))
         t0 = time.monotonic()
+        puts[(f"{label}.{DOMAIN}", name)] = time.time()
         rgw.s3.put_object(Bucket=label, Key=f"cvmfs/q/{name}", Body=b"q" * 1024)
         wait((tree / "q" / name).exists, 300, f"{label} {name} published")
         return time.monotonic() - t0
 
-    def trial(pool: ThreadPoolExecutor, n: int, label: str) -> float:
+    def trial(pool: ThreadPoolExecutor, n: str, label: str) -> float:
         futures = [pool.submit(rgw.s3.put_object, Bucket=hot,
                                Key=f"cvmfs/hot/{n}/{i:04d}", Body=b"h" * 1024)
                    for i in range(uploads)]
@@ -307,22 +321,29 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
                 with contextlib.suppress(Exception):
                     f.result()
 
-    alone = [quiet_upload(label, "alone") for label in quiet]
-    loaded: list[float] = []
     crashes = 0
-    with ThreadPoolExecutor(16) as pool:
-        n = 0
-        while len(loaded) < len(quiet):
-            n += 1
+
+    def surviving(what: str, run: Callable[[str], float]) -> float:
+        """``run(suffix)``, run again on a restarted radosgw (new keys) if it crashed."""
+        nonlocal crashes
+        while True:
             try:
-                loaded.append(trial(pool, n, quiet[len(loaded)]))
+                return run(f"-{crashes}")
             except Exception as exc:
                 if ceph.rgw_alive() or crashes >= 5:
                     raise
                 crashes += 1
-                print(f"  radosgw crashed during trial {n} ({type(exc).__name__}); "
-                      f"restarting it and running the trial again", flush=True)
+                print(f"  radosgw crashed during {what} ({type(exc).__name__}); "
+                      f"restarting it and running it again", flush=True)
                 ceph.start_rgw()
+
+    alone = [surviving(f"{label}'s upload alone", lambda suffix, label=label: quiet_upload(
+        label, "alone" + suffix)) for label in quiet]
+    loaded: list[float] = []
+    with ThreadPoolExecutor(16) as pool:
+        for n, label in enumerate(quiet, 1):
+            loaded.append(surviving(f"trial {n}", lambda suffix, n=n, label=label: trial(
+                pool, f"{n}{suffix}", label)))
     base = statistics.median(alone)
     delays = [x - base for x in loaded]
     print(f"quiet upload, PUT -> published: alone p50 {base:.2f} s p95 {p95(alone):.2f} s; "
@@ -330,6 +351,46 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
           f"{statistics.median(loaded):.2f} s p95 {p95(loaded):.2f} s; delay p95 "
           f"{p95(delays):.2f} s over {len(quiet)} trials (target <= 1 s; "
           f"{crashes} radosgw crashes)", flush=True)
+    for kind in ("alone", "loaded"):
+        staged, published = stages(logs, {k: t for k, t in puts.items()
+                                          if k[1].startswith(kind)})
+        if staged:
+            print(f"  {kind}: PUT -> staged (RGW event + consumers) p50 "
+                  f"{statistics.median(staged):.2f} s p95 {p95(staged):.2f} s; staged -> "
+                  f"publish logged (sync) p50 {statistics.median(published):.2f} s p95 "
+                  f"{p95(published):.2f} s", flush=True)
+
+
+def _log_time(line: str) -> float:
+    """A daemon log line's time stamp (``logging``'s asctime, local time) as epoch."""
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def stages(logs: Path, puts: dict[tuple[str, str], float]) -> tuple[list[float], list[float]]:
+    """Where the quiet uploads' latency went, from the daemons' log lines.
+
+    (PUT -> the consumers' ``outcome=staged`` line, that line -> the next
+    ``outcome=published`` line of the sync daemon for the repository).
+    """
+    staged_at: dict[tuple[str, str], float] = {}
+    with (logs / "cvmfs-repo-consumers.log").open(errors="replace") as fh:
+        for line in fh:
+            m = re.search(r'repository=(\S+) key="cvmfs/q/([^"]+)" outcome=staged', line)
+            if m and (m[1], m[2]) in puts:
+                staged_at.setdefault((m[1], m[2]), _log_time(line))
+    published_at: dict[str, list[float]] = {}
+    with (logs / "cvmfs-repo-sync.log").open(errors="replace") as fh:
+        for line in fh:
+            m = re.search(r"repository=(\S+) step=publish outcome=published", line)
+            if m:
+                published_at.setdefault(m[1], []).append(_log_time(line))
+    to_staged, to_published = [], []
+    for key, t_staged in staged_at.items():
+        done = [t for t in published_at.get(key[0], []) if t >= t_staged]
+        if done:
+            to_staged.append(t_staged - puts[key])
+            to_published.append(done[0] - t_staged)
+    return to_staged, to_published
 
 
 if __name__ == "__main__":
