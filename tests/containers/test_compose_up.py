@@ -103,6 +103,15 @@ class Deployment:
             return set()
         return {p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()}
 
+    def last_logs(self, services: tuple[str, ...] = SERVICES, lines: int = 15) -> dict[str, str]:
+        """The last log lines of each service's container (for a failure's message)."""
+        out = {}
+        for service in services:
+            res = self.engine.docker("logs", "--tail", str(lines),
+                                     self.compose.container(service), check=False)
+            out[service] = res.stdout + res.stderr
+        return out
+
     def upload(self, rgw: RGW, names: list[str]) -> None:
         for name in names:
             rgw.s3.put_object(Bucket=self.label, Key=f"cvmfs/{name}",
@@ -110,8 +119,13 @@ class Deployment:
             self.uploaded.append(name)
 
     def wait_published(self, names: list[str], timeout: float = 240) -> None:
-        wait_until(f"{len(names)} uploads published in {self.repo}",
-                   lambda: set(names) <= self.published(), timeout, interval=0.5)
+        try:
+            wait_until(f"{len(names)} uploads published in {self.repo}",
+                       lambda: set(names) <= self.published(), timeout, interval=0.5)
+        except AssertionError as exc:
+            missing = sorted(set(names) - self.published())
+            raise AssertionError(f"{exc}; missing {missing[:5]} ({len(missing)}); "
+                                 f"logs: {self.last_logs()}") from None
         wait_until("no transaction left open",
                    lambda: not in_transaction(self.double_root, self.repo), 60, interval=0.5)
 
@@ -393,7 +407,7 @@ def test_restart_of_each_service(deployment: Deployment, service: str) -> None:
            f"healthy after {healthy:.0f} s, {len(names)}/{len(names)} uploads published")
 
 
-def publish_in_progress(deployment: Deployment, rgw: RGW, lock: Path, container: str,
+def publish_in_progress(deployment: Deployment, rgw: RGW, lock: Path,
                         timeout: float = 120.0) -> None:
     """Wait until sync holds ``is_publishing.lock``; one more upload every 10 s meanwhile
     (a change that came while sync was idle may be out already), and on timeout
@@ -407,13 +421,9 @@ def publish_in_progress(deployment: Deployment, rgw: RGW, lock: Path, container:
             time.sleep(0.01)
         deployment.upload(rgw, [f"burst/nudge-{extra}.txt"])
         extra += 1
-    logs = {}
-    for name, c in (("sync", container),
-                    ("consumers", deployment.compose.container("cvmfs-repo-consumers"))):
-        res = deployment.engine.docker("logs", "--tail", "15", c, check=False)
-        logs[name] = res.stdout + res.stderr
     raise AssertionError(f"no publish in progress after {timeout:.0f} s ({extra} extra uploads; "
-                         f"{len(deployment.published())} files published); logs: {logs}")
+                         f"{len(deployment.published())} files published); logs: "
+                         f"{deployment.last_logs(('sync-publisher', 'cvmfs-repo-consumers'))}")
 
 
 def test_sigkill_during_a_burst_loses_nothing(deployment: Deployment) -> None:
@@ -445,7 +455,7 @@ def test_sigkill_during_a_burst_loses_nothing(deployment: Deployment) -> None:
                         # Everything before may be published already: this
                         # upload is the one sync is killed publishing.
                         deployment.upload(rgw, names[i:i + 1])
-                        publish_in_progress(deployment, rgw, publishing, container)
+                        publish_in_progress(deployment, rgw, publishing)
                     engine.docker("kill", "-s", "KILL", container)
                     if kills[i] == "sync-publisher":
                         killed_in_transaction.append(
