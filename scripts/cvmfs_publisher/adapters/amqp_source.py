@@ -93,6 +93,7 @@ RESUBSCRIBE_MAX = 30.0
 #: repositories cost the connection thread about 1 % of a core; a listing, a
 #: cancelled consumer and a new connection still scan at once.
 SCAN_INTERVAL = 1.0
+
 #: How often the management API is asked which waiting subscriptions became active
 #: (its consumer statistics are refreshed about every 5 s).
 ACTIVITY_POLL = 5.0
