@@ -90,8 +90,9 @@ RESUBSCRIBE_MAX = 30.0
 
 #: Seconds between the ticks' scans of every subscription (is its channel still
 #: open, which ones wait to become active). At every 0.2 s tick, 1,000 idle
-#: repositories cost the connection thread about 1 % of a core; a listing, a
-#: cancelled consumer and a new connection still scan at once.
+#: repositories cost the connection thread about 1 % of a core. A new listing
+#: is scanned at once; a new connection and a ``created`` announcement subscribe
+#: without waiting for a scan.
 SCAN_INTERVAL = 1.0
 
 #: How often the management API is asked which waiting subscriptions became active
@@ -472,7 +473,6 @@ class RepositoryQueues:
         ch, rq.channel = rq.channel, None
         rq.failures += 1
         rq.retry_at = time.monotonic() + min(RESUBSCRIBE_MAX, 2.0 ** rq.failures)
-        self._next_scan = 0.0
         if ch is not None and ch.is_open and self._conn is not None:
             self._conn.add_callback_threadsafe(functools.partial(_close_quietly, ch))
         self.discovery.refresh()
