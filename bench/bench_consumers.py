@@ -197,12 +197,19 @@ def throughput(b: Bench, events: int, size: int, downloads: int,
 
         def staged() -> int:
             return sum(st.pending_count() for st in stagings if st.pending.is_dir())
+
+        def committed() -> int:
+            # the group commit's own count: listing pending/ every few ms from this
+            # thread took an eighth of the daemon's GIL (py-spy), slowing what it measures
+            return daemon.stager.commits.committed
         thread = threading.Thread(target=daemon.run, daemon=True)
         thread.start()
-        first = wait("first staged", lambda: staged() >= 1, 60, 0.005)
-        last = wait("all staged", lambda: staged() >= events, 600, 0.02)
+        first = wait("first staged", lambda: committed() >= 1, 60, 0.005)
+        last = wait("all staged", lambda: committed() >= events, 600, 0.005)
         daemon.request_stop()
         thread.join(timeout=30)
+        if staged() < events:
+            raise SystemExit(f"only {staged()} of {events} changes are in staging")
         rate = (events - 1) / (last - first)
         return {"raw": raw_rate, "consumer": rate, "ratio": rate / raw_rate}
     finally:

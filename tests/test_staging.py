@@ -118,3 +118,25 @@ def test_pending_count_lists_only_a_changed_directory(tmp_path: Path, monkeypatc
     assert st.pending_count() == 3 and len(listings) == 1
     st.take_batch()
     assert st.pending_count() == 0
+
+
+def test_receipt_waiting_summary_parses_each_entry_once(tmp_path: Path, monkeypatch) -> None:
+    """pending/ and batch/ together; an entry already seen is not parsed again."""
+    from cvmfs_publisher.staging import area, receipts
+
+    st = Staging(tmp_path, "r.infn.it").ensure()
+    first = put(st, "a", b"1")
+    st.take_batch()  # "a" is being published
+    put(st, "b", b"2")
+    times = [area.PendingTimes(st), area.PendingTimes(st, st.batch_dir)]
+    assert receipts.waiting(times) == (2, first.time)
+    parsed = []
+    real = area.Entry.from_dict
+    monkeypatch.setattr(area.Entry, "from_dict",
+                        classmethod(lambda cls, doc: parsed.append(doc) or real(doc)))
+    put(st, "c", b"3")
+    assert receipts.waiting(times) == (3, first.time)
+    assert [d["path"] for d in parsed] == ["c"], "entries seen before were parsed again"
+    st.finish_batch()
+    assert receipts.waiting(times)[0] == 2
+    assert receipts.waiting([area.PendingTimes(st), area.PendingTimes(st, st.batch_dir)])[0] == 2

@@ -290,3 +290,52 @@ def test_status_key_without_boto3_shows_the_state_and_says_why_s3_is_not_compare
     assert view["state"] == "staged", view
     assert "no S3 client in this image (boto3 is not installed)" in view["s3_error"]
     assert "cvmfs-repo-consumers container" in view["s3_error"]
+
+
+def test_only_repositories_whose_staging_changed_are_looked_at(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """inotify says whose staging changed: idle repositories cost no look (each look is a
+    few stats; with 1,000 repositories every second, the consumers' largest idle cost)."""
+    from cvmfs_publisher.staging import receipts
+    from cvmfs_publisher.staging.watch import PendingWatch
+
+    quiet, busy = env.provision(), env.provision()
+    stagings = {r.repository: Staging(env.cfg.cvmfs.staging_dir, r.repository).ensure()
+                for r in (quiet, busy)}
+    status = StatusDocument(Path(env.cfg.status.dir) / "w.json", "cvmfs-repo-consumers", 0)
+    spy = CountingRGW(env.cfg.s3, env.cfg.rgw)
+    writer = ReceiptWriter(env.cfg, status, spy, lambda: [quiet.repository, busy.repository])
+    looked: list[str] = []
+    real = receipts.version
+    monkeypatch.setattr(receipts, "version",
+                        lambda root, repo: looked.append(repo) or real(root, repo))
+    watch = PendingWatch(env.cfg.cvmfs.staging_dir)
+    try:
+        t0 = 1_000_000.0
+        assert writer.tick(t0, changed=set(), watch=watch) == []
+        assert set(looked) == set(stagings), "a repository never looked at was skipped"
+        looked.clear()
+        assert writer.tick(t0 + 1, changed=set(), watch=watch) == [] and looked == []
+        st = stagings[busy.repository]
+        tmp, fh = st.new_download()
+        with fh:
+            fh.write(b"x\n")
+        st.stage(Entry(path="x.txt", op="put", object=st.commit_object(tmp), size=2,
+                       key="cvmfs/x.txt"))
+        changed = watch.wait(10)
+        assert changed == {busy.repository}
+        assert writer.tick(t0 + 2, changed=changed, watch=watch) == [busy.repository]
+        assert set(looked) == {busy.repository}  # (_write reads the version again)
+        assert receipt(env, busy)["pending"]["count"] == 1
+        # still pending: looked at again once the interval has passed, without an event
+        looked.clear()
+        interval = env.cfg.receipts.interval
+        assert writer.tick(t0 + 3 + interval, changed=set(), watch=watch) == [busy.repository]
+        assert set(looked) == {busy.repository}
+        # without inotify's word (None), every repository is looked at
+        looked.clear()
+        assert writer.tick(t0 + 4 + 2 * interval, changed=None, watch=watch) == [busy.repository]
+        assert set(looked) == set(stagings)
+    finally:
+        watch.close()
+    assert spy.receipt_writes == 3 and receipt(env, quiet) is None

@@ -38,12 +38,17 @@ from ..core.errors import Permanent, PublisherError
 from ..core.names import label_of
 from ..core.status import StatusDocument
 from ..staging import receipts
-from ..staging.area import Staging
+from ..staging.area import PendingTimes, Staging
+from ..staging.watch import PendingWatch
 
 log = logging.getLogger(__name__)
 
 #: After a refused write, the next try (a bucket policy is not changed in a minute).
 DENIED_RETRY = 900.0
+
+#: Every repository is looked at this often (seconds) even when no inotify event said
+#: it changed: a file system without events, a watch that could not be added.
+FULL_SCAN = 60.0
 
 
 @dataclass
@@ -82,23 +87,56 @@ class ReceiptWriter:
         self._queue: deque[tuple[str, str, str, float]] = deque()
         self._repos: dict[str, _RepoReceipt] = {}
         self._stagings: dict[str, Staging] = {}
+        self._times: dict[str, list[PendingTimes]] = {}  # pending/, batch/: parsed once
+        self._busy: set[str] = set()  # looked at every tick (see _due)
+        self._next_scan = 0.0  # monotonic time of the next look at every repository
 
     def rejected(self, repository: str, key: str, reason: str) -> None:
         """A key of ``repository`` was dead-lettered (any thread; never blocks on I/O)."""
         self._queue.append((repository, raw_key(key), reason, self.clock()))
 
     def run(self, stop: threading.Event) -> None:
-        """Tick until ``stop``; a failed round is logged and the next one tried."""
-        period = max(0.2, min(1.0, self.limits.interval / 2))
-        while not stop.wait(period):
-            try:
-                self.tick()
-            except Exception:
-                log.exception("receipt round failed; retrying")
+        """Tick until ``stop``; a failed round is logged and the next one tried.
 
-    def tick(self, now: float | None = None) -> list[str]:
-        """Persist queued rejections, then write the receipts that are due; which."""
+        Which repositories a tick looks at: the kernel says whose staging
+        changed (:class:`PendingWatch`: an entry staged or taken, a state file
+        replaced); the busy ones are looked at every tick, every one every
+        :data:`FULL_SCAN` s. Looking at 1,000 idle repositories every second
+        was the consumers' largest idle cost (24 ms of CPU per look).
+        """
+        period = max(0.2, min(1.0, self.limits.interval / 2))
+        watch = PendingWatch(self.cfg.cvmfs.staging_dir)
+        try:
+            while not stop.is_set():
+                deadline = time.monotonic() + period
+                changed: set[str] | None = set()
+                while changed is not None and not stop.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    got = watch.wait(min(left, 0.5))  # 0.5: the stop request's latency
+                    changed = None if got is None else changed | got
+                if stop.is_set():
+                    return
+                try:
+                    self.tick(changed=changed, watch=watch)
+                except Exception:
+                    log.exception("receipt round failed; retrying")
+        finally:
+            watch.close()
+
+    def tick(self, now: float | None = None, changed: set[str] | None = None,
+             watch: PendingWatch | None = None) -> list[str]:
+        """Persist queued rejections, then write the receipts that are due; which.
+
+        ``changed``: the repositories whose staging changed since the last
+        tick (None: unknown, look at every one); ``watch``: told of every
+        repository before it is looked at.
+        """
         now = self.clock() if now is None else now
+        scan = time.monotonic()
+        if changed is None or scan >= self._next_scan:
+            changed, self._next_scan = None, scan + FULL_SCAN
         while self._queue:
             repo, key, reason, when = self._queue.popleft()
             try:
@@ -109,12 +147,20 @@ class ReceiptWriter:
                             repo, key[:300], exc)
         written = []
         for repo in self.repositories():
+            if watch is not None:
+                watch.watch(repo)  # before it is looked at: no change slips in between
+            if (changed is not None and repo not in changed and repo not in self._busy
+                    and repo in self._repos):  # (a repository never looked at is looked at)
+                continue
             if self._due(repo, now) and self._write(repo, now):
                 written.append(repo)
         return written
 
     def _due(self, repo: str, now: float) -> bool:
+        """Is ``repo``'s receipt to be written now? Keeps :attr:`_busy` (looked at every
+        tick): a repository with something pending, failing, refused or not yet told."""
         r = self._repos.setdefault(repo, _RepoReceipt())
+        self._busy.add(repo)
         if now < r.denied_until or now - r.last_try < self.limits.interval:
             return False
         version = receipts.version(self.cfg.cvmfs.staging_dir, repo)
@@ -123,17 +169,25 @@ class ReceiptWriter:
             st = self._stagings[repo] = Staging(self.cfg.cvmfs.staging_dir, repo)
         waiting = st.pending_count() > 0 or st.has_batch()
         if version == (0, 0) and not waiting:
+            self._busy.discard(repo)
             return False  # nothing happened here yet (a new repository, a standby host)
         if version != r.written:
             return True
         sync, _ = receipts.state(self.cfg.cvmfs.staging_dir, repo)
-        return waiting or bool(sync.get("failing"))
+        if waiting or sync.get("failing"):
+            return True
+        self._busy.discard(repo)  # told everything: quiet until its staging changes
+        return False
 
     def _write(self, repo: str, now: float) -> bool:
         r = self._repos[repo]
         r.last_try = now
         version = receipts.version(self.cfg.cvmfs.staging_dir, repo)
-        doc = receipts.build(self.cfg.cvmfs.staging_dir, repo, self.limits, now)
+        times = self._times.get(repo)
+        if times is None:
+            st = self._stagings[repo]  # made by _due
+            times = self._times[repo] = [PendingTimes(st), PendingTimes(st, st.batch_dir)]
+        doc = receipts.build(self.cfg.cvmfs.staging_dir, repo, self.limits, now, times)
         body = json.dumps(doc, indent=1, ensure_ascii=False).encode() + b"\n"
         bucket = label_of(repo)
         where = f"s3://{bucket}/{self.limits.key}"

@@ -478,7 +478,7 @@ class Staging:
 
 
 class PendingTimes:
-    """(oldest first_time, newest time) of one repository's pending entries.
+    """(oldest first_time, newest time) of one repository's pending entries (or batch).
 
     Why not :meth:`Staging.timing` on every poll: it parses every pending entry,
     and after a reconcile there may be 100,000 of them, twice a second. Here
@@ -487,8 +487,9 @@ class PendingTimes:
     so a new version is a new inode).
     """
 
-    def __init__(self, staging: Staging) -> None:
-        self.dir = staging.pending
+    def __init__(self, staging: Staging, directory: Path | None = None) -> None:
+        """``directory``: another entry directory of ``staging`` (``batch_dir``)."""
+        self.dir = staging.pending if directory is None else directory
         self._key: tuple[int, int] | None = None
         self._files: dict[str, tuple[int, float, float]] = {}
         self._value: tuple[float, float] | None = None

@@ -42,7 +42,7 @@ from ..core import durable
 from ..core.config import ReceiptsConfig
 from ..core.logs import redact
 from . import manifest
-from .area import Entry, Staging
+from .area import Entry, PendingTimes, Staging
 
 log = logging.getLogger(__name__)
 
@@ -191,15 +191,33 @@ def state(staging_dir: str | os.PathLike[str], repo: str) -> tuple[dict[str, Any
     return _load(root / SYNC_FILE), _load(root / REJECTED_FILE)
 
 
+def waiting(times: list[PendingTimes]) -> tuple[int, float | None]:
+    """(entries, oldest first staging time) over ``times`` (pending/ and batch/)."""
+    count, oldest = 0, None
+    for t in times:
+        value = t.get()
+        count += t.count
+        if value is not None and (oldest is None or value[0] < oldest):
+            oldest = value[0]
+    return count, oldest
+
+
 def build(staging_dir: str | os.PathLike[str], repo: str, limits: ReceiptsConfig,
-          now: float | None = None) -> dict[str, Any]:
-    """The receipt of ``repo`` (the document README "Receipts" shows)."""
+          now: float | None = None,
+          times: list[PendingTimes] | None = None) -> dict[str, Any]:
+    """The receipt of ``repo`` (the document README "Receipts" shows).
+
+    ``times``: the caller's :class:`PendingTimes` of ``pending/`` and
+    ``batch/``, kept between calls (the receipt writer: during a burst of
+    thousands of changes, parsing every pending entry every few seconds took
+    a sixth of the consumers' CPU); without them, both are read once.
+    """
     now = time.time() if now is None else now
     sync, consumers = state(staging_dir, repo)
-    st = Staging(staging_dir, repo)
-    waiting = st.pending_entries() + st.batch_entries()
-    pending = len(waiting)
-    oldest = min((e.first_time or e.time for e in waiting), default=None)
+    if times is None:
+        st = Staging(staging_dir, repo)
+        times = [PendingTimes(st), PendingTimes(st, st.batch_dir)]
+    pending, oldest = waiting(times)
     rejected = sorted(
         [{"key": r.get("key", ""), "reason": r.get("reason", ""), "time": r.get("time", 0.0),
           "by": "cvmfs-repo-consumers"} for r in consumers.get("rejected") or []]
