@@ -210,7 +210,7 @@ def build(staging_dir: str | os.PathLike[str], repo: str, limits: ReceiptsConfig
     ``times``: the caller's :class:`PendingTimes` of ``pending/`` and
     ``batch/``, kept between calls (the receipt writer: during a burst of
     thousands of changes, parsing every pending entry every few seconds took
-    a sixth of the consumers' CPU); without them, both are read once.
+    a twentieth of the consumers' CPU); without them, both are read once.
     """
     now = time.time() if now is None else now
     sync, consumers = state(staging_dir, repo)
