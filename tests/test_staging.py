@@ -128,7 +128,7 @@ def test_receipt_waiting_summary_parses_each_entry_once(tmp_path: Path, monkeypa
     first = put(st, "a", b"1")
     st.take_batch()  # "a" is being published
     put(st, "b", b"2")
-    times = [area.PendingTimes(st), area.PendingTimes(st, st.batch_dir)]
+    times = receipts.waiting_times(st)
     assert receipts.waiting(times) == (2, first.time)
     parsed = []
     real = area.Entry.from_dict
@@ -139,4 +139,4 @@ def test_receipt_waiting_summary_parses_each_entry_once(tmp_path: Path, monkeypa
     assert [d["path"] for d in parsed] == ["c"], "entries seen before were parsed again"
     st.finish_batch()
     assert receipts.waiting(times)[0] == 2
-    assert receipts.waiting([area.PendingTimes(st), area.PendingTimes(st, st.batch_dir)])[0] == 2
+    assert receipts.waiting(receipts.waiting_times(st))[0] == 2

@@ -192,8 +192,7 @@ class ReceiptWriter:
         version = receipts.version(self.cfg.cvmfs.staging_dir, repo)
         times = self._times.get(repo)
         if times is None:
-            st = self._stagings[repo]  # made by _due
-            times = self._times[repo] = [PendingTimes(st), PendingTimes(st, st.batch_dir)]
+            times = self._times[repo] = receipts.waiting_times(self._stagings[repo])  # (_due)
         doc = receipts.build(self.cfg.cvmfs.staging_dir, repo, self.limits, now, times)
         body = json.dumps(doc, indent=1, ensure_ascii=False).encode() + b"\n"
         bucket = label_of(repo)

@@ -191,6 +191,11 @@ def state(staging_dir: str | os.PathLike[str], repo: str) -> tuple[dict[str, Any
     return _load(root / SYNC_FILE), _load(root / REJECTED_FILE)
 
 
+def waiting_times(st: Staging) -> list[PendingTimes]:
+    """The :class:`PendingTimes` of ``st``'s ``pending/`` and ``batch/`` (for :func:`waiting`)."""
+    return [PendingTimes(st), PendingTimes(st, st.batch_dir)]
+
+
 def waiting(times: list[PendingTimes]) -> tuple[int, float | None]:
     """(entries, oldest first staging time) over ``times`` (pending/ and batch/)."""
     count, oldest = 0, None
@@ -215,8 +220,7 @@ def build(staging_dir: str | os.PathLike[str], repo: str, limits: ReceiptsConfig
     now = time.time() if now is None else now
     sync, consumers = state(staging_dir, repo)
     if times is None:
-        st = Staging(staging_dir, repo)
-        times = [PendingTimes(st), PendingTimes(st, st.batch_dir)]
+        times = waiting_times(Staging(staging_dir, repo))
     pending, oldest = waiting(times)
     rejected = sorted(
         [{"key": r.get("key", ""), "reason": r.get("reason", ""), "time": r.get("time", 0.0),
