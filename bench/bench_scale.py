@@ -57,7 +57,7 @@ from cvmfs_publisher.adapters import amqp  # noqa: E402
 from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
 from cvmfs_publisher.pipeline import reconcile  # noqa: E402
 from devstack.ceph import Ceph  # noqa: E402
-from devstack.common import p95, sigterm_as_interrupt, wait_for  # noqa: E402
+from devstack.common import descendants, p95, sigterm_as_interrupt, wait_for  # noqa: E402
 from devstack.rabbitmq import Broker  # noqa: E402
 from devstack.stack import DOMAIN, LocalServices, local_services, unique_label  # noqa: E402
 from tests.cvmfs_server_double import published_tree  # noqa: E402
@@ -72,16 +72,30 @@ def wait(check: Callable[[], object], timeout: float, what: str, interval: float
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, its threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """utime + stime of a daemon, its threads and its processes (download processes)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def rss_mib(pid: int) -> str:
+    """A daemon's memory: its RSS, and with processes of its own their PSS summed
+    (shared pages counted once, split among the processes sharing them)."""
+    def field(p: int, name: str, where: str) -> float:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/{where}").read_text().splitlines():
+                if line.startswith(name):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+    helpers = descendants(pid)
+    own = f"{field(pid, 'VmRSS:', 'status'):.0f} MiB"
+    if not helpers:
+        return own
+    pss = sum(field(p, "Pss:", "smaps_rollup") for p in [pid, *helpers])
+    return f"{own} (with its {len(helpers)} processes: PSS {pss:.0f} MiB)"
 
 
 def broker_state(broker: Broker) -> str:
@@ -268,9 +282,9 @@ def measure(services: LocalServices, args: argparse.Namespace,
     cpu = idle_cpu({"repo_consumers": procs["repo_consumers"].pid,
                     "repo_sync": procs["repo_sync"].pid}, args.idle_seconds)
     print(f"idle over {args.idle_seconds:.0f} s: consumers {cpu['repo_consumers'] * 100:.2f} % "
-          f"of a core (target < 2 %), RSS {rss_mib(procs['repo_consumers'].pid):.0f} MiB "
+          f"of a core (target < 2 %), RSS {rss_mib(procs['repo_consumers'].pid)} "
           f"(target < 300 MiB); sync {cpu['repo_sync'] * 100:.2f} % of a core "
-          f"(target < 2 %), RSS {rss_mib(procs['repo_sync'].pid):.0f} MiB", flush=True)
+          f"(target < 2 %), RSS {rss_mib(procs['repo_sync'].pid)}", flush=True)
     # What a minute's idle window does not see: every repository is reconciled with its
     # bucket every consumers.reconcile_interval (+-10 %), spread over that interval. Its
     # CPU, from the same code run here (a dry run: the daemon owns the staging).
@@ -307,6 +321,9 @@ def measure(services: LocalServices, args: argparse.Namespace,
 
     hot_vs_quiet(rgw, ceph, double.root, labels[0], labels[1:1 + args.trials], args.hot,
                  work / "log")
+    # the download processes exist once there was something to download
+    print(f"consumers after the hot/quiet phase: RSS {rss_mib(procs['repo_consumers'].pid)} "
+          "(target < 300 MiB)", flush=True)
 
 
 def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],

@@ -51,6 +51,23 @@ def _tail(log_file: Path | None, lines: int = 15) -> str:
     return f" (log {log_file}):\n" + "\n".join(text)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (from /proc's parent links), e.g. a daemon's helpers."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (d / "stat").read_text()
+                ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+                children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def kill_process(proc: subprocess.Popen | int, sig: int = signal.SIGTERM,
                  timeout: float = 10.0) -> None:
     """Signal a process (Popen or pid) and wait until it is gone or a zombie."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_publisher.staging.area import Staging
+from devstack.common import descendants
 from devstack.rabbitmq import Broker
 from tests.conftest import small_filesystem
 from tests.consumers.support import (
@@ -173,8 +174,12 @@ def test_sigkill_in_a_burst_of_1000_events_then_restart(env: Env) -> None:
         uploader = threading.Thread(target=env.put_many, args=(r, items))
         uploader.start()
         wait_until("consumption under way", lambda: len(env.staged(r)) >= 200, 60, 0.05)
+        helpers = descendants(first.pid)  # the fork server and the download processes
         first.kill()  # SIGKILL: downloads in flight, unacked messages in hand
         killed_at = len(env.staged(r))
+        # no orphan keeps downloading: each sees its pipe to the dead daemon close
+        wait_until("the download processes gone", lambda: not any(
+            Path(f"/proc/{pid}").exists() for pid in helpers), 30, 0.1)
         uploader.join(timeout=120)
         second.start()
         env.wait_staged(r, expected(items), timeout=90, exact=True)
@@ -184,6 +189,7 @@ def test_sigkill_in_a_burst_of_1000_events_then_restart(env: Env) -> None:
         first.stop()
         second.stop()
     assert killed_at < BURST
+    assert len(helpers) >= 2  # the fork server and at least one download process
     assert dead_letters(env.cfg) == []
     assert_clean(env.staging_dir, r)
 

@@ -14,6 +14,7 @@ RGW quirks respected here (measured, ``shared/ceph/README.md``):
 
 from __future__ import annotations
 
+import functools
 import logging
 import urllib.parse
 from typing import Any
@@ -98,10 +99,17 @@ class RGW:
         )
         kw: dict[str, Any] = {"endpoint_url": s3cfg.endpoint_url, "verify": verify,
                               "config": boto_cfg}
+        self._kw = kw
         self.s3 = self._session.client("s3", **kw)
-        self.sns = self._session.client("sns", **kw)
+
+    @functools.cached_property
+    def sns(self) -> Any:
+        """The SNS client, made at its first use (only provisioning needs topics;
+        a consumers' download process builds its client in ~0.1 s less)."""
+        sns = self._session.client("sns", **self._kw)
         if self.rgwcfg.forwarded_https:
-            self.sns.meta.events.register("before-sign.sns", _forwarded_https)
+            sns.meta.events.register("before-sign.sns", _forwarded_https)
+        return sns
 
     # -- topics ------------------------------------------------------------------------
 

@@ -239,6 +239,10 @@ class ConsumersConfig:
     """cvmfs-repo-consumers behaviour."""
 
     downloads: int = 4
+    #: Each download thread fetches in a worker process of its own
+    #: (:mod:`cvmfs_publisher.pipeline.download_processes`): the GETs run outside
+    #: the daemon's GIL. False: on the threads themselves (one process, less memory).
+    download_processes: bool = True
     refresh_interval: float = 60.0
     max_attempts: int = 10
     #: Anti-entropy (DESIGN §3, Self-healing): every repository this host is the

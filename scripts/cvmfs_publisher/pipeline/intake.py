@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
 
 from ..core.config import Config
 from ..core.errors import Permanent
@@ -86,24 +86,29 @@ class StageFailed(Exception):
         self.error, self.key = error, key
 
 
-def stage(s3: Any, staging: Staging, bucket: str, found: list[object_keys.Target],
-          repository: str, defer: list[Entry] | None = None) -> None:
+#: ``fetcher(staging, bucket, target, repository, defer)``: :func:`fetch.fetch_key`
+#: without its S3 client, on this thread or in a download process
+#: (:mod:`cvmfs_publisher.pipeline.download_processes`).
+Fetcher = Callable[[Staging, str, object_keys.Target, str, "list[Entry]"], fetch.Fetched]
+
+
+def stage(fetcher: Fetcher, staging: Staging, bucket: str,
+          found: list[object_keys.Target], repository: str, defer: list[Entry]) -> None:
     """Stage every target in order; raises :class:`StageFailed` at the first failure.
 
-    ``defer``: the entries are appended there for a group commit instead
+    The entries are appended to ``defer`` for a group commit
     (:func:`cvmfs_publisher.pipeline.fetch.fetch_key`); on a failure, the
     objects of those already appended are dropped and ``defer`` is emptied.
     """
     for target in found:
         t0 = time.monotonic()
         try:
-            got = fetch.fetch_key(s3, staging, bucket, target, repository, defer)
+            got = fetcher(staging, bucket, target, repository, defer)
         except Exception as exc:
-            for entry in defer or ():
+            for entry in defer:
                 if entry.object:
                     staging.discard_object(entry.object)
-            if defer:
-                defer.clear()
+            defer.clear()
             raise StageFailed(exc, shown(target.key)) from exc
         e = got.entry
         log.info("repository=%s key=%s outcome=staged op=%s path=%s mode=%s size=%d "

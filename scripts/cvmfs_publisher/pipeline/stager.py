@@ -42,9 +42,10 @@ from ..core.status import StatusDocument
 from ..staging import fencing
 from ..staging.area import Entry, Staging
 from ..staging.group_commit import GroupCommit
-from . import fetch, intake, object_keys, reconcile
+from . import download_processes, fetch, intake, object_keys, reconcile
 from .anti_entropy import AntiEntropy
 from .dispatch import Dispatcher, Job
+from .download_processes import DownloadProcesses
 from .object_keys import Target
 from .source import EventSource
 
@@ -76,6 +77,11 @@ class Stager:
         self.on_rejected = on_rejected
         self.status = status
         self.s3 = s3
+        #: the event path's fetches: in download processes, or on the download threads
+        self.downloads = DownloadProcesses(cfg.s3, cfg.rgw, cfg.cvmfs.staging_dir) \
+            if cfg.consumers.download_processes else None
+        self._fetch = self.downloads.fetch if self.downloads is not None \
+            else download_processes.in_process(s3)
         self.dispatcher = Dispatcher(max(1, cfg.consumers.downloads), self._work,
                                      name="download")
         self.commits = GroupCommit(self._committed)
@@ -97,6 +103,8 @@ class Stager:
             self.anti_entropy.stop()
             self.dispatcher.close(timeout=0)
             self.commits.close(timeout=10)  # what it still holds: settled, or redelivered
+            if self.downloads is not None:
+                self.downloads.close()
             with self._lock:
                 terms = list(self._terms.values())
             for term in terms:
@@ -221,7 +229,7 @@ class Stager:
             return
         entries: list[Entry] = []
         try:
-            intake.stage(self.s3, staging, w.delivery.source, w.targets, w.repository,
+            intake.stage(self._fetch, staging, w.delivery.source, w.targets, w.repository,
                          defer=entries)
         except intake.StageFailed as failed:
             if isinstance(failed.error, Transient):
