@@ -134,8 +134,12 @@ class Ceph:
         wait_for("ceph osd", lambda: f"osd.{osd_id} up" in self._run("ceph", "osd", "dump"),
                  timeout, self.workdir / "log" / "osd.out", interval=0.2)
         self.start_rgw(timeout)
+        # RGW refuses a user's bucket beyond max-buckets (default 1,000) with TooManyBuckets
+        # (HTTP 400, err_no -2020): bench_scale's 1,001 repositories, and the probe bucket of
+        # wait_bucket_writes after a restart, need more (docs/LIMITS.md).
         self._run("radosgw-admin", "user", "create", "--uid=tester", "--display-name=Tester",
-                  f"--access-key={self.access_key}", f"--secret-key={self.secret_key}")
+                  f"--access-key={self.access_key}", f"--secret-key={self.secret_key}",
+                  "--max-buckets=10000")
         return self
 
     def start_rgw(self, timeout: float = 60.0) -> None:

@@ -14,9 +14,12 @@ import logging
 import os
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +32,7 @@ from cvmfs_publisher.staging.area import Entry, Staging
 from tests.consumers.support import Env, wait_until
 
 REPOSITORY_SUFFIX = ".infn.it"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @pytest.fixture
@@ -149,3 +153,21 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_the_fork_server_loads_the_s3_models_once_for_every_worker() -> None:
+    """What download_preload leaves in a process: the shared loader holds S3's models
+    (a worker's client is made from them, not parsed again) and the heap is frozen
+    (the collector does not copy the inherited pages into each worker)."""
+    probe = (
+        "import gc\n"
+        "from cvmfs_publisher.adapters.rgw import shared_loader\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "import cvmfs_publisher.pipeline.download_preload\n"
+        "cached = [k for k in shared_loader()._cache if 's3' in repr(k)]\n"
+        "print(gc.get_freeze_count() > 0, bool(cached))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(SCRIPTS)}, timeout=60,
+                         check=True)
+    assert out.stdout.split() == ["True", "True"]

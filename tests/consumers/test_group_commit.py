@@ -108,6 +108,43 @@ def test_changes_submitted_during_a_round_are_committed_by_the_next_one(
     assert os.listdir(st.tmp) == []
 
 
+def test_a_repository_whose_lock_is_held_does_not_hold_back_the_others(
+        tmp_path: Path, st: Staging, syncs: Syncs) -> None:
+    """The sync daemon finishing a hot repository's batch holds its staging lock for
+    seconds (thousands of objects and entries dropped): a quiet repository's change
+    in the same round is installed meanwhile, the hot one's once the lock is free."""
+    quiet = Staging(tmp_path / "staging", "quiet.infn.it").ensure()
+    rounds = Rounds()
+    gc = GroupCommit(rounds)
+    hold, holding = threading.Event(), threading.Event()
+
+    def sync_daemon() -> None:
+        with st.locked():  # flock: another open file description, as another process
+            holding.set()
+            hold.wait(30)
+    t = threading.Thread(target=sync_daemon)
+    t.start()
+    assert holding.wait(10)
+    try:
+        gc.submit(st, [written(st, "hot-1", b"h")], "hot-1")  # first in the round
+        gc.submit(quiet, [written(quiet, "q", b"q")], "quiet")
+        gc.submit(st, [written(st, "hot-2", b"h")], "hot-2")
+        gc.start()
+        wait_until("the quiet change installed", lambda: quiet.pending_get("q") is not None)
+        assert st.pending_count() == 0 and rounds.rounds == []  # the hot ones wait
+        with st.locked(blocking=False) as got:
+            assert not got  # a busy lock is not taken
+    finally:
+        hold.set()
+        t.join(10)
+    wait_until("the round reported", lambda: len(rounds.tokens) == 3)
+    assert gc.close(10)
+    assert [t for t, _ in rounds.rounds[0]] == ["hot-1", "quiet", "hot-2"]
+    assert all(err is None for _, err in rounds.rounds[0])
+    assert {e.path for e in st.pending_entries()} == {"hot-1", "hot-2"}
+    assert syncs.calls == 2  # one round: still two syncs
+
+
 def test_a_failed_sync_fails_every_change_of_its_round_and_leaves_nothing(
         st: Staging, syncs: Syncs) -> None:
     rounds = Rounds()

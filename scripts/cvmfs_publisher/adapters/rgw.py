@@ -21,6 +21,7 @@ from typing import Any
 
 import boto3
 import botocore.exceptions
+import botocore.loaders
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config as BotoConfig
@@ -70,6 +71,31 @@ def object_missing(exc: Exception) -> bool:
     return code != "NoSuchBucket" and (code in ("NoSuchKey", "404", "NotFound") or status == 404)
 
 
+_LOADER: botocore.loaders.Loader | None = None
+
+
+def shared_loader() -> botocore.loaders.Loader:
+    """One botocore data loader per process, shared by every RGW client.
+
+    The loader caches the parsed service models and endpoint data (several
+    MiB of Python objects for S3): loaded once per process, not once per
+    session, and, loaded in the consumers' fork server before it forks,
+    shared by every download process (:mod:`cvmfs_publisher.pipeline.download_preload`).
+    """
+    global _LOADER
+    if _LOADER is None:
+        _LOADER = botocore.loaders.create_loader()
+    return _LOADER
+
+
+def load_s3_models() -> None:
+    """Load S3's models into :func:`shared_loader` now (an S3 client made and dropped)."""
+    session = boto3.session.Session(  # placeholders: the client never sends a request
+        aws_access_key_id="-", aws_secret_access_key="-", region_name="us-east-1")  # noqa: S106
+    session._session.register_component("data_loader", shared_loader())
+    session.client("s3", endpoint_url="http://127.0.0.1:1")
+
+
 class RGW:
     """S3 and SNS clients on one RGW endpoint."""
 
@@ -97,6 +123,7 @@ class RGW:
             aws_secret_access_key=s3cfg.secret_key.get() if s3cfg.secret_key else None,
             region_name=s3cfg.region,
         )
+        self._session._session.register_component("data_loader", shared_loader())
         kw: dict[str, Any] = {"endpoint_url": s3cfg.endpoint_url, "verify": verify,
                               "config": boto_cfg}
         self._kw = kw

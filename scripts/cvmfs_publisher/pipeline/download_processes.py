@@ -57,8 +57,9 @@ from . import fetch, object_keys
 
 log = logging.getLogger(__name__)
 
-#: Imported once in the fork server, so a new worker starts in milliseconds.
-PRELOAD = ["cvmfs_publisher.pipeline.download_processes"]
+#: Imported once in the fork server, so that a new worker starts in milliseconds and
+#: shares the S3 models with the others.
+PRELOAD = ["cvmfs_publisher.pipeline.download_preload"]
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 

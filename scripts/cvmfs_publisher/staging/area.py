@@ -171,15 +171,25 @@ class Staging:
         return self
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Exclusive flock on ``.lock`` (blocks; held briefly by every party)."""
+    def locked(self, blocking: bool = True) -> Iterator[bool]:
+        """Exclusive flock on ``.lock`` (held briefly by every party); yields True.
+
+        ``blocking=False``: yields False at once, holding nothing, when another
+        party holds it (the group commit then serves other repositories first).
+        """
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o660)
         self.adopt(self._lock_path)
+        got = False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                got = True
+            except BlockingIOError:
+                pass
+            yield got
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if got:
+                fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     # -- writers (consumers) ---------------------------------------------------------------
@@ -252,9 +262,12 @@ class Staging:
         durable.write_new(tmp, json.dumps(asdict(entry), sort_keys=True).encode(), sync=sync)
         return tmp
 
-    def install(self, entry: Entry, tmp: Path,
-                dir_fd: bool = False) -> tuple[Entry, list[str], int | None]:
+    def install(self, entry: Entry, tmp: Path, dir_fd: bool = False,
+                held: bool = False) -> tuple[Entry, list[str], int | None]:
         """Rename a prepared entry over ``pending/<h>.json`` under the lock (no fsync).
+
+        ``held``: the caller holds :meth:`locked` already (the group commit
+        installs a round's entries of one repository under one lock).
 
         Returns the entry pending afterwards (an already pending one whose
         fetch started later wins, see :meth:`stage`), the objects to drop once
@@ -265,7 +278,7 @@ class Staging:
         """
         name = entry_name(entry.path)
         dfd = None
-        with self.locked():
+        with contextlib.nullcontext() if held else self.locked():
             old = self._read(self.pending / name)
             if old is not None and old.time > entry.time:
                 # S3 was asked later for the pending one: it is the fresher view (two

@@ -14,8 +14,12 @@ them by itself), in that order:
    (:meth:`Staging.prepare`);
 2. **one syncfs per file system** (:func:`cvmfs_publisher.core.durable.syncfs`):
    the objects, ``objects/`` and the entry files are durable;
-3. each entry is renamed into ``pending/`` under the staging lock
-   (:meth:`Staging.install`);
+3. each entry is renamed into ``pending/`` (:meth:`Staging.install`), a
+   repository's entries of the round under one hold of its staging lock;
+   a repository whose lock is busy (the sync daemon finishing a batch: it
+   drops the batch's objects and entries, seconds for thousands) is served
+   after the others, so a hot repository never holds a quiet one's change
+   back;
 4. **one syncfs per file system** again: the renames are durable;
 5. ``on_round`` is told the result of every change of the round at once
    (the consumers acknowledge the deliveries then, several per AMQP call).
@@ -179,18 +183,34 @@ class GroupCommit:
         live = [c for c in group if c.error is None]
         self._sync(live, data=True)  # 2.
         drops: list[tuple[Staging, list[str]]] = []
-        for change in live:  # 3. renamed into pending/, in submission order
+        by_repository: dict[Path, list[Change]] = {}
+        for change in live:
+            by_repository.setdefault(change.staging.root, []).append(change)
+        busy = []
+        for changes in by_repository.values():  # 3. renamed into pending/
+            with changes[0].staging.locked(blocking=False) as got:
+                if got:
+                    self._install(changes, drops)
+                else:
+                    busy.append(changes)
+        for changes in busy:  # their lock was held (the sync daemon finishing a batch)
+            with changes[0].staging.locked():
+                self._install(changes, drops)
+        self._sync([c for c in live if c.error is None], data=False)  # 4.
+        for staging, drop in drops:
+            staging.drop_objects(drop)
+
+    def _install(self, changes: list[Change], drops: list[tuple[Staging, list[str]]]) -> None:
+        """One repository's changes of the round, in submission order; its lock is held."""
+        for change in changes:
             try:
                 for entry, tmp in change.prepared:
-                    _, drop, _ = change.staging.install(entry, tmp)
+                    _, drop, _ = change.staging.install(entry, tmp, held=True)
                     drops.append((change.staging, drop))
                 change.prepared = []
             except Exception as exc:
                 change.error = exc
                 self._undo(change)
-        self._sync([c for c in live if c.error is None], data=False)  # 4.
-        for staging, drop in drops:
-            staging.drop_objects(drop)
 
     @staticmethod
     def _sync(changes: list[Change], data: bool) -> None:
