@@ -143,9 +143,33 @@ class Ceph:
         return self
 
     def start_rgw(self, timeout: float = 60.0) -> None:
+        self._fence_dead_rgw()
         self._spawn("rgw", "radosgw", "-n", "client.rgw", "-f")
         wait_for("radosgw", self._rgw_answers, timeout, self.workdir / "log" / "rgw.out",
                  alive=self.rgw_alive)
+
+    def _fence_dead_rgw(self) -> None:
+        """Blocklist every radosgw instance still watching RGW's control objects.
+
+        Called before a radosgw starts, so every watcher is a dead one (a crash,
+        or :meth:`stop_rgw`). Without this the OSD keeps a dead instance's
+        watches until they time out, and the new radosgw's bucket and topic
+        writes hang on notifying it: measured, the first CreateBucket after a
+        SIGKILL took 29 s, and in a suite run with four crashes metadata writes
+        hung for minutes; blocklisted, it took 0.01 s.
+        """
+        dead: set[str] = set()
+        for i in range(8):  # rgw_num_control_oids
+            try:
+                out = self._run("rados", "-p", "default.rgw.control", "listwatchers",
+                                f"notify.{i}")
+            except RuntimeError:  # the first start: no pool yet
+                return
+            dead.update(line.split()[0].split("=", 1)[1] for line in out.splitlines()
+                        if line.startswith("watcher="))
+        for addr in sorted(dead):
+            with contextlib.suppress(Exception):
+                self._run("ceph", "osd", "blocklist", "add", addr)
 
     def _rgw_answers(self) -> bool:
         try:
@@ -177,11 +201,12 @@ class Ceph:
                 if ln.startswith("*** Caught signal")]
 
     def wait_bucket_writes(self, timeout: float = 90.0) -> None:
-        """Wait until a restarted radosgw creates buckets again (about 25 s here).
+        """Wait until a restarted radosgw creates buckets again.
 
-        After a SIGKILL (:meth:`stop_rgw`, or a crash), this radosgw hangs on
+        After a SIGKILL (:meth:`stop_rgw`, or a crash), radosgw hangs on
         bucket creation and deletion until the OSD drops the dead instance's
-        watches; objects work at once. Waiting keeps later users (which create
+        watches (about 25 s); :meth:`start_rgw` blocklists it first, so this
+        is a check that takes a moment. Waiting keeps later users (which create
         buckets) unaffected.
         """
         probe = boto3.client(
