@@ -89,11 +89,9 @@ def shared_loader() -> botocore.loaders.Loader:
 
 
 def load_s3_models() -> None:
-    """Load S3's models into :func:`shared_loader` now (an S3 client made and dropped)."""
-    session = boto3.session.Session(  # placeholders: the client never sends a request
-        aws_access_key_id="-", aws_secret_access_key="-", region_name="us-east-1")  # noqa: S106
-    session._session.register_component("data_loader", shared_loader())
-    session.client("s3", endpoint_url="http://127.0.0.1:1")
+    """Load S3's models into :func:`shared_loader` now: an RGW made and dropped (its S3
+    client is built as every RGW's is; it never sends a request)."""
+    RGW(S3Config(endpoint_url="http://127.0.0.1:1"))
 
 
 class RGW:

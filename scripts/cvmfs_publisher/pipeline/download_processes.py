@@ -53,7 +53,7 @@ from typing import Any
 from ..core.config import RgwConfig, S3Config
 from ..core.errors import Transient
 from ..staging.area import Entry, Staging
-from . import fetch, object_keys
+from . import fetch, intake, object_keys
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class DownloadProcesses:
             worker.stop()
 
 
-def in_process(s3: Any) -> Any:
+def in_process(s3: Any) -> intake.Fetcher:
     """The same call as :meth:`DownloadProcesses.fetch`, on the calling thread."""
     def run(staging: Staging, bucket: str, target: object_keys.Target, repository: str,
             defer: list[Entry]) -> fetch.Fetched:

@@ -42,10 +42,10 @@ from ..core.status import StatusDocument
 from ..staging import fencing
 from ..staging.area import Entry, Staging
 from ..staging.group_commit import GroupCommit
-from . import download_processes, fetch, intake, object_keys, reconcile
+from . import fetch, intake, object_keys, reconcile
 from .anti_entropy import AntiEntropy
 from .dispatch import Dispatcher, Job
-from .download_processes import DownloadProcesses
+from .download_processes import DownloadProcesses, in_process
 from .object_keys import Target
 from .source import EventSource
 
@@ -81,7 +81,7 @@ class Stager:
         self.downloads = DownloadProcesses(cfg.s3, cfg.rgw, cfg.cvmfs.staging_dir) \
             if cfg.consumers.download_processes else None
         self._fetch = self.downloads.fetch if self.downloads is not None \
-            else download_processes.in_process(s3)
+            else in_process(s3)
         self.dispatcher = Dispatcher(max(1, cfg.consumers.downloads), self._work,
                                      name="download")
         self.commits = GroupCommit(self._committed)
