@@ -69,8 +69,18 @@ def test_broker_restart_in_a_burst_of_1000_events(env: Env, broker: Broker) -> N
         broker.restart_app()
         env.wait_staged(r, expected(items), timeout=90, exact=True)
         wait_drained(env, r)
-        conn = daemon.source.consumer.connection
-        assert conn is not None and conn.is_open
+        # Back on the broker. Polled: the restarted node may refuse the first
+        # attempts (the daemon backs off up to amqp.reconnect_max), and the
+        # anti-entropy that follows the reconnection can stage the rest from the
+        # bucket listing before the reconnection is complete.
+        try:
+            wait_until("the daemon connected again", lambda: (
+                (conn := daemon.source.consumer.connection) is not None and conn.is_open),
+                60, 0.2)
+        except AssertionError as exc:
+            amqp_lines = [line for line in env.log_text().splitlines()
+                          if "adapters.amqp:" in line]
+            raise AssertionError(f"{exc}; its connection log: {amqp_lines[-12:]}") from None
     assert in_hand < BURST, "the restart came after the burst was consumed"
     assert dead_letters(env.cfg) == []
     assert_clean(env.staging_dir, r)
