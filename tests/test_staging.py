@@ -43,6 +43,63 @@ def test_batch_is_isolated_from_later_changes(tmp_path: Path) -> None:
     assert [e.path for e in st.take_batch()] == ["x"]
 
 
+def test_finishing_a_batch_holds_the_lock_for_its_rename_only(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """The unlinks of a published batch (seconds for thousands) run without the
+    staging lock, which the consumers' installs wait for; a crash before they are
+    done leaves no batch to replay, and the next publish completes the clean-up."""
+    st = Staging(tmp_path, "r.infn.it").ensure()
+    put(st, "a", b"a")
+    put(st, "b", b"b")
+    batch = st.take_batch()
+    newer = put(st, "a", b"a2")  # pending while the batch is published
+    other = Staging(tmp_path, "r.infn.it")  # another open file description: a consumer
+    seen: list[bool] = []
+    real = Staging._drop_done
+
+    def dropping(self: Staging, done: Path) -> None:
+        with other.locked(blocking=False) as got:
+            seen.append(got)
+        raise KeyboardInterrupt  # the sync daemon killed here
+    monkeypatch.setattr(Staging, "_drop_done", dropping)
+    try:
+        st.finish_batch()
+    except KeyboardInterrupt:
+        pass
+    assert seen == [True], "the staging lock was held while the batch was dropped"
+    assert not st.has_batch() and st.take_batch() != batch  # never replayed
+    st.stage(Entry(path="c", op="delete"))  # pending again after that take
+    assert len(list(st.root.glob(".done-*"))) == 1
+    monkeypatch.setattr(Staging, "_drop_done", real)
+    assert st.drop_finished() == 1
+    assert list(st.root.glob(".done-*")) == []
+    assert sorted(os.listdir(st.objects)) == [newer.object]  # the batch's objects gone
+    assert st.drop_finished() == 0
+
+
+def test_manifest_writers_do_not_hold_back_installs(tmp_path: Path) -> None:
+    """The manifest has a lock of its own: a publish folded into a large manifest
+    (up to a second) does not stop a consumer's install into pending/."""
+    st = Staging(tmp_path, "r.infn.it").ensure()
+    holding, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with Staging(tmp_path, "r.infn.it").manifest_locked():
+            holding.set()
+            release.wait(10)
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert holding.wait(10)
+        with st.locked(blocking=False) as got:
+            assert got, "the manifest's writer holds the staging lock"
+        put(st, "x", b"x")
+        assert st.pending_get("x") is not None
+    finally:
+        release.set()
+        t.join(10)
+
+
 def test_sweep_removes_crash_leftovers_only(tmp_path: Path) -> None:
     st = Staging(tmp_path, "r.infn.it").ensure()
     live = put(st, "keep", b"k")

@@ -110,9 +110,10 @@ def test_changes_submitted_during_a_round_are_committed_by_the_next_one(
 
 def test_a_repository_whose_lock_is_held_does_not_hold_back_the_others(
         tmp_path: Path, st: Staging, syncs: Syncs) -> None:
-    """The sync daemon finishing a hot repository's batch holds its staging lock for
-    seconds (thousands of objects and entries dropped): a quiet repository's change
-    in the same round is installed meanwhile, the hot one's once the lock is free."""
+    """The sync daemon holding a hot repository's staging lock (taking a batch): a
+    quiet repository's change is installed and reported meanwhile, also when it comes
+    after a round that held only the hot repository's changes; the hot ones are carried
+    and installed, in submission order, once the lock is free."""
     quiet = Staging(tmp_path / "staging", "quiet.infn.it").ensure()
     rounds = Rounds()
     gc = GroupCommit(rounds)
@@ -126,23 +127,31 @@ def test_a_repository_whose_lock_is_held_does_not_hold_back_the_others(
     t.start()
     assert holding.wait(10)
     try:
-        gc.submit(st, [written(st, "hot-1", b"h")], "hot-1")  # first in the round
-        gc.submit(quiet, [written(quiet, "q", b"q")], "quiet")
-        gc.submit(st, [written(st, "hot-2", b"h")], "hot-2")
+        gc.submit(st, [written(st, "hot-1", b"h")], "hot-1")
         gc.start()
-        wait_until("the quiet change installed", lambda: quiet.pending_get("q") is not None)
-        assert st.pending_count() == 0 and rounds.rounds == []  # the hot ones wait
+        wait_until("the hot round done", lambda: syncs.calls >= 1)
+        time.sleep(0.1)  # a few retries of the busy lock
+        assert gc.pending() == 1 and rounds.rounds == []  # carried, not reported
+        gc.submit(quiet, [written(quiet, "q", b"q")], "quiet")
+        gc.submit(st, [written(st, "hot-2", b"h"), written(st, "hot-1", b"h2")], "hot-2")
+        wait_until("the quiet change reported", lambda: rounds.tokens == ["quiet"])
+        assert quiet.pending_get("q") is not None
+        assert st.pending_count() == 0  # the hot ones wait
         with st.locked(blocking=False) as got:
             assert not got  # a busy lock is not taken
     finally:
         hold.set()
         t.join(10)
-    wait_until("the round reported", lambda: len(rounds.tokens) == 3)
+    wait_until("the hot changes reported", lambda: len(rounds.tokens) == 3)
     assert gc.close(10)
-    assert [t for t, _ in rounds.rounds[0]] == ["hot-1", "quiet", "hot-2"]
-    assert all(err is None for _, err in rounds.rounds[0])
+    assert rounds.tokens == ["quiet", "hot-1", "hot-2"]
+    assert all(err is None for r in rounds.rounds for _, err in r)
     assert {e.path for e in st.pending_entries()} == {"hot-1", "hot-2"}
-    assert syncs.calls == 2  # one round: still two syncs
+    first = st.pending_get("hot-1")
+    assert first is not None and st.object_path(first).read_bytes() == b"h2"  # the later one
+    assert os.listdir(st.tmp) == []
+    assert sorted(os.listdir(st.objects)) == sorted(
+        e.object for e in st.pending_entries())  # the replaced object dropped
 
 
 def test_a_failed_sync_fails_every_change_of_its_round_and_leaves_nothing(

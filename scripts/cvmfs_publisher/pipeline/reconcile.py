@@ -712,7 +712,7 @@ def _rebuild(cfg: Config, st: Staging, repo: str, revision: int,
     """Write the manifest the walk found (paths in sync at ``revision``), unless a
     publish happened meanwhile (then the next reconcile walks again)."""
     st.ensure()
-    with st.locked():
+    with st.manifest_locked():
         if manifests.published_revision(cfg.cvmfs.spool_dir, repo) != revision:
             log.info("repository=%s step=manifest outcome=not-rebuilt reason=published "
                      "during the walk", repo)

@@ -216,6 +216,7 @@ class BatchPublisher:
         # Once per batch, before anything else: a transaction a crash left open.
         checked = self.backend.exists(repo)
         stale = checked and self.transactions.recover(repo)
+        st.drop_finished()  # a published batch whose clean-up a crash interrupted
         # Fencing: what a consumer staged in a term that is not live (this host lost
         # the active-consumer role, or died) may be stale: set aside, never published.
         fencing.fence(st)

@@ -16,13 +16,15 @@ them by itself), in that order:
    the objects, ``objects/`` and the entry files are durable;
 3. each entry is renamed into ``pending/`` (:meth:`Staging.install`), a
    repository's entries of the round under one hold of its staging lock;
-   a repository whose lock is busy (the sync daemon finishing a batch: it
-   drops the batch's objects and entries, seconds for thousands) is served
-   after the others, so a hot repository never holds a quiet one's change
-   back;
+   a repository whose lock is busy (the sync daemon taking or setting
+   aside a batch) is not waited for: its changes, durable in ``tmp/``
+   already, are carried into the next round, which comes when something
+   new is submitted or ``BUSY_RETRY`` later, so a hot repository never
+   holds a quiet one's change back;
 4. **one syncfs per file system** again: the renames are durable;
-5. ``on_round`` is told the result of every change of the round at once
-   (the consumers acknowledge the deliveries then, several per AMQP call).
+5. ``on_round`` is told the result of every change the round finished at
+   once (the consumers acknowledge the deliveries then, several per AMQP
+   call).
 
 So what the one-change path guarantees still holds for each change: an
 entry is visible in ``pending/`` only once its object and its own content
@@ -33,10 +35,11 @@ round was reported done, and an entry it may have installed is one a
 redelivery stages again. Where syncfs does not exist, step 2 fsyncs each
 file and directory, step 4 each ``pending/``.
 
-Per-path order: changes are committed in submission order, and an entry
-prepared in a round inherits the first staging time of an earlier one of
-its path in the same round. :meth:`close` commits what was submitted
-before it returns (a shutdown flushes the open group).
+Per-path order: changes are committed in submission order (a carried
+change before any later one of its repository), and an entry prepared in a
+round inherits the first staging time of an earlier one of its path that
+is not installed yet. :meth:`close` commits what was submitted before it
+returns (a shutdown flushes the open group, waiting for busy locks).
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ log = logging.getLogger(__name__)
 
 #: Changes committed in one round at most (bounds a round's latency after a burst).
 MAX_GROUP = 1024
+
+#: Seconds before a change whose repository's lock was busy is tried again, when
+#: nothing new comes first (the sync daemon holds it for a rename or a listing).
+BUSY_RETRY = 0.02
 
 
 @dataclass(eq=False)
@@ -84,6 +91,8 @@ class GroupCommit:
         self._name = name
         self._cond = threading.Condition()
         self._queue: list[Change] = []
+        #: prepared and synced, not installed: their repository's lock was busy
+        self._carried: list[Change] = []
         self._in_round = 0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -105,12 +114,12 @@ class GroupCommit:
                 self._queue.append(change)
                 self._cond.notify_all()
                 return
-        self._round([change])  # closed: nobody else will commit it
+        self._round([change])  # closed: nobody else will commit it (waits for its lock)
 
     def pending(self) -> int:
         """Changes submitted and not reported yet."""
         with self._cond:
-            return len(self._queue) + self._in_round
+            return len(self._queue) + self._in_round + len(self._carried)
 
     def close(self, timeout: float | None = None) -> bool:
         """Commit what was submitted, then stop; True once the thread ended."""
@@ -125,51 +134,71 @@ class GroupCommit:
 
     # ------------------------------------------------------------------ the thread
 
-    def _take(self) -> list[Change]:
-        """The next round (cond held)."""
+    def _take(self) -> tuple[list[Change], list[Change]]:
+        """The next round: new changes and the carried ones (cond held)."""
         group, self._queue = self._queue[:self.max_group], self._queue[self.max_group:]
-        self._in_round = len(group)
-        return group
+        carried, self._carried = self._carried, []
+        self._in_round = len(group) + len(carried)
+        return group, carried
 
     def _drain(self) -> None:
         while True:
             with self._cond:
-                group = self._take()
-            if not group:
+                group, carried = self._take()
+            if not group and not carried:
                 return
-            self._round(group)
+            self._round(group, carried, block=True)
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
+                if not self._queue and not self._closed:
+                    self._cond.wait(BUSY_RETRY if self._carried else None)
+                    if not self._queue and not self._carried:
+                        continue
+                if self._closed and not self._queue and not self._carried:
                     return
-                group = self._take()
-            self._round(group)
+                group, carried = self._take()
+                block = self._closed  # closing: wait for busy locks, nothing comes later
+            self._round(group, carried, block)
 
-    def _round(self, group: list[Change]) -> None:
+    def _round(self, group: list[Change], carried: list[Change] | None = None,
+               block: bool = True) -> None:
+        carried = carried or []
+        busy: list[Change] = []
         try:
-            self._commit(group)
+            busy = self._commit(group, carried, block)
         except BaseException as exc:  # a sync failed: no change of the round is done
             log.error("step=staging outcome=commit-failed changes=%d reason=%s: %s; their "
-                      "messages are retried", len(group), type(exc).__name__, exc)
-            for change in group:
+                      "messages are retried", len(carried) + len(group), type(exc).__name__,
+                      exc)
+            busy = []
+            for change in carried + group:
                 change.error = change.error or exc
                 self._undo(change)
         finally:
             with self._cond:
                 self._in_round = 0
+                self._carried = busy + self._carried
+        waiting = {id(c) for c in busy}
+        done = [c for c in carried + group if id(c) not in waiting]
+        if not done:
+            return
         self.rounds += 1
-        self.committed += sum(1 for c in group if c.error is None)
+        self.committed += sum(1 for c in done if c.error is None)
         try:
-            self.on_round([(c.token, c.error) for c in group])
+            self.on_round([(c.token, c.error) for c in done])
         except Exception:  # the reporting must never stop the commits
-            log.exception("step=staging outcome=report-failed changes=%d", len(group))
+            log.exception("step=staging outcome=report-failed changes=%d", len(done))
 
-    def _commit(self, group: list[Change]) -> None:
+    def _commit(self, group: list[Change], carried: list[Change], block: bool
+                ) -> list[Change]:
+        """Steps 1-4 for ``group`` (new) and ``carried`` (synced before); returns the
+        changes whose repository's lock was busy (``block=False``): carried again."""
         earlier: dict[tuple[Path, str], Entry] = {}
+        for change in carried:  # not installed yet: later entries of a path follow them
+            for entry, _ in change.prepared:
+                earlier[(change.staging.root, entry.path)] = entry
         for change in group:  # 1. entries written, unsynced
             try:
                 for entry in change.entries:
@@ -181,24 +210,26 @@ class GroupCommit:
                 change.error = exc
                 self._undo(change)
         live = [c for c in group if c.error is None]
-        self._sync(live, data=True)  # 2.
+        if live:
+            self._sync(live, data=True)  # 2.
         drops: list[tuple[Staging, list[str]]] = []
         by_repository: dict[Path, list[Change]] = {}
-        for change in live:
+        for change in carried + live:  # carried first: they were submitted earlier
             by_repository.setdefault(change.staging.root, []).append(change)
-        busy = []
+        busy: list[Change] = []
         for changes in by_repository.values():  # 3. renamed into pending/
-            with changes[0].staging.locked(blocking=False) as got:
+            with changes[0].staging.locked(blocking=block) as got:
                 if got:
                     self._install(changes, drops)
                 else:
-                    busy.append(changes)
-        for changes in busy:  # their lock was held (the sync daemon finishing a batch)
-            with changes[0].staging.locked():
-                self._install(changes, drops)
-        self._sync([c for c in live if c.error is None], data=False)  # 4.
+                    busy += changes
+        waiting = {id(c) for c in busy}
+        installed = [c for c in carried + live if c.error is None and id(c) not in waiting]
+        if installed:
+            self._sync(installed, data=False)  # 4.
         for staging, drop in drops:
             staging.drop_objects(drop)
+        return busy
 
     def _install(self, changes: list[Change], drops: list[tuple[Staging, list[str]]]) -> None:
         """One repository's changes of the round, in submission order; its lock is held."""

@@ -20,8 +20,11 @@ Format (JSON, compact: 100,000 paths are a few MB)::
                             "<etag>", <last-modified>, "<key>"], ...}}
 
 Written atomically and durably (:func:`cvmfs_publisher.core.durable.replace`:
-a new file, fsync, rename over the old one, fsync of the directory), under
-the staging lock, so a reader sees the old or the new manifest, never a mix.
+a new file, fsync, rename over the old one, fsync of the directory), so a
+reader sees the old or the new manifest, never a mix; its writers (the sync
+daemon after a publish, a reconcile's rebuild) take
+:meth:`Staging.manifest_locked`, not the staging lock that the consumers'
+installs wait for.
 """
 
 from __future__ import annotations
@@ -247,7 +250,7 @@ def ensure(staging: Staging, tree: str | os.PathLike[str], revision: int | None)
         return "trusted"
     t0 = time.monotonic()
     m, hashed = rebuild_from_tree(tree, repo, revision)
-    with staging.locked():
+    with staging.manifest_locked():
         current = load(staging.root, repo)
         if current is not None and current.trusted(revision):
             return "trusted"  # a reconcile rebuilt it meanwhile
@@ -292,7 +295,7 @@ def load(staging_root: str | os.PathLike[str], repository: str) -> Manifest | No
 
 
 def save(staging_root: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Replace the manifest atomically and durably (the caller holds the staging lock)."""
+    """Replace the manifest atomically and durably (the caller holds ``manifest_locked``)."""
     manifest.written = time.time()
     durable.replace(path_of(staging_root), manifest.to_bytes(), mode=0o644)
 
@@ -318,7 +321,7 @@ def record_publish(staging: Staging, entries: Iterable[Entry], before: int | Non
     next reconcile walks the tree once and rebuilds it.
     """
     repo = staging.repo
-    with staging.locked():
+    with staging.manifest_locked():
         m = load(staging.root, repo)
         if m is None:
             return False
