@@ -14,8 +14,12 @@ RGW quirks respected here (measured, ``shared/ceph/README.md``):
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import logging
+import random
+import re
+import time
 import urllib.parse
 from typing import Any
 
@@ -25,6 +29,7 @@ import botocore.loaders
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config as BotoConfig
+from botocore.response import StreamingBody
 
 from ..core.config import RgwConfig, S3Config
 from ..core.errors import Permanent, Transient
@@ -56,6 +61,61 @@ def classify(exc: Exception, what: str, repository: str = "") -> Exception:
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return Transient(f"RGW client error during {what}: {type(exc).__name__}", repository)
     return exc
+
+
+#: What boto3's standard retry mode retries, of what a GET meets: the connection
+#: failed or broke (a pooled keep-alive connection the server closed, too), the
+#: server failed or asked to slow down. The attempts are ``s3.max_attempts``.
+_RETRY_NETWORK = (*_NETWORK, botocore.exceptions.HTTPClientError)
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_RETRY_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
+                          "RequestThrottled", "PriorRequestNotComplete"})
+_META = "x-amz-meta-"
+
+
+def _retry_pause(attempt: int) -> None:
+    """The standard retry mode's back-off: random up to 2**attempt seconds, at most 20."""
+    time.sleep(min(20.0, random.random() * 2 ** attempt))
+
+
+def _get_answer(resp: Any) -> dict[str, Any]:
+    """A 2xx answer to GetObject as boto3 parses the fields the consumers read."""
+    h = resp.headers
+    length = h.get("Content-Length")
+    modified = None
+    if h.get("Last-Modified"):
+        try:
+            modified = email.utils.parsedate_to_datetime(h["Last-Modified"])
+        except (TypeError, ValueError, IndexError):
+            modified = None
+    return {
+        "Body": StreamingBody(resp.raw, length),  # checks the length at the end, as boto3
+        "ETag": h.get("ETag", ""),
+        "LastModified": modified,
+        "ContentLength": int(length) if length and length.isdigit() else 0,
+        # botocore's header map: the name after the prefix, as sent
+        "Metadata": {k[len(_META):]: v for k, v in h.items() if k.lower().startswith(_META)},
+    }
+
+
+def _client_error(resp: Any, operation: str) -> botocore.exceptions.ClientError:
+    """A non-2xx answer as boto3 raises it: the S3 error code from the XML body."""
+    code, message = str(resp.status_code), ""
+    try:
+        body = resp.raw.read(64 << 10)
+        # the two fields of S3's short error document, not an XML parser on it
+        found = re.search(rb"<Code>([A-Za-z0-9.]{1,64})</Code>", body)
+        code = found[1].decode() if found else code
+        found = re.search(rb"<Message>([^<]{0,512})</Message>", body)
+        message = found[1].decode(errors="replace") if found else ""
+    except Exception:  # the connection broke: the status says enough
+        log.debug("S3 %s: HTTP %d without a readable error document", operation,
+                  resp.status_code)
+    finally:
+        resp.raw.release_conn()
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": message},
+         "ResponseMetadata": {"HTTPStatusCode": resp.status_code}}, operation)
 
 
 def object_missing(exc: Exception) -> bool:
@@ -126,6 +186,7 @@ class RGW:
                               "config": boto_cfg}
         self._kw = kw
         self.s3 = self._session.client("s3", **kw)
+        self._base = s3cfg.endpoint_url.rstrip("/")
 
     @functools.cached_property
     def sns(self) -> Any:
@@ -299,16 +360,67 @@ class RGW:
             raise classify(exc, f"PutBucketNotificationConfiguration {bucket}",
                            repository) from None
 
+    # -- requests signed by hand --------------------------------------------------------
+
+    @functools.cached_property
+    def _credentials(self) -> Any:
+        """The session's credentials, frozen (static keys: read once); None without."""
+        creds = self._session.get_credentials()
+        return creds.get_frozen_credentials() if creds is not None else None
+
+    def _send(self, method: str, url: str, stream: bool = False) -> Any:
+        """``method url`` signed with botocore's SigV4 signer and sent on the S3
+        client's own HTTP session (its TLS verification, CA, proxies, timeouts and
+        connection pool); botocore's exceptions when the connection fails."""
+        req = AWSRequest(method=method, url=url)
+        S3SigV4Auth(self._credentials, "s3", self.s3cfg.region).add_auth(req)
+        req.stream_output = stream
+        return self.s3._endpoint.http_session.send(req.prepare())
+
+    def get_object(self, bucket: str, key: str) -> dict[str, Any]:
+        """GET ``bucket/key`` for the consumers: boto3's answer, for half its CPU.
+
+        The same as ``self.s3.get_object(Bucket=bucket, Key=key)`` for what the
+        consumers read: ``Body`` (a stream that checks its length), ``ETag``,
+        ``LastModified``, ``ContentLength``, ``Metadata``; a ``ClientError``
+        with the S3 error code and HTTP status; botocore's connection errors;
+        the standard retry mode's retries and back-off. Why: boto3's request
+        pipeline (parameter validation, endpoint rules, event hooks, response
+        parsing) costs 1.1 ms of CPU per 1 KiB GET on this project's machines,
+        this path 0.57 ms, and the consumers' downloads are CPU-bound (issue
+        14, B1; ``bench/bench_consumers.py``). Virtual-hosted addressing
+        (``s3.path_style: false``) and anonymous access keep boto3's call.
+        """
+        if not self.s3cfg.path_style or self._credentials is None:
+            return self.s3.get_object(Bucket=bucket, Key=key)
+        # botocore's rest-xml serialisation of {Bucket} and {Key+}
+        url = f"{self._base}/{urllib.parse.quote(bucket, safe='~')}/" \
+              f"{urllib.parse.quote(key.encode(), safe='/~')}"
+        attempts = max(1, self.s3cfg.max_attempts)
+        for attempt in range(attempts):
+            last = attempt + 1 >= attempts
+            try:
+                resp = self._send("GET", url, stream=True)
+            except _RETRY_NETWORK:
+                if last:
+                    raise
+                _retry_pause(attempt)
+                continue
+            if resp.status_code < 300:
+                return _get_answer(resp)
+            error = _client_error(resp, "GetObject")
+            if last or not (resp.status_code in _RETRY_STATUS
+                            or error.response["Error"]["Code"] in _RETRY_CODES):
+                raise error
+            _retry_pause(attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     def delete_notification(self, bucket: str, repository: str = "") -> None:
         """RGW's ``DELETE /<bucket>?notification=<id>``, SigV4-signed by hand."""
-        url = f"{self.s3cfg.endpoint_url.rstrip('/')}/{urllib.parse.quote(bucket)}" \
+        url = f"{self._base}/{urllib.parse.quote(bucket)}" \
               f"?notification={urllib.parse.quote(self.rgwcfg.notification_id)}"
-        creds = self._session.get_credentials().get_frozen_credentials()
-        req = AWSRequest(method="DELETE", url=url)
-        S3SigV4Auth(creds, "s3", self.s3cfg.region).add_auth(req)
-        http = self.s3._endpoint.http_session  # the same TLS settings as the S3 client
         try:
-            resp = http.send(req.prepare())
+            resp = self._send("DELETE", url)
         except Exception as exc:
             raise classify(exc, f"DeleteBucketNotification {bucket}", repository) from None
         if resp.status_code == 404:

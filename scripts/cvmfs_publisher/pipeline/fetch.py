@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..adapters.rgw import classify, object_missing
+from ..adapters.rgw import RGW, classify, object_missing
 from ..core import tarballs
 from ..core.errors import Permanent, PublisherError, Transient
 from ..staging.area import Entry, Staging
@@ -204,13 +204,21 @@ def _stage(staging: Staging, entry: Entry, defer: list[Entry] | None) -> Entry:
     return entry
 
 
-def _fetch(client: Any, staging: Staging, bucket: str, target: object_keys.Target,
+def _get(s3: Any, bucket: str, key: str) -> dict[str, Any]:
+    """GET through the RGW adapter (its lean path), or a plain boto3 client's call."""
+    if isinstance(s3, RGW):
+        return s3.get_object(bucket, key)
+    return s3.get_object(Bucket=bucket, Key=key)
+
+
+def _fetch(s3: Any, staging: Staging, bucket: str, target: object_keys.Target,
            repository: str, defer: list[Entry] | None) -> Fetched:
+    client = _client(s3)
     sync = defer is None
     started = time.time()
     tarball = target.kind == object_keys.TARBALL
     try:
-        resp = client.get_object(Bucket=bucket, Key=target.key)
+        resp = _get(s3, bucket, target.key)
     except Exception as exc:
         if object_missing(exc):
             op = "ingest-delete" if tarball else "delete"
@@ -268,7 +276,7 @@ def fetch_key(s3: Any, staging: Staging, bucket: str, target: object_keys.Target
     the caller submits them, and nothing is durable before that commit.
     """
     try:
-        return _fetch(_client(s3), staging, bucket, target, repository, defer)
+        return _fetch(s3, staging, bucket, target, repository, defer)
     except PublisherError as exc:
         if not exc.repository:
             exc.repository = repository
