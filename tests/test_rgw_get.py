@@ -134,7 +134,7 @@ class _Faulty(http.server.BaseHTTPRequestHandler):
     slow = 0
     seen = 0
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:  # http.server's name for it
         type(self).seen += 1
         if type(self).seen <= type(self).slow:
             body = b"<Error><Code>SlowDown</Code><Message>Please reduce</Message></Error>"
