@@ -12,7 +12,6 @@ aborted); exit 0.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from ..core import runtime
@@ -21,17 +20,7 @@ from ..publishing.scheduler import RepoSync
 NAME = "cvmfs-repo-sync"
 
 
-#: Seconds a thread holding the GIL runs before a waiting one may take it (Python's
-#: default: 0.005). Why smaller: the publish threads share one interpreter; while a
-#: hot repository's batch is applied (Python-bound for thousands of files), a quiet
-#: repository's publish waited up to 5 ms for the GIL after each of its system calls
-#: and subprocess waits. Measured with bench_scale at 1,000 repositories, one run
-#: each: the quiet upload's delay p95 1.08 s with the default, 0.81 s with 0.5 ms.
-SWITCH_INTERVAL = 0.0005
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    sys.setswitchinterval(SWITCH_INTERVAL)
     rt = runtime.start(NAME, "Publish staged changes into CVMFS repositories", argv)
     daemon = RepoSync(rt.cfg, rt.status)
     daemon.install_signal_handlers()
