@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import threading
 from pathlib import Path
 
@@ -48,6 +49,36 @@ def test_manifest_round_trip_and_batch_folding(tmp_path: Path) -> None:
     assert set(back.entries) == {"sw/t", "b"}
     back.apply([Entry("sw/t", "ingest-delete")])
     assert set(back.entries) == {"b"}
+
+
+def test_folding_a_batch_replaces_and_removes_subtrees_as_published() -> None:
+    """What a publish does to the tree, on random batches: a path's record replaced,
+    a directory deleted or replaced by a file or symlink loses its subtree. Checked
+    against the plain definition (every record scanned for each entry), which cost
+    1.2 s of the sync daemon's CPU for 1,000 entries onto 19,000 paths."""
+    def plain(records: dict[str, manifest.Record], batch: list[Entry]) -> None:
+        for e in batch:
+            records.pop(e.path, None)
+            for p in [p for p in records if p.startswith(e.path + "/")]:
+                del records[p]
+            rec = manifest.record_of(e)
+            if rec is not None:
+                records[e.path] = rec
+
+    rnd = random.Random(14)
+    names = ["a", "b", "a/b", "a/c", "a/b/c", "a/b/c/d", "b/a", "c/d", "d"]
+    for _ in range(500):
+        m, expected = manifest.Manifest(REPO, 1), {}
+        for _ in range(3):
+            batch = []
+            for _ in range(rnd.randint(1, 8)):
+                path = rnd.choice(names) + ("/x" if rnd.random() < 0.3 else "")
+                op = rnd.choice(["put", "delete", "symlink", "ingest", "ingest-delete"])
+                batch.append(Entry(path, op, object="o" if op == "put" else "", size=1,
+                                   target="t" if op == "symlink" else "", key=f"cvmfs/{path}"))
+            m.apply(batch)
+            plain(expected, batch)
+            assert m.entries == expected
 
 
 def test_manifest_trusted_only_for_the_published_revision(tmp_path: Path) -> None:

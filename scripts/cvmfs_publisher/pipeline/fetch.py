@@ -46,7 +46,7 @@ from typing import Any, Protocol
 from ..adapters.rgw import RGW, classify, object_missing
 from ..core import tarballs
 from ..core.errors import Permanent, PublisherError, Transient
-from ..staging.area import Entry, Staging
+from ..staging.area import Entry, Staging, ancestors
 from . import modes, object_keys
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,6 @@ def _s3_error(exc: Exception, what: str, repository: str) -> PublisherError:
     return Transient(f"S3 {what} failed: {type(exc).__name__}", repository)
 
 
-def _ancestors(path: str) -> list[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:i]) for i in range(1, len(parts))]
-
-
 def check_ancestors(s3: Any, staging: Staging, bucket: str, path: str,
                     repository: str = "") -> None:
     """Refuse ``path`` if an ancestor is staged as a symlink or file that S3 still holds.
@@ -117,7 +112,7 @@ def check_ancestors(s3: Any, staging: Staging, bucket: str, path: str,
     event will stage that deletion; reordered events must not be refused).
     """
     client = _client(s3)
-    for ancestor in _ancestors(path):
+    for ancestor in ancestors(path):
         entry = staging.staged_get(ancestor)
         if entry is None or entry.op not in ("symlink", "put"):
             continue

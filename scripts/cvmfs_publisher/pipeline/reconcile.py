@@ -76,7 +76,7 @@ from ..core.names import label_of, validate_repository
 from ..pipeline import object_keys
 from ..pipeline.fetch import stage_key
 from ..staging import manifest as manifests
-from ..staging.area import Entry, Staging
+from ..staging.area import Entry, Staging, ancestors
 from ..staging.manifest import Manifest, Record
 
 log = logging.getLogger(__name__)
@@ -272,13 +272,6 @@ def list_bucket(s3: Any, bucket: str, prefix: str, tarball_dir: str,
     return wanted
 
 
-def _ancestors(path: str) -> Iterator[str]:
-    idx = path.find("/")
-    while idx != -1:
-        yield path[:idx]
-        idx = path.find("/", idx + 1)
-
-
 # --------------------------------------------------------------------------- hashing
 
 
@@ -472,7 +465,7 @@ def _directories(wanted: dict[str, Wanted], plan: Plan) -> set[str]:
     """
     wanted_dirs: set[str] = set()
     for path in wanted:
-        for a in _ancestors(path):
+        for a in ancestors(path):
             wanted_dirs.add(a)
     for path in list(wanted):
         if path in wanted_dirs and wanted[path].kind != object_keys.TARBALL:
@@ -535,7 +528,7 @@ def diff_manifest(m: Manifest, wanted: dict[str, Wanted], plan: Plan, *,
     ingested = {p + "/" for p, w in wanted.items() if w.kind == object_keys.TARBALL}
 
     def under_tarball(path: str) -> bool:
-        return bool(ingested) and any(a + "/" in ingested for a in _ancestors(path))
+        return bool(ingested) and any(a + "/" in ingested for a in ancestors(path))
 
     for path, want in wanted.items():
         rec = m.entries.get(path)

@@ -9,10 +9,10 @@ changes to overlapping paths (the same path, or one inside the other).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..staging.area import Entry
+from ..staging.area import Entry, ancestors
 
 
 @dataclass
@@ -26,14 +26,6 @@ class Phase:
     kind: str
     entries: list[Entry] = field(default_factory=list)
     parents: list[str] = field(default_factory=list)
-
-
-def _ancestors(path: str) -> Iterator[str]:
-    """``a/b/c`` -> ``a``, ``a/b`` (proper ancestors, shortest first)."""
-    idx = path.find("/")
-    while idx != -1:
-        yield path[:idx]
-        idx = path.find("/", idx + 1)
 
 
 def plan(entries: list[Entry], is_dir: Callable[[str], bool]) -> list[Phase]:
@@ -59,21 +51,21 @@ def plan(entries: list[Entry], is_dir: Callable[[str], bool]) -> list[Phase]:
 
     def constraint(path: str) -> int:
         lo = at.get(path, 0)
-        for a in _ancestors(path):
+        for a in ancestors(path):
             lo = max(lo, at.get(a, 0))
         return max(lo, below.get(path, 0))
 
     def parent_constraint(path: str) -> tuple[int, bool]:
         """For creating ``path``: what could remove it (itself, an ancestor, a
         deletion below it that prunes it) must come first."""
-        hits = [at[a] for a in (*_ancestors(path), path) if a in at]
+        hits = [at[a] for a in (*ancestors(path), path) if a in at]
         if path in below_txn:
             hits.append(below_txn[path])
         return max(hits, default=0), bool(hits)
 
     def record(path: str, value: int, txn: bool) -> None:
         at[path] = max(at.get(path, 0), value)
-        for a in _ancestors(path):
+        for a in ancestors(path):
             below[a] = max(below.get(a, 0), value)
             if txn:
                 below_txn[a] = max(below_txn.get(a, 0), value)

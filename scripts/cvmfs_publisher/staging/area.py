@@ -117,6 +117,15 @@ def entry_name(path: str) -> str:
     return hashlib.sha256(path.encode("utf-8")).hexdigest() + ".json"
 
 
+def ancestors(path: str) -> Iterator[str]:
+    """The proper ancestors of a repository path, shortest first: ``a``, ``a/b`` for
+    ``a/b/c``."""
+    idx = path.find("/")
+    while idx != -1:
+        yield path[:idx]
+        idx = path.find("/", idx + 1)
+
+
 class Staging:
     """Staging area of one repository."""
 

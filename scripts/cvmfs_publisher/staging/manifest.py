@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import durable
-from .area import Entry, Staging
+from .area import Entry, Staging, ancestors
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +110,29 @@ class Manifest:
         return published_revision is not None and self.revision == published_revision
 
     def apply(self, entries: Iterable[Entry]) -> None:
-        """Fold a published batch in: a path's record replaced, or removed with its subtree."""
+        """Fold a published batch in: a path's record replaced, or removed with its subtree.
+
+        Which paths have a subtree is known from the set of every record's
+        ancestors, built once per batch: looking for a subtree by scanning
+        every record for each entry made a batch of 1,000 onto a manifest of
+        19,000 paths cost 1.2 s of the sync daemon's CPU (and its interpreter
+        lock, which the other repositories' publishes wait for).
+        """
+        parents: set[str] | None = None
         for e in entries:
-            self._remove_subtree(e.path)
+            self.entries.pop(e.path, None)
+            if parents is None:
+                parents = {a for p in self.entries for a in ancestors(p)}
+            if e.path in parents:  # a directory replaced or deleted: its subtree goes
+                prefix = e.path + "/"
+                for p in [p for p in self.entries if p.startswith(prefix)]:
+                    del self.entries[p]
+                parents = None  # rare: rebuilt for the next entry
             rec = record_of(e)
             if rec is not None:
                 self.entries[e.path] = rec
-
-    def _remove_subtree(self, path: str) -> None:
-        self.entries.pop(path, None)
-        prefix = path + "/"
-        if any(p.startswith(prefix) for p in self.entries):
-            for p in [p for p in self.entries if p.startswith(prefix)]:
-                del self.entries[p]
+                if parents is not None:
+                    parents.update(ancestors(e.path))
 
     def to_bytes(self) -> bytes:
         return json.dumps({
