@@ -138,10 +138,11 @@ def test_files_overwrites_names_deletes_copy_multipart_tarballs(env: Env) -> Non
     assert f'repository={r.repository} key="cvmfs/emptydir/" outcome=ignored' in text
     # Staging holds entries and objects, nothing shaped like the repository tree.
     root = env.staging_dir / r.repository
-    # (.active: the consumer term; manifest.json: rebuilt by the anti-entropy's reconcile
-    # when it ran before the stop.)
+    # (.active: the consumer term; manifest.json and its writers' .manifest.lock: rebuilt
+    # by the anti-entropy's reconcile when it ran before the stop.)
     names = {p.name for p in root.iterdir()}
-    assert names - {"manifest.json"} == {".active", ".lock", "objects", "pending", "tmp"}
+    assert names - {"manifest.json", ".manifest.lock"} == {
+        ".active", ".lock", "objects", "pending", "tmp"}
     assert list((root / "tmp").iterdir()) == []
     for p in root.rglob("*"):
         assert not p.is_symlink()
