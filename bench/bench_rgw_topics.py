@@ -39,27 +39,11 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
 from cvmfs_publisher.core import config  # noqa: E402
 from devstack import ceph as ceph_mod  # noqa: E402
-from devstack.common import sigterm_as_interrupt  # noqa: E402
+from devstack.common import idle_cpu, sigterm_as_interrupt  # noqa: E402
 from devstack.rabbitmq import RabbitNode  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 #: radosgw looks for queues it does not own yet every 30 s (Q_LIST_UPDATE_MSEC)
 SETTLE = 35.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
-    """Share of one core each process used over ``seconds``."""
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    t0 = time.monotonic()
-    time.sleep(seconds)
-    took = time.monotonic() - t0
-    return {name: (cpu_seconds(pid) - before[name]) / took for name, pid in pids.items()}
 
 
 def main() -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import os
 import re
 import shutil
 import statistics
@@ -57,12 +56,10 @@ from cvmfs_publisher.adapters import amqp  # noqa: E402
 from cvmfs_publisher.adapters.rgw import RGW  # noqa: E402
 from cvmfs_publisher.pipeline import reconcile  # noqa: E402
 from devstack.ceph import Ceph  # noqa: E402
-from devstack.common import descendants, p95, sigterm_as_interrupt, wait_for  # noqa: E402
+from devstack.common import descendants, idle_cpu, p95, sigterm_as_interrupt, wait_for  # noqa: E402
 from devstack.rabbitmq import Broker  # noqa: E402
 from devstack.stack import DOMAIN, LocalServices, local_services, unique_label  # noqa: E402
 from tests.cvmfs_server_double import published_tree  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def wait(check: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
@@ -70,15 +67,6 @@ def wait(check: Callable[[], object], timeout: float, what: str, interval: float
 
 
 
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a daemon, its threads and its processes (download processes)."""
-    total = 0.0
-    for p in [pid, *descendants(pid)]:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / TICK
-    return total
 
 
 def rss_mib(pid: int) -> str:
@@ -155,11 +143,6 @@ def start(daemon: str, cfg_file: Path, env: dict[str, str], log: Path) -> subpro
         return subprocess.Popen([sys.executable, "-m", f"cvmfs_publisher.daemons.{daemon}",
                                  "--config", str(cfg_file)], env=env, stdout=out, stderr=out)
 
-
-def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
-    before = {n: cpu_seconds(p) for n, p in pids.items()}
-    time.sleep(seconds)
-    return {n: (cpu_seconds(p) - before[n]) / seconds for n, p in pids.items()}
 
 
 def keep_logs(work: Path) -> Path:

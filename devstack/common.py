@@ -68,6 +68,27 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+#: clock ticks per second of /proc/<pid>/stat's CPU times
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, its threads and its descendants (download processes)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """Share of one core each process (with its descendants) used over ``seconds``."""
+    before = {n: cpu_seconds(p) for n, p in pids.items()}
+    time.sleep(seconds)
+    return {n: (cpu_seconds(p) - before[n]) / seconds for n, p in pids.items()}
+
+
 def kill_process(proc: subprocess.Popen | int, sig: int = signal.SIGTERM,
                  timeout: float = 10.0) -> None:
     """Signal a process (Popen or pid) and wait until it is gone or a zombie."""
