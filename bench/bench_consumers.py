@@ -18,7 +18,11 @@ devstack; the machine's broker is left alone), with production defaults
    from the first staged entry to the last, and its ratio to the raw GET rate
    (target >= 0.8). ``--fetch threads processes`` runs this with the fetches
    on the download threads and in download processes
-   (``consumers.download_processes``, the default), one after the other.
+   (``consumers.download_processes``, the default), one after the other;
+5. the CPU each process used per GET (raw) and per event (the daemon): the
+   client (the GET threads; the daemon with its download processes),
+   radosgw, ceph-osd, ceph-mon, the broker. On a 2-core host where RGW
+   shares the cores, the rates compare these sums.
 
 ``--repositories N`` spreads the events over N repositories (staging takes
 a per-repository lock for each entry, so this shows how far the pipeline
@@ -81,7 +85,7 @@ from cvmfs_publisher.daemons.repo_consumers import NAME, RepoConsumers  # noqa: 
 from cvmfs_publisher.staging.area import Staging  # noqa: E402
 from devstack import ceph as ceph_mod  # noqa: E402
 from devstack import tls  # noqa: E402
-from devstack.common import descendants, sigterm_as_interrupt  # noqa: E402
+from devstack.common import cpu_seconds, descendants, sigterm_as_interrupt  # noqa: E402
 from devstack.rabbitmq import Broker, RabbitCluster, RabbitNode  # noqa: E402
 from tests.consumers.support import Pattern  # noqa: E402
 
@@ -98,6 +102,10 @@ class Bench:
 
     def __init__(self, work: Path, broker: Broker, ceph: ceph_mod.Ceph, vhost: str) -> None:
         self.work, self.broker, self.ceph, self.vhost = work, broker, ceph, vhost
+        #: the services' processes (each with its descendants), for the CPU figures
+        self.services: dict[str, list[int]] = {
+            "radosgw": [ceph.procs["rgw"].pid], "ceph-osd": [ceph.procs["osd"].pid],
+            "ceph-mon": [ceph.procs["mon.a"].pid]}
         self.env = {"CVMFS_PUBLISHER_AMQP__PASSWORD": broker.password,
                     "CVMFS_PUBLISHER_S3__ACCESS_KEY": ceph.access_key,
                     "CVMFS_PUBLISHER_S3__SECRET_KEY": ceph.secret_key,
@@ -125,6 +133,13 @@ class Bench:
         for name, values in sections.items():
             raw.setdefault(name, {}).update(values)
         return config.from_mapping(raw, env=self.env)
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far: each service, and ``client`` (this process and the rest of
+        its descendants: the raw GET threads, or the daemon and its download processes)."""
+        out = {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.services.items()}
+        out["client"] = cpu_seconds(os.getpid()) - sum(out.values())
+        return out
 
     def connection(self) -> pika.BlockingConnection:
         return amqp.connect(self.config().amqp, "bench")
@@ -199,11 +214,20 @@ def throughput(b: Bench, events: int, size: int, downloads: int,
         gets = {"boto3": lambda nk: read(adapter.s3.get_object(Bucket=nk[0], Key=nk[1])),
                 "adapter": lambda nk: read(adapter.get_object(nk[0], nk[1]))}
 
+        cpu: dict[str, list[dict[str, float]]] = {}  # per GET or event, each run
+
+        def per_event(before: dict[str, float], count: int) -> dict[str, float]:
+            after = b.cpu()
+            return {n: (after[n] - before[n]) * 1000 / count for n in after}
+
         def raw(how: str) -> float:
+            c0 = b.cpu()
             t0 = time.monotonic()
             with ThreadPoolExecutor(downloads) as pool:
                 list(pool.map(gets[how], keys))
-            return events / (time.monotonic() - t0)
+            took = time.monotonic() - t0
+            cpu.setdefault(how, []).append(per_event(c0, events))
+            return events / took
         raw_before = {how: raw(how) for how in gets}
 
         logs.setup(NAME, cfg.log.dir, "INFO", stdout=False)
@@ -221,7 +245,9 @@ def throughput(b: Bench, events: int, size: int, downloads: int,
         thread = threading.Thread(target=daemon.run, daemon=True)
         thread.start()
         first = wait("first staged", lambda: committed() >= 1, 60, 0.005)
+        c0, n0 = b.cpu(), committed()
         last = wait("all staged", lambda: committed() >= events, 600, 0.005)
+        cpu["consumer"] = [per_event(c0, events - n0)]
         daemon.request_stop()
         thread.join(timeout=30)
         if staged() < events:
@@ -236,7 +262,9 @@ def throughput(b: Bench, events: int, size: int, downloads: int,
                 "raw_before": raw_before[how], "raw_after": raw_after[how],
                 "raw_boto3": means["boto3"], "raw_adapter": means["adapter"],
                 "consumer": rate, "ratio": rate / means[how],
-                "ratio_boto3": rate / means["boto3"]}
+                "ratio_boto3": rate / means["boto3"],
+                "cpu_ms": {k: {n: sum(r[n] for r in runs) / len(runs) for n in runs[0]}
+                           for k, runs in cpu.items()}}
     finally:
         for name in names:
             b.teardown(rgw, name)
@@ -359,6 +387,9 @@ def main() -> None:
             broker.api("PUT", f"/api/permissions/{quoted}/{broker.user}",
                        {"configure": ".*", "write": ".*", "read": ".*"})
             b = Bench(work, broker, ceph, vhost)
+            nodes = started.nodes if kind == "cluster" else [started]
+            b.services["broker"] = [p.pid for node in nodes for p in (node.proc, node.epmd)
+                                    if p is not None]
             for downloads in args.downloads:
                 for fetch in args.fetch:
                     r = throughput(b, args.events, args.size, downloads, args.repositories,
@@ -374,6 +405,10 @@ def main() -> None:
                           f"{r['consumer']:.0f} events/s, ratio {r['ratio']:.2f} "
                           f"(target >= 0.8; to boto3's rate {r['ratio_boto3']:.2f})",
                           flush=True)
+                    print("  CPU per GET or event, ms: " + "; ".join(
+                        f"{what}: " + ", ".join(f"{n} {v:.2f}" for n, v in ms.items())
+                        + f", all {sum(ms.values()):.2f}"
+                        for what, ms in r["cpu_ms"].items()), flush=True)
         if len(kinds) == 2:
             for downloads in args.downloads:
                 plain = results[f"plain downloads={downloads}"]["consumer"]
