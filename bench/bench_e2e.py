@@ -51,8 +51,6 @@ from tests.cvmfs_server_double import calls, published_tree  # noqa: E402
 DAEMONS = ("publisher_consumer", "repo_consumers", "repo_sync")
 
 
-
-
 def watch_events(cfg, label: str, events: dict[str, float], stop: threading.Event) -> None:
     """A queue of our own next to the repository's: when each S3 event reached the broker."""
     conn = amqp.connect(cfg.amqp, "bench-events")

@@ -66,9 +66,6 @@ def wait(check: Callable[[], object], timeout: float, what: str, interval: float
     wait_for(what, lambda: bool(check()), timeout, interval=interval)
 
 
-
-
-
 def rss_mib(pid: int) -> str:
     """A daemon's memory: its RSS, and with processes of its own their PSS summed
     (shared pages counted once, split among the processes sharing them)."""
@@ -142,7 +139,6 @@ def start(daemon: str, cfg_file: Path, env: dict[str, str], log: Path) -> subpro
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen([sys.executable, "-m", f"cvmfs_publisher.daemons.{daemon}",
                                  "--config", str(cfg_file)], env=env, stdout=out, stderr=out)
-
 
 
 def keep_logs(work: Path) -> Path:
