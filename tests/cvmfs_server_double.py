@@ -63,7 +63,8 @@ Recording under ``<root>/double/``:
 
 - ``calls.jsonl``: one JSON object per finished invocation: ``argv`` (arguments
   after the program name), ``prog``, ``command``, ``repo``, ``cwd``, ``pid``,
-  ``rc``, ``start``, ``end`` (epoch seconds), ``stdout``, ``stderr``. A running (or
+  ``nice`` (the process's niceness), ``rc``, ``start``, ``end`` (epoch
+  seconds), ``stdout``, ``stderr``. A running (or
   killed) invocation is in ``running/<pid>-<ns>.json`` until it ends; ``calls()``
   returns those with ``rc`` None.
 - ``<repo>/revisions/<n>.json``: ``repository``, ``revision``, ``tag``,
@@ -2785,6 +2786,7 @@ def main(argv: list[str] | None = None) -> int:
         "repo": None,
         "cwd": cwd,
         "pid": os.getpid(),
+        "nice": os.nice(0),
         "start": started,
     }
     running = _double_dir(root) / "running" / f"{os.getpid()}-{time.time_ns()}.json"

@@ -146,6 +146,27 @@ def test_same_path_staged_twice_keeps_the_latest(env: SyncEnv) -> None:
     assert env.clean()  # the replaced object was dropped too
 
 
+def test_a_bulk_publish_runs_nicer(env: SyncEnv) -> None:
+    """A publish of many entries or bytes yields the CPU to the small ones (sync.bulk_*)."""
+    base = os.nice(0)
+    for i in range(3):
+        env.put(f"small/{i}", b"x")
+    env.publisher(sync={"bulk_entries": 3}).publish(REPO)  # not more than 3: not bulk
+    for i in range(4):
+        env.put(f"many/{i}", b"x")
+    env.publisher(sync={"bulk_entries": 3, "bulk_nice": 7}).publish(REPO)
+    env.put("big", b"x" * 2048)
+    env.publisher(sync={"bulk_bytes": 1024}).publish(REPO)
+    for i in range(4):
+        env.put(f"off/{i}", b"x")
+    env.publisher(sync={"bulk_entries": 3, "bulk_nice": 0}).publish(REPO)
+
+    assert [c["nice"] for c in env.calls("publish")] == [
+        base, min(19, base + 7), min(19, base + 10), base]
+    assert {c["nice"] for c in env.calls("transaction")} == {base}  # only the publish
+    assert len(env.revisions()) == 4 and env.clean()
+
+
 def test_nothing_pending_publishes_nothing(env: SyncEnv) -> None:
     assert env.publisher().publish(REPO) is None
     env.put("f", b"x")

@@ -212,8 +212,12 @@ class CvmfsServer:
     # -- running -------------------------------------------------------------------------
 
     def run(self, step: str, repo: str, args: Sequence[str], stdin: IO[bytes] | None = None,
-            check: bool = True, timeout: float | None = None) -> Result:
-        """Run ``cvmfs_server <args>``; raise :class:`CvmfsError` (or a subclass) on failure."""
+            check: bool = True, timeout: float | None = None, nice: int = 0) -> Result:
+        """Run ``cvmfs_server <args>``; raise :class:`CvmfsError` (or a subclass) on failure.
+
+        ``nice``: added to the command's niceness (a bulk publish, see
+        ``sync.bulk_nice``); it holds for every process the tool starts.
+        """
         argv = [self.command, *args]
         t0 = time.monotonic()
         env = None if self.env is None else {**os.environ, **self.env}
@@ -223,7 +227,7 @@ class CvmfsServer:
                 argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/",
                 start_new_session=True,
-                preexec_fn=functools.partial(_die_with_parent, os.getpid()),  # noqa: PLW1509
+                preexec_fn=functools.partial(_child_setup, os.getpid(), nice),  # noqa: PLW1509
             )
         except OSError as exc:
             raise CvmfsError(step, repo, -1, "", f"cannot run {self.command}: {exc.strerror}") \
@@ -321,11 +325,11 @@ class CvmfsServer:
     def transaction(self, repo: str) -> Result:
         return self.run("transaction", repo, ["transaction", repo])
 
-    def publish(self, repo: str, message: str = "") -> Result:
+    def publish(self, repo: str, message: str = "", nice: int = 0) -> Result:
         args = ["publish"]
         if message:
             args += ["-m", message]
-        return self.run("publish", repo, [*args, repo])
+        return self.run("publish", repo, [*args, repo], nice=nice)
 
     def abort(self, repo: str) -> Result:
         return self.run("abort", repo, ["abort", "-f", repo])
@@ -361,6 +365,13 @@ class CvmfsServer:
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _PRCTL = _LIBC.prctl  # resolved here: the child between fork and exec only calls it
+
+
+def _child_setup(parent: int, nice: int) -> None:
+    """In the child before exec: :func:`_die_with_parent`, then ``nice`` if any."""
+    _die_with_parent(parent)
+    if nice:
+        os.nice(nice)  # one system call, like prctl: safe between fork and exec
 
 
 def _die_with_parent(parent: int) -> None:

@@ -14,6 +14,7 @@ RGW quirks respected here (measured, ``shared/ceph/README.md``):
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import functools
 import logging
@@ -22,6 +23,7 @@ import re
 import time
 import urllib.parse
 from typing import Any
+from xml.etree import ElementTree
 
 import boto3
 import botocore.exceptions
@@ -96,6 +98,43 @@ def _get_answer(resp: Any) -> dict[str, Any]:
         # botocore's header map: the name after the prefix, as sent
         "Metadata": {k[len(_META):]: v for k, v in h.items() if k.lower().startswith(_META)},
     }
+
+
+def _list_answer(document: bytes, bucket: str) -> dict[str, Any]:
+    """A ListObjectsV2 answer (``encoding-type=url``) as boto3's parser returns it."""
+    try:
+        # what botocore parses S3's answers with; expat (>= 2.4.1) bounds entity
+        # expansion and ElementTree resolves no external entity
+        root = ElementTree.fromstring(document)  # noqa: S314
+    except ElementTree.ParseError as exc:
+        raise Transient(f"RGW answered ListObjectsV2 {bucket} with a document that is not "
+                        f"XML ({exc}); listed again later") from None
+    ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    url = root.findtext(f"{ns}EncodingType") == "url"
+    contents = []
+    try:
+        for el in root.iterfind(f"{ns}Contents"):
+            key = el.findtext(f"{ns}Key") or ""
+            modified = el.findtext(f"{ns}LastModified")
+            contents.append({
+                "Key": urllib.parse.unquote_plus(key) if url else key,
+                "Size": int(el.findtext(f"{ns}Size") or 0),
+                "ETag": el.findtext(f"{ns}ETag") or "",
+                "LastModified": datetime.datetime.fromisoformat(modified)
+                if modified else None,
+            })
+    except ValueError as exc:
+        raise Transient(f"RGW answered ListObjectsV2 {bucket} with an unreadable entry "
+                        f"({exc}); listed again later") from None
+    page: dict[str, Any] = {"Contents": contents,
+                            "IsTruncated": root.findtext(f"{ns}IsTruncated") == "true"}
+    token = root.findtext(f"{ns}NextContinuationToken")
+    if token:
+        page["NextContinuationToken"] = token
+    elif page["IsTruncated"]:
+        raise Transient(f"RGW answered ListObjectsV2 {bucket} with a truncated page and no "
+                        "continuation token; listed again later")
+    return page
 
 
 def _client_error(resp: Any, operation: str) -> botocore.exceptions.ClientError:
@@ -377,25 +416,12 @@ class RGW:
         req.stream_output = stream
         return self.s3._endpoint.http_session.send(req.prepare())
 
-    def get_object(self, bucket: str, key: str) -> dict[str, Any]:
-        """GET ``bucket/key`` for the consumers: boto3's answer, for half its CPU.
+    def _request(self, url: str, operation: str) -> Any:
+        """A signed GET with the standard retry mode's retries; its 2xx answer, streamed.
 
-        The same as ``self.s3.get_object(Bucket=bucket, Key=key)`` for what the
-        consumers read: ``Body`` (a stream that checks its length), ``ETag``,
-        ``LastModified``, ``ContentLength``, ``Metadata``; a ``ClientError``
-        with the S3 error code and HTTP status; botocore's connection errors;
-        the standard retry mode's retries and back-off. Why: boto3's request
-        pipeline (parameter validation, endpoint rules, event hooks, response
-        parsing) costs 1.1 ms of CPU per 1 KiB GET on this project's machines,
-        this path 0.57 ms, and the consumers' downloads are CPU-bound (issue
-        14, B1; ``bench/bench_consumers.py``). Virtual-hosted addressing
-        (``s3.path_style: false``) and anonymous access keep boto3's call.
+        Non-2xx: a ``ClientError`` with the S3 error code and HTTP status, as
+        boto3 raises it; connection failures: botocore's exceptions.
         """
-        if not self.s3cfg.path_style or self._credentials is None:
-            return self.s3.get_object(Bucket=bucket, Key=key)
-        # botocore's rest-xml serialisation of {Bucket} and {Key+}
-        url = f"{self._base}/{urllib.parse.quote(bucket, safe='~')}/" \
-              f"{urllib.parse.quote(key.encode(), safe='/~')}"
         attempts = max(1, self.s3cfg.max_attempts)
         for attempt in range(attempts):
             last = attempt + 1 >= attempts
@@ -407,13 +433,69 @@ class RGW:
                 _retry_pause(attempt)
                 continue
             if resp.status_code < 300:
-                return _get_answer(resp)
-            error = _client_error(resp, "GetObject")
+                return resp
+            error = _client_error(resp, operation)
             if last or not (resp.status_code in _RETRY_STATUS
                             or error.response["Error"]["Code"] in _RETRY_CODES):
                 raise error
             _retry_pause(attempt)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _lean(self) -> bool:
+        """Can a request be signed by hand? Path-style addressing with credentials;
+        virtual-hosted addressing and anonymous access keep boto3's calls."""
+        return self.s3cfg.path_style and self._credentials is not None
+
+    def get_object(self, bucket: str, key: str) -> dict[str, Any]:
+        """GET ``bucket/key`` for the consumers: boto3's answer, for half its CPU.
+
+        The same as ``self.s3.get_object(Bucket=bucket, Key=key)`` for what the
+        consumers read: ``Body`` (a stream that checks its length), ``ETag``,
+        ``LastModified``, ``ContentLength``, ``Metadata``; a ``ClientError``
+        with the S3 error code and HTTP status; botocore's connection errors;
+        the standard retry mode's retries and back-off. Why: boto3's request
+        pipeline (parameter validation, endpoint rules, event hooks, response
+        parsing) costs 1.1 ms of CPU per 1 KiB GET on this project's machines,
+        this path 0.57 ms, and the consumers' downloads are CPU-bound (issue
+        14, B1; ``bench/bench_consumers.py``).
+        """
+        if not self._lean():
+            return self.s3.get_object(Bucket=bucket, Key=key)
+        # botocore's rest-xml serialisation of {Bucket} and {Key+}
+        url = f"{self._base}/{urllib.parse.quote(bucket, safe='~')}/" \
+              f"{urllib.parse.quote(key.encode(), safe='/~')}"
+        return _get_answer(self._request(url, "GetObject"))
+
+    def list_page(self, bucket: str, prefix: str, token: str | None = None,
+                  max_keys: int = 1000) -> dict[str, Any]:
+        """One ListObjectsV2 page as boto3's paginator yields it, for a fraction of its CPU.
+
+        What the anti-entropy reads: ``Contents`` (``Key``, ``Size``, ``ETag``,
+        ``LastModified`` as an aware datetime), ``IsTruncated``,
+        ``NextContinuationToken``. Keys travel URL-encoded
+        (``encoding-type=url``, as boto3 asks: a key may hold characters XML
+        cannot carry) and are decoded here as botocore does. Why: every
+        repository is reconciled every ``consumers.reconcile_interval``, and
+        at 1,000 repositories boto3's listing of an empty bucket was most of
+        the consumers' idle CPU (bench/bench_scale.py). An answer that does not
+        parse, or a truncated page without a token, is :class:`Transient`: a
+        partial listing must never reach the diff, where a missing key reads
+        as a deletion.
+        """
+        if not self._lean():
+            kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys}
+            if token:
+                kw["ContinuationToken"] = token
+            return self.s3.list_objects_v2(**kw)
+        params = {"encoding-type": "url", "list-type": "2", "max-keys": str(max_keys),
+                  "prefix": prefix}
+        if token:
+            params["continuation-token"] = token
+        # the canonical query of SigV4: sorted, every value quoted but -_.~
+        query = "&".join(f"{k}={urllib.parse.quote(v, safe='-_.~')}"
+                         for k, v in sorted(params.items()))
+        url = f"{self._base}/{urllib.parse.quote(bucket, safe='~')}?{query}"
+        return _list_answer(self._request(url, "ListObjectsV2").content, bucket)
 
     def delete_notification(self, bucket: str, repository: str = "") -> None:
         """RGW's ``DELETE /<bucket>?notification=<id>``, SigV4-signed by hand."""

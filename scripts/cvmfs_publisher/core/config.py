@@ -272,6 +272,12 @@ class SyncConfig:
     backoff_initial: float = 5.0
     backoff_max: float = 300.0
     transaction_retries: int = 10
+    #: a publish of more entries (or bytes) than this is a bulk publish: its
+    #: ``cvmfs_server`` runs at ``bulk_nice``, so that small publishes of other
+    #: repositories get the CPU first (0: no bulk publishes)
+    bulk_entries: int = 100
+    bulk_bytes: int = 64 << 20
+    bulk_nice: int = 10
 
 
 @dataclass
@@ -479,6 +485,10 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("sync.max_delay_seconds: must be >= sync.quiet_seconds >= 0")
     if cfg.sync.poll_interval <= 0 or cfg.sync.scan_interval < cfg.sync.poll_interval:
         raise ConfigError("sync.scan_interval: must be >= sync.poll_interval > 0")
+    if not 0 <= cfg.sync.bulk_nice <= 19:
+        raise ConfigError("sync.bulk_nice: must be in [0, 19] (a niceness added)")
+    if cfg.sync.bulk_entries < 0 or cfg.sync.bulk_bytes < 0:
+        raise ConfigError("sync.bulk_entries, sync.bulk_bytes: must be >= 0")
     if not cfg.s3.prefix.endswith("/"):
         raise ConfigError("s3.prefix: must end with '/'")
     _check_receipts(cfg.receipts, cfg.s3.prefix)

@@ -63,7 +63,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,20 +201,60 @@ class Plan:
 _DONE = object()
 
 
+def _page_reader(s3: Any, bucket: str, prefix: str) -> Callable[[str | None], dict[str, Any]]:
+    """``read(token)``: one ListObjectsV2 page, through the RGW adapter's lean
+    listing (:meth:`~cvmfs_publisher.adapters.rgw.RGW.list_page`) or a plain
+    boto3 client's call."""
+    if isinstance(s3, RGW):
+        return lambda token: s3.list_page(bucket, prefix, token)
+
+    def read(token: str | None) -> dict[str, Any]:
+        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+        if token:
+            kw["ContinuationToken"] = token
+        return s3.list_objects_v2(**kw)
+    return read
+
+
+def _next_token(page: dict[str, Any], seen: set[str]) -> str | None:
+    """The page's continuation token; None after the last page.
+
+    A token seen before would list the bucket forever (botocore's paginator
+    refuses it too): Transient, listed again later, never a partial listing.
+    """
+    if not page.get("IsTruncated"):
+        return None
+    token = page.get("NextContinuationToken")
+    if not token or token in seen:
+        raise Transient("ListObjectsV2: a truncated page without a new continuation token")
+    seen.add(token)
+    return token
+
+
 def _pages(s3: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
-    """ListObjectsV2 pages, the next one requested while this one is processed.
+    """ListObjectsV2 pages; from the second on, the next one requested while this
+    one is processed.
 
     Each page costs a round trip to RGW and some CPU here to map its keys;
-    overlapping them keeps a reconcile close to the cost of the bare listing.
+    overlapping them keeps a large reconcile close to the cost of the bare
+    listing. Most buckets fit in one page, which is read on the caller's
+    thread: at 1,000 repositories a thread per reconcile is a cost of its own.
     """
+    read = _page_reader(s3, bucket, prefix)
+    seen: set[str] = set()
+    first = read(None)
+    token = _next_token(first, seen)
+    yield first
+    if token is None:
+        return
     pages: queue.Queue[Any] = queue.Queue(maxsize=4)
     stop = threading.Event()
 
-    def produce() -> None:
+    def produce(token: str | None) -> None:
         try:
-            paginator = s3.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix,
-                                           PaginationConfig={"PageSize": 1000}):
+            while token is not None:
+                page = read(token)
+                token = _next_token(page, seen)
                 while not stop.is_set():
                     try:
                         pages.put(page, timeout=0.5)
@@ -227,7 +267,7 @@ def _pages(s3: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
         except BaseException as exc:  # handed to the consumer, raised there
             pages.put(exc)
 
-    thread = threading.Thread(target=produce, name="listing", daemon=True)
+    thread = threading.Thread(target=produce, args=(token,), name="listing", daemon=True)
     thread.start()
     try:
         while True:
@@ -669,13 +709,13 @@ def reconcile(cfg: Config, repo: str, dry_run: bool = False, *, s3: Any = None,
                f"{revision if revision is not None else 'unreadable'}")
         raise ReconcileError(f"{root} is not a mounted repository and {why}: provision it "
                              "first (or mount the published tree here)", repo)
+    if s3 is None:
+        s3 = RGW(cfg.s3, max_pool_connections=max(10, (workers or 0) * 2))
     client = getattr(s3, "s3", s3)
-    if client is None:
-        client = RGW(cfg.s3, max_pool_connections=max(10, (workers or 0) * 2)).s3
     n = workers or max(4, cfg.consumers.downloads)
     listed_at = time.time()
     try:
-        wanted = list_bucket(client, bucket, cfg.s3.prefix, cfg.cvmfs.tarball_dir, plan)
+        wanted = list_bucket(s3, bucket, cfg.s3.prefix, cfg.cvmfs.tarball_dir, plan)
     except Exception as exc:
         raise classify(exc, f"ListObjectsV2 {bucket}", repo) from None
     etags = {p: w.etag for p, w in wanted.items()}

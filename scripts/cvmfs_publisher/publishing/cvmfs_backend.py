@@ -42,8 +42,8 @@ class CvmfsBackend:
     def writer(self, repo: str) -> Tree:
         return Tree(self.server.union(repo))
 
-    def publish(self, repo: str) -> Result:
-        return self.server.publish(repo)
+    def publish(self, repo: str, nice: int = 0) -> Result:
+        return self.server.publish(repo, nice=nice)
 
     def abort(self, repo: str) -> Result:
         return self.server.abort(repo)
