@@ -22,7 +22,10 @@ defaults (retry delays, refresh interval, publishing windows) and prints:
   on its queue (target < 5 s);
 - one hot repository receiving ``--hot`` uploads vs a quiet repository's
   single upload: the quiet upload's PUT -> published latency under that load
-  minus its latency alone, p95 over ``--trials`` trials (target <= 1 s).
+  minus its latency alone, p95 over ``--trials`` trials (target <= 1 s); and,
+  as its reference, RGW's event delay for a quiet topic under the same load
+  (a probe bucket, its events on an exchange the daemons do not serve) and
+  the same delay without it: the publisher's own share.
 
 Figures only, no assertions. Leaves nothing behind, also on failure, Ctrl-C
 or SIGTERM (daemons, mounts, services, their temporary directory), except
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import re
 import shutil
 import statistics
@@ -45,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -135,6 +140,80 @@ class Announcements:
         self._thread.join(10)
 
 
+class Probe:
+    """RGW's event delay for a quiet topic, measured beside the quiet uploads.
+
+    A bucket of its own with a persistent topic like a repository's, but on
+    an exchange of its own (``bench-probe``): the consumers never see it (they
+    serve the queues bound to ``notification``), this bench consumes its
+    queue and notes when each object's event arrives. A probe object PUT next
+    to each quiet upload tells how late RGW's push (and the broker) delivered
+    an event of a quiet topic under the same load, so that the quiet
+    upload's latency can be read without it.
+    """
+
+    EXCHANGE = "bench-probe"
+
+    def __init__(self, cfg, rgw: RGW) -> None:
+        self.cfg, self.rgw = cfg, rgw
+        self.bucket = unique_label("probe")
+        self.put_at: dict[str, float] = {}
+        self.arrived: dict[str, float] = {}
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        rgw.s3.create_bucket(Bucket=self.bucket)
+        # One exchange per push-endpoint URL (shared/ceph/README.md item 3): on the
+        # repositories' URL this topic's exchange failed their pushes ("AMQP
+        # connect: exchange mismatch"). It reaches the same broker under the other
+        # name of loopback.
+        attributes = rgw.topic_attributes(self.EXCHANGE)
+        url = urllib.parse.urlsplit(attributes["push-endpoint"])
+        other = "localhost" if url.hostname == "127.0.0.1" else "127.0.0.1"
+        cred, at, where = url.netloc.rpartition("@")
+        where = where.replace(str(url.hostname), other, 1)
+        attributes["push-endpoint"] = url._replace(netloc=cred + at + where).geturl()
+        arn = rgw.sns.create_topic(Name=self.bucket, Attributes=attributes)["TopicArn"]
+        rgw.put_notification(self.bucket, arn, cfg.s3.prefix)
+
+    def _run(self) -> None:
+        conn = amqp.connect(self.cfg.amqp, "bench-probe")
+        ch = conn.channel()
+        ch.exchange_declare(self.EXCHANGE, exchange_type="topic", durable=True)
+        ch.queue_declare(self.bucket, exclusive=True)
+        ch.queue_bind(self.bucket, self.EXCHANGE, routing_key=self.bucket)
+
+        def on_message(ch, method, props, body) -> None:
+            now = time.monotonic()
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                for record in json.loads(body)["Records"]:
+                    self.arrived.setdefault(record["s3"]["object"]["key"], now)
+        ch.basic_consume(self.bucket, on_message, auto_ack=True)
+        self._ready.set()
+        while not self._stop.is_set():
+            conn.process_data_events(time_limit=0.05)
+        conn.close()
+
+    def put(self, name: str) -> None:
+        key = f"{self.cfg.s3.prefix}{name}"
+        self.put_at[key] = time.monotonic()
+        self.rgw.s3.put_object(Bucket=self.bucket, Key=key, Body=b"p")
+
+    def delay(self, name: str, timeout: float = 300) -> float | None:
+        """PUT -> event delivered, in s (None: not delivered within ``timeout``)."""
+        key = f"{self.cfg.s3.prefix}{name}"
+        deadline = time.monotonic() + timeout
+        while key not in self.arrived and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.arrived[key] - self.put_at[key] if key in self.arrived else None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 def start(daemon: str, cfg_file: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen([sys.executable, "-m", f"cvmfs_publisher.daemons.{daemon}",
@@ -168,7 +247,7 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     with local_services("bench-scale-") as services:
         procs: dict[str, subprocess.Popen] = {}
-        announcements: list[Announcements] = []
+        announcements: list[Announcements | Probe] = []
         try:
             measure(services, args, procs, announcements)
         except BaseException:
@@ -218,6 +297,8 @@ def measure(services: LocalServices, args: argparse.Namespace,
 
     ann = Announcements(cfg)
     announcements.append(ann)
+    probe = Probe(cfg, rgw)  # long before the trials: a new topic's first events come late
+    announcements.append(probe)
     for i in range(args.provisioners):
         procs[f"publisher_consumer-{i}"] = start("publisher_consumer", cfg_file, env,
                                                  work / f"publisher-{i}.out")
@@ -303,14 +384,14 @@ def measure(services: LocalServices, args: argparse.Namespace,
     conn.close()
 
     hot_vs_quiet(rgw, ceph, double.root, labels[0], labels[1:1 + args.trials], args.hot,
-                 work / "log")
+                 work / "log", probe)
     # the download processes exist once there was something to download
     print(f"consumers after the hot/quiet phase: RSS {rss_mib(procs['repo_consumers'].pid)} "
           "(target < 300 MiB)", flush=True)
 
 
 def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
-                 uploads: int, logs: Path) -> None:
+                 uploads: int, logs: Path, probe: Probe) -> None:
     """The quiet repositories' single uploads, alone and while ``hot`` takes a burst.
 
     radosgw 16.2 segfaults now and then while it pushes notifications
@@ -318,14 +399,19 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
     on a restarted radosgw.
     """
     puts: dict[tuple[str, str], float] = {}  # (repository, name): wall-clock time of the PUT
+    #: (name, PUT -> published, the probe's PUT -> event delivered or None), every upload
+    samples: list[tuple[str, float, float | None]] = []
 
     def quiet_upload(label: str, name: str) -> float:
         tree = Path(published_tree(root, f"{label}.{DOMAIN}"))
         t0 = time.monotonic()
+        probe.put(f"{label}-{name}")
         puts[(f"{label}.{DOMAIN}", name)] = time.time()
         rgw.s3.put_object(Bucket=label, Key=f"cvmfs/q/{name}", Body=b"q" * 1024)
         wait((tree / "q" / name).exists, 300, f"{label} {name} published")
-        return time.monotonic() - t0
+        took = time.monotonic() - t0
+        samples.append((name, took, probe.delay(f"{label}-{name}")))
+        return took
 
     def trial(pool: ThreadPoolExecutor, n: str, label: str) -> float:
         futures = [pool.submit(rgw.s3.put_object, Bucket=hot,
@@ -378,6 +464,20 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
           f"{statistics.median(loaded):.2f} s p95 {p95(loaded):.2f} s; delay p95 "
           f"{p95(delays):.2f} s over {len(quiet)} trials (target <= 1 s; "
           f"{crashes} radosgw crashes)", flush=True)
+    # Without RGW's push: each upload's latency less its probe's event delay.
+    net = {kind: [took - d for name, took, d in samples if name.startswith(kind) and d is not None]
+           for kind in ("alone", "loaded")}
+    pushed = {kind: [d for name, _, d in samples if name.startswith(kind) and d is not None]
+              for kind in ("alone", "loaded")}
+    if net["alone"] and net["loaded"]:
+        base_net = statistics.median(net["alone"])
+        print(f"  RGW's event delay for a quiet topic (a probe bucket's PUT beside each quiet "
+              f"upload): alone p50 {statistics.median(pushed['alone']):.2f} s p95 "
+              f"{p95(pushed['alone']):.2f} s, during the burst p50 "
+              f"{statistics.median(pushed['loaded']):.2f} s p95 {p95(pushed['loaded']):.2f} s; "
+              f"the delay without it (the publisher's share): p95 "
+              f"{p95([x - base_net for x in net['loaded']]):.2f} s over "
+              f"{len(net['loaded'])} trials (target <= 1 s)", flush=True)
     for kind in ("alone", "loaded"):
         staged, published = stages(logs, {k: t for k, t in puts.items()
                                           if k[1].startswith(kind)})
