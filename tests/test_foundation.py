@@ -194,6 +194,36 @@ def test_status_document_atomic(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_status_document_tracks_every_change_between_writes(tmp_path: Path) -> None:
+    """The repositories' part is encoded again only when it changed: never a stale one."""
+    path = tmp_path / "d.json"
+    st = StatusDocument(path, "cvmfs-repo-consumers", min_interval=0)
+
+    def written() -> dict:
+        st.flush(force=True)
+        doc = read_status(path)
+        assert doc == json.loads(json.dumps(st.snapshot()))  # what memory holds, always
+        del doc["updated"]  # new at every write
+        return doc
+
+    st.repo("a.infn.it", pending=1, queue_depth=0)
+    st.repo("b.infn.it", pending=0)
+    first = written()
+    st.repo("a.infn.it", pending=1, queue_depth=0)  # no change: the same part again
+    assert written()["repositories"] == first["repositories"]
+    for change in (lambda: st.repo("a.infn.it", pending=2),
+                   lambda: st.repo("c.infn.it"),
+                   lambda: st.incr("b.infn.it", "errors"),
+                   lambda: st.drop_repo("a.infn.it"),
+                   lambda: st.set(healthy=False)):
+        before = written()
+        change()
+        assert written() != before
+    doc = written()
+    assert set(doc["repositories"]) == {"b.infn.it", "c.infn.it"}
+    assert doc["repositories"]["b.infn.it"]["errors"] == 1 and doc["healthy"] is False
+
+
 @pytest.mark.parametrize(("daemon", "has_broker"), [
     ("publisher-consumer", True), ("cvmfs-repo-consumers", True), ("cvmfs-repo-sync", False)])
 def test_broker_connected_only_for_daemons_with_a_broker(

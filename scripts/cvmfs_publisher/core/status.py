@@ -114,6 +114,9 @@ class StatusDocument:
         self.min_interval = min_interval
         self._lock = threading.Lock()
         self._last_flush = 0.0
+        #: the repositories' part as last encoded, and the change count it was encoded at
+        self._repos_changes = 0
+        self._repos_text: tuple[int, str] | None = None
         self._doc: dict[str, Any] = {
             "daemon": daemon,
             "version": __version__,
@@ -136,21 +139,30 @@ class StatusDocument:
     def repo(self, name: str, **fields: Any) -> None:
         """Create or update one repository's entry."""
         with self._lock:
-            entry = self._doc["repositories"].setdefault(name, dict(REPO_DEFAULTS))
-            entry.update(fields)
+            repos = self._doc["repositories"]
+            entry = repos.get(name)
+            if entry is None:
+                entry = repos[name] = dict(REPO_DEFAULTS)
+                self._repos_changes += 1
+            for key, value in fields.items():
+                if entry.get(key) != value:
+                    entry[key] = value
+                    self._repos_changes += 1
 
     def incr(self, name: str, field: str, by: int = 1) -> None:
         """Add ``by`` to a repository counter (and to the daemon total for dead letters)."""
         with self._lock:
             entry = self._doc["repositories"].setdefault(name, dict(REPO_DEFAULTS))
             entry[field] = entry.get(field, 0) + by
+            self._repos_changes += 1
             if field == "dead_lettered":
                 self._doc["dead_lettered"] += by
 
     def drop_repo(self, name: str) -> None:
         """Forget a repository (deprovisioned)."""
         with self._lock:
-            self._doc["repositories"].pop(name, None)
+            if self._doc["repositories"].pop(name, None) is not None:
+                self._repos_changes += 1
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy of the current document."""
@@ -166,11 +178,27 @@ class StatusDocument:
         now = time.time()
         if not force and now - self._last_flush < self.min_interval:
             return
-        with self._lock:
+        with self._lock:  # under the lock: no copy of the document needed
             self._doc["updated"] = now
-            text = encode(self._doc)  # under the lock: no copy of the document needed
+            text = self._encode()
         _replace(self.path, text)
         self._last_flush = now
+
+
+    def _encode(self) -> str:
+        """:func:`encode` of the document, the repositories' part re-encoded only when
+        it changed (lock held).
+
+        Why: with 1,000 repositories that part is most of the document (350
+        KB), encoding it took 14 ms, and an idle daemon writes the document
+        every ``status.interval`` with nothing else changed but ``updated``.
+        """
+        repos = self._repos_text
+        if repos is None or repos[0] != self._repos_changes:
+            repos = self._repos_text = (self._repos_changes,
+                                        encode(self._doc["repositories"]).rstrip("\n"))
+        head = encode({k: v for k, v in self._doc.items() if k != "repositories"})
+        return f'{head.rstrip().removesuffix("}")},"repositories":{repos[1]}}}\n'
 
 
 def read_status(path: Path) -> dict[str, Any]:
