@@ -24,7 +24,7 @@ defaults (retry delays, refresh interval, publishing windows) and prints:
   single upload: the quiet upload's PUT -> published latency under that load
   minus its latency alone, p95 over ``--trials`` trials (target <= 1 s); and,
   as its reference, RGW's event delay for a quiet topic under the same load
-  (a probe bucket, its events on an exchange the daemons do not serve) and
+  (a probe bucket, its events on a queue the daemons do not serve) and
   the same delay without it: the publisher's own share.
 
 Figures only, no assertions. Leaves nothing behind, also on failure, Ctrl-C
@@ -49,7 +49,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -143,16 +142,17 @@ class Announcements:
 class Probe:
     """RGW's event delay for a quiet topic, measured beside the quiet uploads.
 
-    A bucket of its own with a persistent topic like a repository's, but on
-    an exchange of its own (``bench-probe``): the consumers never see it (they
-    serve the queues bound to ``notification``), this bench consumes its
-    queue and notes when each object's event arrives. A probe object PUT next
-    to each quiet upload tells how late RGW's push (and the broker) delivered
-    an event of a quiet topic under the same load, so that the quiet
-    upload's latency can be read without it.
+    A bucket with a persistent topic exactly like a repository's (the same
+    push endpoint, so the same AMQP connection of radosgw, and the same
+    exchange), whose events go to a queue the consumers do not serve: its
+    name, ``bench_probe``, is no repository label, so their discovery skips
+    it. This bench consumes it and notes when each object's event arrives. A
+    probe object PUT next to each quiet upload tells how late RGW and the
+    broker delivered an event of a quiet topic under the same load, so that
+    the quiet upload's latency can be read without it.
     """
 
-    EXCHANGE = "bench-probe"
+    QUEUE = "bench_probe"
 
     def __init__(self, cfg, rgw: RGW) -> None:
         self.cfg, self.rgw = cfg, rgw
@@ -165,32 +165,23 @@ class Probe:
         self._thread.start()
         self._ready.wait(30)
         rgw.s3.create_bucket(Bucket=self.bucket)
-        # One exchange per push-endpoint URL (shared/ceph/README.md item 3): on the
-        # repositories' URL this topic's exchange failed their pushes ("AMQP
-        # connect: exchange mismatch"). It reaches the same broker under the other
-        # name of loopback.
-        attributes = rgw.topic_attributes(self.EXCHANGE)
-        url = urllib.parse.urlsplit(attributes["push-endpoint"])
-        other = "localhost" if url.hostname == "127.0.0.1" else "127.0.0.1"
-        cred, at, where = url.netloc.rpartition("@")
-        where = where.replace(str(url.hostname), other, 1)
-        attributes["push-endpoint"] = url._replace(netloc=cred + at + where).geturl()
-        arn = rgw.sns.create_topic(Name=self.bucket, Attributes=attributes)["TopicArn"]
+        arn = rgw.create_topic(self.bucket, cfg.amqp.notification_exchange)
         rgw.put_notification(self.bucket, arn, cfg.s3.prefix)
 
     def _run(self) -> None:
         conn = amqp.connect(self.cfg.amqp, "bench-probe")
         ch = conn.channel()
-        ch.exchange_declare(self.EXCHANGE, exchange_type="topic", durable=True)
-        ch.queue_declare(self.bucket, exclusive=True)
-        ch.queue_bind(self.bucket, self.EXCHANGE, routing_key=self.bucket)
+        exchange = self.cfg.amqp.notification_exchange
+        ch.exchange_declare(exchange, exchange_type="topic", durable=True)  # as the daemons
+        ch.queue_declare(self.QUEUE, exclusive=True)
+        ch.queue_bind(self.QUEUE, exchange, routing_key=self.bucket)
 
         def on_message(ch, method, props, body) -> None:
             now = time.monotonic()
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 for record in json.loads(body)["Records"]:
                     self.arrived.setdefault(record["s3"]["object"]["key"], now)
-        ch.basic_consume(self.bucket, on_message, auto_ack=True)
+        ch.basic_consume(self.QUEUE, on_message, auto_ack=True)
         self._ready.set()
         while not self._stop.is_set():
             conn.process_data_events(time_limit=0.05)
