@@ -144,12 +144,13 @@ class Probe:
 
     A bucket with a persistent topic exactly like a repository's (the same
     push endpoint, so the same AMQP connection of radosgw, and the same
-    exchange), whose events go to a queue the consumers do not serve: its
-    name, ``bench_probe``, is no repository label, so their discovery skips
-    it. This bench consumes it and notes when each object's event arrives. A
-    probe object PUT next to each quiet upload tells how late RGW and the
-    broker delivered an event of a quiet topic under the same load, so that
-    the quiet upload's latency can be read without it.
+    exchange), whose events go to a quorum queue like a repository's that
+    the consumers do not serve: its name, ``bench_probe``, is no repository
+    label, so their discovery skips it. This bench consumes it and notes
+    when each object's event arrives. A probe object PUT next to each quiet
+    upload tells how late RGW and the broker delivered an event of a quiet
+    topic under the same load, so that the quiet upload's latency can be
+    read without it.
     """
 
     QUEUE = "bench_probe"
@@ -173,7 +174,8 @@ class Probe:
         ch = conn.channel()
         exchange = self.cfg.amqp.notification_exchange
         ch.exchange_declare(exchange, exchange_type="topic", durable=True)  # as the daemons
-        ch.queue_declare(self.QUEUE, exclusive=True)
+        # a quorum queue like a repository's: its messages wait for the Raft log too
+        ch.queue_declare(self.QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
         ch.queue_bind(self.QUEUE, exchange, routing_key=self.bucket)
 
         def on_message(ch, method, props, body) -> None:
@@ -390,8 +392,8 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
     on a restarted radosgw.
     """
     puts: dict[tuple[str, str], float] = {}  # (repository, name): wall-clock time of the PUT
-    #: (name, PUT -> published, the probe's PUT -> event delivered or None), every upload
-    samples: list[tuple[str, float, float | None]] = []
+    #: (repository, name): (PUT -> published, the probe's PUT -> event delivered or None)
+    samples: dict[tuple[str, str], tuple[float, float | None]] = {}
 
     def quiet_upload(label: str, name: str) -> float:
         tree = Path(published_tree(root, f"{label}.{DOMAIN}"))
@@ -401,7 +403,7 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
         rgw.s3.put_object(Bucket=label, Key=f"cvmfs/q/{name}", Body=b"q" * 1024)
         wait((tree / "q" / name).exists, 300, f"{label} {name} published")
         took = time.monotonic() - t0
-        samples.append((name, took, probe.delay(f"{label}-{name}")))
+        samples[(f"{label}.{DOMAIN}", name)] = (took, probe.delay(f"{label}-{name}"))
         return took
 
     def trial(pool: ThreadPoolExecutor, n: str, label: str) -> float:
@@ -456,27 +458,36 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
           f"{p95(delays):.2f} s over {len(quiet)} trials (target <= 1 s; "
           f"{crashes} radosgw crashes)", flush=True)
     # Without RGW's push: each upload's latency less its probe's event delay.
-    net = {kind: [took - d for name, took, d in samples if name.startswith(kind) and d is not None]
-           for kind in ("alone", "loaded")}
-    pushed = {kind: [d for name, _, d in samples if name.startswith(kind) and d is not None]
-              for kind in ("alone", "loaded")}
-    if net["alone"] and net["loaded"]:
-        base_net = statistics.median(net["alone"])
+    def of(kind: str) -> dict[tuple[str, str], tuple[float, float]]:
+        return {k: (took, d) for k, (took, d) in samples.items()
+                if k[1].startswith(kind) and d is not None}
+    alone_net = [took - d for took, d in of("alone").values()]
+    if alone_net and of("loaded"):
+        base_net = statistics.median(alone_net)
+        pushed = {kind: [d for _, d in of(kind).values()] for kind in ("alone", "loaded")}
         print(f"  RGW's event delay for a quiet topic (a probe bucket's PUT beside each quiet "
               f"upload): alone p50 {statistics.median(pushed['alone']):.2f} s p95 "
               f"{p95(pushed['alone']):.2f} s, during the burst p50 "
               f"{statistics.median(pushed['loaded']):.2f} s p95 {p95(pushed['loaded']):.2f} s; "
               f"the delay without it (the publisher's share): p95 "
-              f"{p95([x - base_net for x in net['loaded']]):.2f} s over "
-              f"{len(net['loaded'])} trials (target <= 1 s)", flush=True)
+              f"{p95([t - d - base_net for t, d in of('loaded').values()]):.2f} s over "
+              f"{len(of('loaded'))} trials (target <= 1 s)", flush=True)
     for kind in ("alone", "loaded"):
-        staged, published = stages(logs, {k: t for k, t in puts.items()
-                                          if k[1].startswith(kind)})
-        if staged:
-            print(f"  {kind}: PUT -> staged (RGW event + consumers) p50 "
-                  f"{statistics.median(staged):.2f} s p95 {p95(staged):.2f} s; staged -> "
-                  f"publish logged (sync) p50 {statistics.median(published):.2f} s p95 "
-                  f"{p95(published):.2f} s", flush=True)
+        found = stages(logs, {k: t for k, t in puts.items() if k[1].startswith(kind)})
+        if not found:
+            continue
+        staged, fetch, published = (list(x) for x in zip(*found.values(), strict=True))
+        # the event in the consumers before its fetch: PUT -> staged less the fetch and
+        # the probe's delivery (RGW's push and the broker's routing of a quiet topic)
+        waited = [to_staged - f - samples[k][1] for k, (to_staged, f, _) in found.items()
+                  if k in samples and samples[k][1] is not None]
+        print(f"  {kind}: PUT -> staged (RGW event + consumers) p50 "
+              f"{statistics.median(staged):.2f} s p95 {p95(staged):.2f} s, of which the fetch "
+              f"p50 {statistics.median(fetch):.2f} s p95 {p95(fetch):.2f} s"
+              + (f" and before it, beyond the probe's delivery, p50 "
+                 f"{statistics.median(waited):.2f} s p95 {p95(waited):.2f} s" if waited else "")
+              + f"; staged -> publish logged (sync) p50 {statistics.median(published):.2f} s "
+              f"p95 {p95(published):.2f} s", flush=True)
 
 
 def _log_time(line: str) -> float:
@@ -484,31 +495,33 @@ def _log_time(line: str) -> float:
     return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def stages(logs: Path, puts: dict[tuple[str, str], float]) -> tuple[list[float], list[float]]:
-    """Where the quiet uploads' latency went, from the daemons' log lines.
+def stages(logs: Path, puts: dict[tuple[str, str], float]
+           ) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """Where each quiet upload's latency went, from the daemons' log lines.
 
-    (PUT -> the consumers' ``outcome=staged`` line, that line -> the next
-    ``outcome=published`` line of the sync daemon for the repository).
+    ``{(repository, name): (PUT -> the consumers' outcome=staged line, the
+    fetch's took= on it, that line -> the next outcome=published line of the
+    sync daemon for the repository)}``.
     """
-    staged_at: dict[tuple[str, str], float] = {}
+    staged_at: dict[tuple[str, str], tuple[float, float]] = {}
     with (logs / "cvmfs-repo-consumers.log").open(errors="replace") as fh:
         for line in fh:
-            m = re.search(r'repository=(\S+) key="cvmfs/q/([^"]+)" outcome=staged', line)
+            m = re.search(r'repository=(\S+) key="cvmfs/q/([^"]+)" outcome=staged.* '
+                          r'took=([\d.]+)s', line)
             if m and (m[1], m[2]) in puts:
-                staged_at.setdefault((m[1], m[2]), _log_time(line))
+                staged_at.setdefault((m[1], m[2]), (_log_time(line), float(m[3])))
     published_at: dict[str, list[float]] = {}
     with (logs / "cvmfs-repo-sync.log").open(errors="replace") as fh:
         for line in fh:
             m = re.search(r"repository=(\S+) step=publish outcome=published", line)
             if m:
                 published_at.setdefault(m[1], []).append(_log_time(line))
-    to_staged, to_published = [], []
-    for key, t_staged in staged_at.items():
+    out = {}
+    for key, (t_staged, fetch) in staged_at.items():
         done = [t for t in published_at.get(key[0], []) if t >= t_staged]
         if done:
-            to_staged.append(t_staged - puts[key])
-            to_published.append(done[0] - t_staged)
-    return to_staged, to_published
+            out[key] = (t_staged - puts[key], fetch, done[0] - t_staged)
+    return out
 
 
 if __name__ == "__main__":

@@ -219,6 +219,7 @@ def test_status_document_tracks_every_change_between_writes(tmp_path: Path) -> N
         before = written()
         change()
         assert written() != before
+    st.repo("a.infn.it", create=False, receipt="ok")  # a late report: not brought back
     doc = written()
     assert set(doc["repositories"]) == {"b.infn.it", "c.infn.it"}
     assert doc["repositories"]["b.infn.it"]["errors"] == 1 and doc["healthy"] is False

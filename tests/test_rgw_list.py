@@ -36,13 +36,13 @@ def _entries(page: dict[str, Any]) -> list[tuple[Any, ...]]:
             for o in page.get("Contents", [])]
 
 
-def _boto3_pages(rgw: RGW, bucket: str, prefix: str, max_keys: int) -> list[dict[str, Any]]:
+def _boto3_pages(s3: RGW, name: str, prefix: str, max_keys: int) -> list[dict[str, Any]]:
     pages, token = [], None
     while True:
-        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        kw: dict[str, Any] = {"Bucket": name, "Prefix": prefix, "MaxKeys": max_keys}
         if token:
             kw["ContinuationToken"] = token
-        page = rgw.s3.list_objects_v2(**kw)
+        page = s3.s3.list_objects_v2(**kw)
         pages.append(page)
         if not page.get("IsTruncated"):
             return pages

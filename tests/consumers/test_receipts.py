@@ -217,6 +217,7 @@ def test_writes_are_coalesced_and_a_refusal_is_not_retried_in_a_loop(
     r = env.provision()
     Staging(env.cfg.cvmfs.staging_dir, r.repository).ensure()
     status = StatusDocument(Path(env.cfg.status.dir) / "w.json", "cvmfs-repo-consumers", 0)
+    status.repo(r.repository)  # served: the event source made its entry
     spy = CountingRGW(env.cfg.s3, env.cfg.rgw)
     writer = ReceiptWriter(env.cfg, status, spy, lambda: [r.repository])
     interval, t0 = env.cfg.receipts.interval, 1_000_000.0

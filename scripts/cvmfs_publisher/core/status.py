@@ -136,12 +136,20 @@ class StatusDocument:
         with self._lock:
             self._doc.update(fields)
 
-    def repo(self, name: str, **fields: Any) -> None:
-        """Create or update one repository's entry."""
+    def repo(self, name: str, *, create: bool = True, **fields: Any) -> None:
+        """Create or update one repository's entry.
+
+        ``create=False``: update it only if it is there. For what a thread
+        reports late about a repository (a receipt written, a reconcile
+        done): had it been dropped meanwhile (deprovisioned), the report
+        must not bring it back into the document.
+        """
         with self._lock:
             repos = self._doc["repositories"]
             entry = repos.get(name)
             if entry is None:
+                if not create:
+                    return
                 entry = repos[name] = dict(REPO_DEFAULTS)
                 self._repos_changes += 1
             for key, value in fields.items():

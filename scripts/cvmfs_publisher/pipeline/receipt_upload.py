@@ -206,20 +206,20 @@ class ReceiptWriter:
                           "on that key (or set receipts.enabled: false); retried every %.0fs, "
                           "quietly", repo, where, exc, DENIED_RETRY)
             r.denied, r.denied_until = str(exc), now + DENIED_RETRY
-            self.status.repo(repo, receipt=f"refused: {exc}"[:300])
+            self.status.repo(repo, create=False, receipt=f"refused: {exc}"[:300])
             return False
         except PublisherError as exc:
             if not r.failing:
                 log.warning("repository=%s step=receipt outcome=retry receipt=%s error=%s "
                             "(tried again every %.0fs)", repo, where, exc, self.limits.interval)
             r.failing = str(exc)
-            self.status.repo(repo, receipt=f"failing: {exc}"[:300])
+            self.status.repo(repo, create=False, receipt=f"failing: {exc}"[:300])
             return False
         if r.denied or r.failing:
             log.info("repository=%s step=receipt outcome=written-again receipt=%s", repo, where)
         r.denied = r.failing = ""
         r.written = version
-        self.status.repo(repo, receipt="ok", receipt_written=now)
+        self.status.repo(repo, create=False, receipt="ok", receipt_written=now)
         log.debug("repository=%s step=receipt outcome=written revision=%s pending=%s "
                   "rejected=%d", repo, doc["published"]["revision"], doc["pending"]["count"],
                   len(doc["rejected"]))
