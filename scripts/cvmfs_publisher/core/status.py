@@ -192,7 +192,6 @@ class StatusDocument:
         _replace(self.path, text)
         self._last_flush = now
 
-
     def _encode(self) -> str:
         """:func:`encode` of the document, the repositories' part re-encoded only when
         it changed (lock held).
