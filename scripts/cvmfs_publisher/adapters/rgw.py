@@ -483,10 +483,7 @@ class RGW:
         as a deletion.
         """
         if not self._lean():
-            kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys}
-            if token:
-                kw["ContinuationToken"] = token
-            return self.s3.list_objects_v2(**kw)
+            return boto3_list_page(self.s3, bucket, prefix, token, max_keys)
         params = {"encoding-type": "url", "list-type": "2", "max-keys": str(max_keys),
                   "prefix": prefix}
         if token:
@@ -513,6 +510,16 @@ class RGW:
         if resp.status_code >= 300:
             raise Permanent(f"RGW refused deleting notification of {bucket}: "
                             f"HTTP {resp.status_code}", repository)
+
+
+def boto3_list_page(s3: Any, bucket: str, prefix: str, token: str | None = None,
+                    max_keys: int = 1000) -> dict[str, Any]:
+    """One ListObjectsV2 page through a boto3 client: :meth:`RGW.list_page`'s shape,
+    for a client the lean listing cannot serve (or a caller handed a plain client)."""
+    kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys}
+    if token:
+        kw["ContinuationToken"] = token
+    return s3.list_objects_v2(**kw)
 
 
 def _forwarded_https(request: AWSRequest, **_: Any) -> None:

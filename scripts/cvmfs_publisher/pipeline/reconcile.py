@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters.rgw import RGW, classify
+from ..adapters.rgw import RGW, boto3_list_page, classify
 from ..core.config import Config
 from ..core.errors import Permanent, PublisherError, Transient
 from ..core.names import label_of, validate_repository
@@ -207,13 +207,7 @@ def _page_reader(s3: Any, bucket: str, prefix: str) -> Callable[[str | None], di
     boto3 client's call."""
     if isinstance(s3, RGW):
         return lambda token: s3.list_page(bucket, prefix, token)
-
-    def read(token: str | None) -> dict[str, Any]:
-        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
-        if token:
-            kw["ContinuationToken"] = token
-        return s3.list_objects_v2(**kw)
-    return read
+    return lambda token: boto3_list_page(s3, bucket, prefix, token)
 
 
 def _next_token(page: dict[str, Any], seen: set[str]) -> str | None:
