@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -150,13 +151,16 @@ class Probe:
     when each object's event arrives. A probe object PUT next to each quiet
     upload tells how late RGW and the broker delivered an event of a quiet
     topic under the same load, so that the quiet upload's latency can be
-    read without it.
+    read without it. A second probe differs only in its push endpoint's URL
+    (the same broker, vhost and exchange, spelled differently): radosgw
+    keeps one AMQP connection per URL, so it tells what a connection of its
+    own changes for a quiet topic.
     """
 
-    QUEUE = "bench_probe"
-
-    def __init__(self, cfg, rgw: RGW) -> None:
-        self.cfg, self.rgw = cfg, rgw
+    def __init__(self, cfg, rgw: RGW, queue: str = "bench_probe",
+                 push_endpoint: str | None = None) -> None:
+        """``push_endpoint``: another URL than the repositories' (for another connection)."""
+        self.cfg, self.rgw, self.queue = cfg, rgw, queue
         self.bucket = unique_label("probe")
         self.put_at: dict[str, float] = {}
         self.arrived: dict[str, float] = {}
@@ -166,7 +170,12 @@ class Probe:
         self._thread.start()
         self._ready.wait(30)
         rgw.s3.create_bucket(Bucket=self.bucket)
-        arn = rgw.create_topic(self.bucket, cfg.amqp.notification_exchange)
+        if push_endpoint is None:
+            arn = rgw.create_topic(self.bucket, cfg.amqp.notification_exchange)
+        else:
+            attributes = {**rgw.topic_attributes(cfg.amqp.notification_exchange),
+                          "push-endpoint": push_endpoint}
+            arn = rgw.sns.create_topic(Name=self.bucket, Attributes=attributes)["TopicArn"]
         rgw.put_notification(self.bucket, arn, cfg.s3.prefix)
 
     def _run(self) -> None:
@@ -175,15 +184,15 @@ class Probe:
         exchange = self.cfg.amqp.notification_exchange
         ch.exchange_declare(exchange, exchange_type="topic", durable=True)  # as the daemons
         # a quorum queue like a repository's: its messages wait for the Raft log too
-        ch.queue_declare(self.QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-        ch.queue_bind(self.QUEUE, exchange, routing_key=self.bucket)
+        ch.queue_declare(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(self.queue, exchange, routing_key=self.bucket)
 
         def on_message(ch, method, props, body) -> None:
             now = time.monotonic()
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 for record in json.loads(body)["Records"]:
                     self.arrived.setdefault(record["s3"]["object"]["key"], now)
-        ch.basic_consume(self.QUEUE, on_message, auto_ack=True)
+        ch.basic_consume(self.queue, on_message, auto_ack=True)
         self._ready.set()
         while not self._stop.is_set():
             conn.process_data_events(time_limit=0.05)
@@ -292,6 +301,10 @@ def measure(services: LocalServices, args: argparse.Namespace,
     announcements.append(ann)
     probe = Probe(cfg, rgw)  # long before the trials: a new topic's first events come late
     announcements.append(probe)
+    # the same vhost ("/", percent-encoded), another URL: another radosgw connection
+    assert not urllib.parse.urlsplit(rgw.push_endpoint()).path, "a vhost of devstack's?"
+    other = Probe(cfg, rgw, "bench_probe_other", rgw.push_endpoint() + "/%2f")
+    announcements.append(other)
     for i in range(args.provisioners):
         procs[f"publisher_consumer-{i}"] = start("publisher_consumer", cfg_file, env,
                                                  work / f"publisher-{i}.out")
@@ -377,14 +390,14 @@ def measure(services: LocalServices, args: argparse.Namespace,
     conn.close()
 
     hot_vs_quiet(rgw, ceph, double.root, labels[0], labels[1:1 + args.trials], args.hot,
-                 work / "log", probe)
+                 work / "log", probe, other)
     # the download processes exist once there was something to download
     print(f"consumers after the hot/quiet phase: RSS {rss_mib(procs['repo_consumers'].pid)} "
           "(target < 300 MiB)", flush=True)
 
 
 def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
-                 uploads: int, logs: Path, probe: Probe) -> None:
+                 uploads: int, logs: Path, probe: Probe, other: Probe) -> None:
     """The quiet repositories' single uploads, alone and while ``hot`` takes a burst.
 
     radosgw 16.2 segfaults now and then while it pushes notifications
@@ -394,16 +407,20 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
     puts: dict[tuple[str, str], float] = {}  # (repository, name): wall-clock time of the PUT
     #: (repository, name): (PUT -> published, the probe's PUT -> event delivered or None)
     samples: dict[tuple[str, str], tuple[float, float | None]] = {}
+    #: (repository, name): the other-connection probe's PUT -> event delivered or None
+    others: dict[tuple[str, str], float | None] = {}
 
     def quiet_upload(label: str, name: str) -> float:
         tree = Path(published_tree(root, f"{label}.{DOMAIN}"))
         t0 = time.monotonic()
         probe.put(f"{label}-{name}")
+        other.put(f"{label}-{name}")
         puts[(f"{label}.{DOMAIN}", name)] = time.time()
         rgw.s3.put_object(Bucket=label, Key=f"cvmfs/q/{name}", Body=b"q" * 1024)
         wait((tree / "q" / name).exists, 300, f"{label} {name} published")
         took = time.monotonic() - t0
         samples[(f"{label}.{DOMAIN}", name)] = (took, probe.delay(f"{label}-{name}"))
+        others[(f"{label}.{DOMAIN}", name)] = other.delay(f"{label}-{name}", timeout=60)
         return took
 
     def trial(pool: ThreadPoolExecutor, n: str, label: str) -> float:
@@ -473,7 +490,22 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
               f"{p95([t - d - base_net for t, d in of('loaded').values()]):.2f} s over "
               f"{len(of('loaded'))} trials (target <= 1 s)", flush=True)
     for kind in ("alone", "loaded"):
+        got = [d for k, d in others.items() if k[1].startswith(kind) and d is not None]
+        if got:
+            print(f"  the same delay through a radosgw connection of its own (the other "
+                  f"probe), {kind}: p50 {statistics.median(got):.2f} s p95 {p95(got):.2f} s "
+                  f"({len(got)} of {sum(k[1].startswith(kind) for k in others)} delivered "
+                  f"within 60 s)", flush=True)
+    for kind in ("alone", "loaded"):
         found = stages(logs, {k: t for k, t in puts.items() if k[1].startswith(kind)})
+        if kind == "loaded":
+            # trial by trial: do the outliers of the quiet event and of the two probes match?
+            def fmt(x: float | None) -> str:
+                return "n/a" if x is None else f"{x:.2f}"
+            print("  loaded trials, PUT -> staged / twin probe / other probe (s): " + "; ".join(
+                f"{fmt(found[k][0] if k in found else None)}/{fmt(samples[k][1])}/"
+                f"{fmt(others.get(k))}" for k in samples if k[1].startswith(kind)),
+                flush=True)
         if not found:
             continue
         staged, fetch, published = (list(x) for x in zip(*found.values(), strict=True))
