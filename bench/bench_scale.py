@@ -151,10 +151,10 @@ class Probe:
     when each object's event arrives. A probe object PUT next to each quiet
     upload tells how late RGW and the broker delivered an event of a quiet
     topic under the same load, so that the quiet upload's latency can be
-    read without it. A second probe differs only in its push endpoint's URL
-    (the same broker, vhost and exchange, spelled differently): radosgw
-    keeps one AMQP connection per URL, so it tells what a connection of its
-    own changes for a quiet topic.
+    read without it. A second probe differs only in its push endpoint's host
+    name, the broker's other loopback name (the same broker, vhost and
+    exchange): radosgw keeps one AMQP connection per host, port and vhost,
+    so it tells what a connection of its own changes for a quiet topic.
     """
 
     def __init__(self, cfg, rgw: RGW, queue: str = "bench_probe",
@@ -301,9 +301,14 @@ def measure(services: LocalServices, args: argparse.Namespace,
     announcements.append(ann)
     probe = Probe(cfg, rgw)  # long before the trials: a new topic's first events come late
     announcements.append(probe)
-    # the same vhost ("/", percent-encoded), another URL: another radosgw connection
-    assert not urllib.parse.urlsplit(rgw.push_endpoint()).path, "a vhost of devstack's?"
-    other = Probe(cfg, rgw, "bench_probe_other", rgw.push_endpoint() + "/%2f")
+    # radosgw 16.2 keys its AMQP connections by host, port and vhost as written:
+    # the broker's other loopback name is another connection to the same broker
+    parts = urllib.parse.urlsplit(rgw.push_endpoint())
+    cred, at, where = parts.netloc.rpartition("@")
+    where = where.replace(str(parts.hostname), "localhost" if parts.hostname == "127.0.0.1"
+                          else "127.0.0.1", 1)
+    other = Probe(cfg, rgw, "bench_probe_other",
+                  urllib.parse.urlunsplit(parts._replace(netloc=cred + at + where)))
     announcements.append(other)
     for i in range(args.provisioners):
         procs[f"publisher_consumer-{i}"] = start("publisher_consumer", cfg_file, env,
@@ -391,6 +396,10 @@ def measure(services: LocalServices, args: argparse.Namespace,
 
     hot_vs_quiet(rgw, ceph, double.root, labels[0], labels[1:1 + args.trials], args.hot,
                  work / "log", probe, other)
+    pushing = [c for c in broker.api("GET", "/api/connections")  # type: ignore[union-attr]
+               if (c.get("client_properties") or {}).get("product") == "rabbitmq-c"]
+    print(f"radosgw's AMQP connections to the broker: {len(pushing)} (the repositories' "
+          "push endpoint and the other probe's)", flush=True)
     # the download processes exist once there was something to download
     print(f"consumers after the hot/quiet phase: RSS {rss_mib(procs['repo_consumers'].pid)} "
           "(target < 300 MiB)", flush=True)
