@@ -241,6 +241,8 @@ def main() -> None:
     parser.add_argument("--hot", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the logs of a successful run too (to trace its outliers)")
     args = parser.parse_args()
     with sigterm_as_interrupt():  # the clean-up in run's finally runs on SIGTERM too
         run(args)
@@ -252,6 +254,8 @@ def run(args: argparse.Namespace) -> None:
         announcements: list[Announcements | Probe] = []
         try:
             measure(services, args, procs, announcements)
+            if args.keep_logs:
+                print(f"logs kept in {keep_logs(services.workdir)}", flush=True)
         except BaseException:
             print(f"failed: logs kept in {keep_logs(services.workdir)}", file=sys.stderr)
             raise
@@ -512,6 +516,7 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
             def fmt(x: float | None) -> str:
                 return "n/a" if x is None else f"{x:.2f}"
             print("  loaded trials, PUT -> staged / twin probe / other probe (s): " + "; ".join(
+                f"{k[1]} at {datetime.datetime.fromtimestamp(puts[k]):%H:%M:%S} "
                 f"{fmt(found[k][0] if k in found else None)}/{fmt(samples[k][1])}/"
                 f"{fmt(others.get(k))}" for k in samples if k[1].startswith(kind)),
                 flush=True)
