@@ -488,20 +488,19 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
           f"{p95(delays):.2f} s over {len(quiet)} trials (target <= 1 s; "
           f"{crashes} radosgw crashes)", flush=True)
     # Without RGW's push: each upload's latency less its probe's event delay.
-    def of(kind: str) -> dict[tuple[str, str], tuple[float, float]]:
-        return {k: (took, d) for k, (took, d) in samples.items()
-                if k[1].startswith(kind) and d is not None}
-    alone_net = [took - d for took, d in of("alone").values()]
-    if alone_net and of("loaded"):
+    of = {kind: {k: (took, d) for k, (took, d) in samples.items()
+                 if k[1].startswith(kind) and d is not None} for kind in ("alone", "loaded")}
+    alone_net = [took - d for took, d in of["alone"].values()]
+    if alone_net and of["loaded"]:
         base_net = statistics.median(alone_net)
-        pushed = {kind: [d for _, d in of(kind).values()] for kind in ("alone", "loaded")}
+        pushed = {kind: [d for _, d in of[kind].values()] for kind in ("alone", "loaded")}
         print(f"  RGW's event delay for a quiet topic (a probe bucket's PUT beside each quiet "
               f"upload): alone p50 {statistics.median(pushed['alone']):.2f} s p95 "
               f"{p95(pushed['alone']):.2f} s, during the burst p50 "
               f"{statistics.median(pushed['loaded']):.2f} s p95 {p95(pushed['loaded']):.2f} s; "
               f"the delay without it (the publisher's share): p95 "
-              f"{p95([t - d - base_net for t, d in of('loaded').values()]):.2f} s over "
-              f"{len(of('loaded'))} trials (target <= 1 s)", flush=True)
+              f"{p95([t - d - base_net for t, d in of['loaded'].values()]):.2f} s over "
+              f"{len(of['loaded'])} trials (target <= 1 s)", flush=True)
     for kind in ("alone", "loaded"):
         got = [d for k, d in others.items() if k[1].startswith(kind) and d is not None]
         if got:
@@ -509,8 +508,9 @@ def hot_vs_quiet(rgw: RGW, ceph: Ceph, root: Path, hot: str, quiet: list[str],
                   f"probe), {kind}: p50 {statistics.median(got):.2f} s p95 {p95(got):.2f} s "
                   f"({len(got)} of {sum(k[1].startswith(kind) for k in others)} delivered "
                   f"within 60 s)", flush=True)
+    found_all = stages(logs, puts)  # the daemons' logs read once, for both kinds
     for kind in ("alone", "loaded"):
-        found = stages(logs, {k: t for k, t in puts.items() if k[1].startswith(kind)})
+        found = {k: v for k, v in found_all.items() if k[1].startswith(kind)}
         if kind == "loaded":
             # trial by trial: do the outliers of the quiet event and of the two probes match?
             def fmt(x: float | None) -> str:

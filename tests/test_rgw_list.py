@@ -19,7 +19,7 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from cvmfs_publisher.adapters.rgw import RGW, classify
+from cvmfs_publisher.adapters.rgw import RGW, boto3_list_page, classify
 from cvmfs_publisher.core.config import Secret
 from cvmfs_publisher.core.errors import Permanent, Transient
 from cvmfs_publisher.pipeline import reconcile
@@ -36,13 +36,11 @@ def _entries(page: dict[str, Any]) -> list[tuple[Any, ...]]:
             for o in page.get("Contents", [])]
 
 
-def _boto3_pages(s3: RGW, name: str, prefix: str, max_keys: int) -> list[dict[str, Any]]:
+def _boto3_pages(client: RGW, name: str, prefix: str, max_keys: int) -> list[dict[str, Any]]:
+    """Every page as boto3's own ListObjectsV2 gives it: the reference."""
     pages, token = [], None
     while True:
-        kw: dict[str, Any] = {"Bucket": name, "Prefix": prefix, "MaxKeys": max_keys}
-        if token:
-            kw["ContinuationToken"] = token
-        page = s3.s3.list_objects_v2(**kw)
+        page = boto3_list_page(client.s3, name, prefix, token, max_keys)
         pages.append(page)
         if not page.get("IsTruncated"):
             return pages

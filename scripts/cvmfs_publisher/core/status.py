@@ -140,9 +140,9 @@ class StatusDocument:
         """Create or update one repository's entry.
 
         ``create=False``: update it only if it is there. For what a thread
-        reports late about a repository (a receipt written, a reconcile
-        done): had it been dropped meanwhile (deprovisioned), the report
-        must not bring it back into the document.
+        reports late about a repository (the receipt writer's outcome): had
+        it been dropped meanwhile (deprovisioned), the report must not bring
+        it back into the document.
         """
         with self._lock:
             repos = self._doc["repositories"]
